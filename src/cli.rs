@@ -1,0 +1,111 @@
+//! Command line: `serve` (the default), `check-config`, `register`, `services`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Service-discovery load balancer: routes HTTP by service name to live instances registered in etcd",
+    long_about = "Service-discovery load balancer: routes HTTP by service name to live instances \
+                  registered in etcd.\n\nWith no subcommand, runs `serve` with the embedded default config."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Validate a config file and exit: 0 when valid, 1 with the offending key when not.
+    CheckConfig {
+        /// The TOML config file to check.
+        file: PathBuf,
+    },
+    /// Register an instance in etcd under a lease and keep it alive until stopped.
+    Register(RegisterArgs),
+    /// List the services and instances registered in etcd.
+    Services(ServicesArgs),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file (default: the embedded config/switchyard.toml).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Proxy listen address, overrides proxy.listen.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listen address, overrides admin.listen.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// etcd endpoint; repeat for a cluster. Overrides etcd.endpoints.
+    #[arg(long = "etcd", value_name = "URL")]
+    pub etcd: Vec<String>,
+    /// Registration key prefix, overrides etcd.prefix.
+    #[arg(long, value_name = "P")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoint; repeat for a cluster.
+    #[arg(
+        long = "etcd",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+    /// Registration key prefix.
+    #[arg(long, value_name = "P", default_value = "/services/")]
+    pub prefix: String,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct RegisterArgs {
+    /// Service name ([A-Za-z0-9._-]+).
+    #[arg(long)]
+    pub service: String,
+    /// Address clients reach the instance at.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub addr: String,
+    /// Instance id, unique within the service (default: the address).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Lease TTL in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub ttl: i64,
+    /// Weight (0 = draining).
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// Metadata, repeatable: --meta zone=a --meta version=2.
+    #[arg(long = "meta", value_name = "K=V")]
+    pub meta: Vec<String>,
+    /// Only keep the key while this HTTP URL answers 2xx (checked every --check-interval-ms).
+    #[arg(long, value_name = "URL")]
+    pub check: Option<String>,
+    /// Interval of --check.
+    #[arg(long, default_value_t = 2000)]
+    pub check_interval_ms: u64,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Command to run as the service: registered once reachable, deregistered when it exits.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServicesArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep running and print each change on one line.
+    #[arg(long)]
+    pub watch: bool,
+}

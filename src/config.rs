@@ -1,0 +1,573 @@
+//! Configuration pipeline:
+//!
+//! ```text
+//! TOML file (or the embedded config/switchyard.toml)
+//!   -> FileConfig        serde, deny_unknown_fields, named defaults
+//!   -> CLI overrides     --listen, --admin-listen, --etcd, --prefix
+//!   -> Config::validate  every value checked; errors name the key and the offending value
+//! ```
+//!
+//! Every key is documented in `config/switchyard.toml`, which is also the embedded default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::registry::codec::valid_service_name;
+use crate::routing::route::ExplicitRoute;
+use crate::routing::{Policy, Router, ServiceSettings};
+
+/// The default configuration, shipped as `config/switchyard.toml` and embedded in the binary.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/switchyard.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub etcd: EtcdSection,
+    #[serde(default)]
+    pub routing: RoutingSection,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceSection>,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    pub listen: String,
+    pub threads: usize,
+    pub connect_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub downstream_read_timeout_ms: u64,
+    pub keepalive_pool_size: usize,
+    pub max_tries: usize,
+    pub grace_period_seconds: u64,
+    pub shutdown_timeout_seconds: u64,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            listen: "0.0.0.0:8080".into(),
+            threads: 2,
+            connect_timeout_ms: 1_000,
+            read_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            downstream_read_timeout_ms: 60_000,
+            keepalive_pool_size: 256,
+            max_tries: 3,
+            grace_period_seconds: 0,
+            shutdown_timeout_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub listen: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdSection {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub dial_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub resync_interval_ms: u64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for EtcdSection {
+    fn default() -> Self {
+        EtcdSection {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/services/".into(),
+            dial_timeout_ms: 2_000,
+            request_timeout_ms: 5_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            resync_interval_ms: 60_000,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSection {
+    pub host_routing: bool,
+    pub path_routing: bool,
+    pub host_suffixes: Vec<String>,
+    pub routes: Vec<RouteSection>,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        RoutingSection {
+            host_routing: true,
+            path_routing: true,
+            host_suffixes: vec![],
+            routes: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub service: String,
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSection {
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: LogFormat::Text,
+            access_log: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub etcd: Vec<String>,
+    pub prefix: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin_listen: SocketAddr,
+    pub etcd: EtcdConfig,
+    pub router: Router,
+    pub services: BTreeMap<String, ServiceSettings>,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub downstream_read_timeout: Duration,
+    pub keepalive_pool_size: usize,
+    pub max_tries: usize,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Always ends with `/`.
+    pub prefix: String,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub resync_interval: Duration,
+    pub credentials: Option<(String, String)>,
+}
+
+impl Config {
+    /// Settings for `service`, falling back to defaults.
+    pub fn service_settings(&self, service: &str) -> ServiceSettings {
+        self.services.get(service).cloned().unwrap_or_default()
+    }
+}
+
+impl FileConfig {
+    pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        FileConfig::parse(&text, &path.display().to_string())
+    }
+
+    pub fn embedded() -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(DEFAULT_CONFIG, "(embedded default)")
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(l) = &o.listen {
+            self.proxy.listen = l.clone();
+        }
+        if let Some(l) = &o.admin_listen {
+            self.admin.listen = l.clone();
+        }
+        if !o.etcd.is_empty() {
+            self.etcd.endpoints = o.etcd.clone();
+        }
+        if let Some(p) = &o.prefix {
+            self.etcd.prefix = p.clone();
+        }
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let p = &self.proxy;
+        let ms = |key: &str, v: u64| -> Result<Duration, ConfigError> {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+            Ok(Duration::from_millis(v))
+        };
+        if p.threads == 0 || p.threads > 1024 {
+            return Err(invalid(
+                "proxy.threads",
+                format!("{} is outside 1-1024", p.threads),
+            ));
+        }
+        if p.max_tries == 0 || p.max_tries > 16 {
+            return Err(invalid(
+                "proxy.max_tries",
+                format!("{} is outside 1-16", p.max_tries),
+            ));
+        }
+        let proxy = ProxyConfig {
+            listen: parse_addr("proxy.listen", &p.listen)?,
+            threads: p.threads,
+            connect_timeout: ms("proxy.connect_timeout_ms", p.connect_timeout_ms)?,
+            read_timeout: ms("proxy.read_timeout_ms", p.read_timeout_ms)?,
+            write_timeout: ms("proxy.write_timeout_ms", p.write_timeout_ms)?,
+            idle_timeout: ms("proxy.idle_timeout_ms", p.idle_timeout_ms)?,
+            downstream_read_timeout: ms(
+                "proxy.downstream_read_timeout_ms",
+                p.downstream_read_timeout_ms,
+            )?,
+            keepalive_pool_size: p.keepalive_pool_size,
+            max_tries: p.max_tries,
+            grace_period: Duration::from_secs(p.grace_period_seconds),
+            shutdown_timeout: Duration::from_secs(p.shutdown_timeout_seconds),
+        };
+        let admin_listen = parse_addr("admin.listen", &self.admin.listen)?;
+        if admin_listen == proxy.listen {
+            return Err(invalid(
+                "admin.listen",
+                format!("{admin_listen} is the same address as proxy.listen"),
+            ));
+        }
+
+        let e = &self.etcd;
+        if e.endpoints.is_empty() {
+            return Err(invalid(
+                "etcd.endpoints",
+                "at least one endpoint is required",
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for ep in &e.endpoints {
+            endpoints.push(normalize_endpoint(ep)?);
+        }
+        let mut prefix = e.prefix.trim().to_string();
+        if prefix.is_empty() || !prefix.starts_with('/') {
+            return Err(invalid(
+                "etcd.prefix",
+                format!("{:?} must start with '/'", e.prefix),
+            ));
+        }
+        if !prefix.ends_with('/') {
+            // watch `prefix/`, never `prefix`: "/services/user" would also match "user-admin"
+            prefix.push('/');
+        }
+        if e.backoff_max_ms < e.backoff_initial_ms {
+            return Err(invalid(
+                "etcd.backoff_max_ms",
+                format!(
+                    "{} is smaller than etcd.backoff_initial_ms ({})",
+                    e.backoff_max_ms, e.backoff_initial_ms
+                ),
+            ));
+        }
+        let credentials = match (&e.username, &e.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "etcd.username",
+                    "username and password must be set together",
+                ))
+            }
+        };
+        let etcd = EtcdConfig {
+            endpoints,
+            prefix,
+            dial_timeout: ms("etcd.dial_timeout_ms", e.dial_timeout_ms)?,
+            request_timeout: ms("etcd.request_timeout_ms", e.request_timeout_ms)?,
+            backoff_initial: ms("etcd.backoff_initial_ms", e.backoff_initial_ms)?,
+            backoff_max: ms("etcd.backoff_max_ms", e.backoff_max_ms)?,
+            resync_interval: ms("etcd.resync_interval_ms", e.resync_interval_ms)?,
+            credentials,
+        };
+
+        let mut routes = Vec::new();
+        for (i, r) in self.routing.routes.iter().enumerate() {
+            let key = format!("routing.routes[{i}]");
+            if !valid_service_name(&r.service) {
+                return Err(invalid(
+                    format!("{key}.service"),
+                    format!(
+                        "{:?} is not a valid service name (A-Z a-z 0-9 . _ -)",
+                        r.service
+                    ),
+                ));
+            }
+            if r.host.is_none() && r.path_prefix.is_none() {
+                return Err(invalid(key, "a route needs a host, a path_prefix or both"));
+            }
+            if let Some(pp) = &r.path_prefix {
+                if !pp.starts_with('/') {
+                    return Err(invalid(
+                        format!("{key}.path_prefix"),
+                        format!("{pp:?} must start with '/'"),
+                    ));
+                }
+            }
+            if let Some(h) = &r.host {
+                if h.is_empty() || h.contains(['/', ' ']) {
+                    return Err(invalid(
+                        format!("{key}.host"),
+                        format!("{h:?} is not a host name"),
+                    ));
+                }
+            }
+            routes.push(ExplicitRoute {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix.clone(),
+                service: r.service.as_str().into(),
+                strip_prefix: r.strip_prefix,
+            });
+        }
+        for s in &self.routing.host_suffixes {
+            if s.trim_start_matches('.').is_empty() || s.contains(['/', ' ', ':']) {
+                return Err(invalid(
+                    "routing.host_suffixes",
+                    format!("{s:?} is not a domain suffix"),
+                ));
+            }
+        }
+        let router = Router::new(
+            routes,
+            self.routing.host_suffixes.clone(),
+            self.routing.host_routing,
+            self.routing.path_routing,
+        );
+        let mut services = BTreeMap::new();
+        for (name, s) in &self.services {
+            if !valid_service_name(name) {
+                return Err(invalid(
+                    format!("services.{name}"),
+                    "is not a valid service name (A-Z a-z 0-9 . _ -)",
+                ));
+            }
+            services.insert(name.clone(), ServiceSettings { policy: s.policy });
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
+        }
+        Ok(Config {
+            proxy,
+            admin_listen,
+            etcd,
+            router,
+            services,
+            log: self.log,
+        })
+    }
+}
+
+fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse()
+        .map_err(|_| invalid(key, format!("{v:?} is not an address like 127.0.0.1:8080")))
+}
+
+fn normalize_endpoint(ep: &str) -> Result<String, ConfigError> {
+    let ep = ep.trim();
+    let rest = ep
+        .strip_prefix("http://")
+        .or_else(|| ep.strip_prefix("https://"))
+        .unwrap_or(ep);
+    let ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        return Err(invalid(
+            "etcd.endpoints",
+            format!("{ep:?} is not an endpoint like http://127.0.0.1:2379"),
+        ));
+    }
+    Ok(if rest.len() == ep.len() {
+        format!("http://{ep}")
+    } else {
+        ep.to_string()
+    })
+}
+
+/// Loads the file (or the embedded default), applies CLI overrides and validates.
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let mut file = match path {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::embedded()?,
+    };
+    file.apply(overrides);
+    file.validate()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Config, ConfigError> {
+        FileConfig::parse(text, "test")?.validate()
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_documents_defaults() {
+        let c = FileConfig::embedded().unwrap().validate().unwrap();
+        assert_eq!(c.proxy.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.etcd.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(c.etcd.prefix, "/services/");
+        // the embedded file and the code defaults agree
+        let d = check("").unwrap();
+        assert_eq!(format!("{:?}", c.proxy), format!("{:?}", d.proxy));
+        assert_eq!(format!("{:?}", c.etcd), format!("{:?}", d.etcd));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let cases = [
+            ("[proxy]\nlisten = \"nope\"", "proxy.listen"),
+            ("[proxy]\nmax_tries = 0", "proxy.max_tries"),
+            (
+                "[proxy]\nconnect_timeout_ms = 0",
+                "proxy.connect_timeout_ms",
+            ),
+            ("[proxy]\nlisten_typo = 1", "listen_typo"),
+            ("[etcd]\nendpoints = []", "etcd.endpoints"),
+            ("[etcd]\nendpoints = [\"http://x\"]", "etcd.endpoints"),
+            ("[etcd]\nprefix = \"services\"", "etcd.prefix"),
+            (
+                "[[routing.routes]]\nservice = \"bad name\"\npath_prefix=\"/a\"",
+                "routing.routes[0].service",
+            ),
+            ("[[routing.routes]]\nservice = \"a\"", "routing.routes[0]"),
+            ("[services.a]\npolicy = \"fastest\"", "fastest"),
+            ("[log]\nformat = \"xml\"", "xml"),
+            ("not toml at all [", "invalid config"),
+        ];
+        for (text, want) in cases {
+            let err = check(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_and_prefix_gets_trailing_slash() {
+        let mut f = FileConfig::parse("", "t").unwrap();
+        f.apply(&Overrides {
+            listen: Some("127.0.0.1:1".into()),
+            admin_listen: Some("127.0.0.1:2".into()),
+            etcd: vec!["127.0.0.1:3".into(), "http://127.0.0.1:4".into()],
+            prefix: Some("/svc".into()),
+        });
+        let c = f.validate().unwrap();
+        assert_eq!(c.proxy.listen.port(), 1);
+        assert_eq!(c.admin_listen.port(), 2);
+        assert_eq!(
+            c.etcd.endpoints,
+            ["http://127.0.0.1:3", "http://127.0.0.1:4"]
+        );
+        assert_eq!(c.etcd.prefix, "/svc/");
+    }
+}

@@ -1,0 +1,42 @@
+//! switchyard: a service-discovery load balancer.
+//!
+//! Clients point at one proxy address; switchyard routes each request by service name to a live
+//! instance of that service. Instances register themselves in etcd under a lease.
+//!
+//! # Architecture
+//!
+//! ```text
+//!  services ──put key + lease──▶ etcd ◀──list R, watch R+1 (prefix)── registry (one task)
+//!                                                                       │ Update::{Reset, Batch}
+//!                                                                       ▼
+//!                                                    catalog: services → instances (owned by that task)
+//!                                                                       │ build
+//!                                                                       ▼
+//!  client ──HTTP──▶ pingora ProxyHttp ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
+//!                     │ route: request → service name          │
+//!                     │ select: service → instance ◀───────────┘  Arc<Instance> { addr, weight, meta, state }
+//!                     ▼                                                       ▲
+//!                  upstream instance                     health checker ──────┘ flips InstanceState health
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: TOML file → `FileConfig` → validated [`config::Config`]; the embedded default.
+//! - [`cli`]: clap definitions of `serve`, `check-config`, `register`, `services`.
+//! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
+//! - [`routing`]: the [`routing::RoutingTable`] snapshot, route matching and selection policies.
+//! - [`proxy`]: the pingora `ProxyHttp` implementation.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
+//! - [`metrics`]: every Prometheus metric family.
+//! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
+//! - [`server`]: wiring of all of the above into one pingora server.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod register;
+pub mod registry;
+pub mod routing;
+pub mod server;

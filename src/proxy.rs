@@ -1,0 +1,364 @@
+//! The pingora `ProxyHttp` implementation: request → service → instance → peer.
+//!
+//! - `request_filter` routes the request against the current snapshot (one `load()`, kept in the
+//!   request context) and answers 404/503 itself;
+//! - `upstream_peer` selects an instance not yet tried by this request;
+//! - `fail_to_connect` retries a connection failure on another instance: nothing reached the
+//!   upstream, so this is safe for every method;
+//! - `fail_to_proxy` turns the final error into 502/504 with a body naming the service;
+//! - `logging` records metrics and the optional access log.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType};
+use tracing::info;
+
+use crate::config::ProxyConfig;
+use crate::metrics::{code_class, METRICS, UNKNOWN_SERVICE};
+use crate::routing::route::strip_path;
+use crate::routing::{Instance, InstanceState, RouteMatch, Router, Service, SharedTable};
+
+/// Everything the proxy needs, shared by all requests.
+pub struct SwitchyardProxy {
+    pub table: SharedTable,
+    pub router: Router,
+    pub cfg: ProxyConfig,
+    pub access_log: bool,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    service: Option<Arc<Service>>,
+    /// Service label for metrics (registry name or UNKNOWN_SERVICE).
+    label: Option<Arc<str>>,
+    /// New path and query for the upstream, when a prefix was stripped.
+    rewrite: Option<String>,
+    instance: Option<Arc<Instance>>,
+    /// Keys of instances this request already tried.
+    tried: Vec<Arc<str>>,
+    /// In-flight accounting for the instance currently in use.
+    inflight: Option<Arc<InstanceState>>,
+    upstream_start: Option<Instant>,
+    /// Status we answered ourselves (404/503/502/504), for logging.
+    own_status: Option<u16>,
+}
+
+impl Ctx {
+    fn release_inflight(&mut self) {
+        if let Some(st) = self.inflight.take() {
+            st.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn service_name(&self) -> &str {
+        self.label.as_deref().unwrap_or(UNKNOWN_SERVICE)
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.release_inflight();
+    }
+}
+
+async fn respond(session: &mut Session, status: u16, body: String) -> Result<()> {
+    let body = Bytes::from(body);
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.host())
+}
+
+#[async_trait]
+impl ProxyHttp for SwitchyardProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            service: None,
+            label: None,
+            rewrite: None,
+            instance: None,
+            tried: Vec::new(),
+            inflight: None,
+            upstream_start: None,
+            own_status: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        session.set_read_timeout(Some(self.cfg.downstream_read_timeout));
+        let table = self.table.load();
+        let req = session.req_header();
+        let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let matched = self.router.route(&table, request_host(req), path);
+        let (name, strip, explicit) = match matched {
+            RouteMatch::Explicit { service, strip } => (service, strip, true),
+            RouteMatch::Implicit { service, strip } => (service, strip, false),
+            RouteMatch::Unknown { name } => {
+                ctx.own_status = Some(404);
+                let shown: String = name.chars().take(64).collect();
+                let body = if shown.is_empty() {
+                    "switchyard: no service matches this request (use Host: <service> or /<service>/...)\n".to_string()
+                } else {
+                    format!("switchyard: unknown service {shown:?}\n")
+                };
+                respond(session, 404, body).await?;
+                return Ok(true);
+            }
+        };
+        if strip > 0 {
+            ctx.rewrite = Some(strip_path(path, strip));
+        }
+        ctx.label = Some(name.clone());
+        let Some(service) = table.service(&name).cloned() else {
+            // only explicit routes can name a service the table lacks
+            debug_assert!(explicit);
+            ctx.own_status = Some(503);
+            respond(
+                session,
+                503,
+                format!("switchyard: service {name:?} has no instance registered\n"),
+            )
+            .await?;
+            return Ok(true);
+        };
+        if service.usable_count() == 0 {
+            ctx.own_status = Some(503);
+            let reason = service.unavailable_reason();
+            respond(
+                session,
+                503,
+                format!("switchyard: service {name:?}: {reason}\n"),
+            )
+            .await?;
+            return Ok(true);
+        }
+        ctx.service = Some(service);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.release_inflight();
+        let Some(service) = ctx.service.clone() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "upstream_peer called without a routed service",
+            ));
+        };
+        let Some(instance) = service.select(&ctx.tried) else {
+            let status = if ctx.tried.is_empty() { 503 } else { 502 };
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("no usable instance left after {} tries", ctx.tried.len()),
+            ));
+        };
+        if !ctx.tried.is_empty() {
+            METRICS
+                .retries
+                .with_label_values(&[ctx.service_name()])
+                .inc();
+        }
+        ctx.tried.push(instance.key.clone());
+        instance.state.inflight.fetch_add(1, Ordering::Relaxed);
+        instance.state.requests.fetch_add(1, Ordering::Relaxed);
+        ctx.inflight = Some(instance.state.clone());
+        let mut peer = HttpPeer::new(instance.addr, false, String::new());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(self.cfg.connect_timeout);
+        o.total_connection_timeout = Some(self.cfg.connect_timeout);
+        o.read_timeout = Some(self.cfg.read_timeout);
+        o.write_timeout = Some(self.cfg.write_timeout);
+        o.idle_timeout = Some(self.cfg.idle_timeout);
+        ctx.instance = Some(instance);
+        ctx.upstream_start = Some(Instant::now());
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(inst) = &ctx.instance {
+            inst.state.connect_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        // Nothing reached the instance: safe to retry on another one for any method.
+        let has_other = ctx.service.as_ref().is_some_and(|s| {
+            s.instances
+                .iter()
+                .any(|i| i.usable() && !ctx.tried.contains(&i.key))
+        });
+        e.set_retry(ctx.tried.len() < self.cfg.max_tries && has_other);
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(path) = &ctx.rewrite {
+            let uri: http::Uri = path.parse().map_err(|e| {
+                Error::because(
+                    ErrorType::InternalError,
+                    "rewritten path is not a valid uri",
+                    e,
+                )
+            })?;
+            upstream.set_uri(uri);
+        }
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        if let Some(ip) = client_ip {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        upstream.insert_header("x-forwarded-proto", "http")?;
+        if let Some(host) = session
+            .req_header()
+            .headers
+            .get(http::header::HOST)
+            .cloned()
+        {
+            upstream.insert_header("x-forwarded-host", host)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(start), Some(label)) = (ctx.upstream_start.take(), ctx.label.as_deref()) {
+            METRICS
+                .upstream_response
+                .with_label_values(&[label])
+                .observe(start.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let service = ctx.service_name().to_string();
+        let (code, reason) = match e.etype() {
+            ErrorType::HTTPStatus(code) => {
+                (*code, e.context.as_ref().map(|c| c.as_str().to_string()))
+            }
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                (504, Some("upstream timed out".to_string()))
+            }
+            ErrorType::ConnectTimedout => (
+                502,
+                Some(format!(
+                    "connecting to the upstream timed out after {} tries",
+                    ctx.tried.len()
+                )),
+            ),
+            _ => match e.esource() {
+                ErrorSource::Upstream => (
+                    502,
+                    Some(format!(
+                        "upstream error after {} tries: {}",
+                        ctx.tried.len(),
+                        e.etype().as_str()
+                    )),
+                ),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        (0, None)
+                    }
+                    ErrorType::ReadTimedout => (408, Some("request read timed out".to_string())),
+                    _ => (400, Some("bad request".to_string())),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => {
+                    (500, Some("internal error".to_string()))
+                }
+            },
+        };
+        ctx.own_status = Some(code);
+        if code > 0 && session.response_written().is_none() {
+            let body = match reason {
+                Some(r) => format!("switchyard: service {service:?}: {r}\n"),
+                None => format!("switchyard: service {service:?}: error {code}\n"),
+            };
+            if let Err(err) = respond(session, code, body).await {
+                tracing::debug!(error = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        ctx.release_inflight();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.own_status)
+            .unwrap_or(0);
+        let label = ctx.service_name().to_string();
+        let elapsed = ctx.start.elapsed();
+        METRICS
+            .requests
+            .with_label_values(&[&label, code_class(status)])
+            .inc();
+        METRICS
+            .request_duration
+            .with_label_values(&[&label])
+            .observe(elapsed.as_secs_f64());
+        if self.access_log {
+            let req = session.req_header();
+            info!(
+                target: "switchyard::access",
+                service = %label,
+                instance = ctx.instance.as_ref().map(|i| i.addr.to_string()).unwrap_or_default(),
+                method = %req.method,
+                path = %req.uri.path(),
+                status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                tries = ctx.tried.len(),
+                error = e.map(|e| e.etype().as_str()).unwrap_or(""),
+                "request"
+            );
+        }
+    }
+}

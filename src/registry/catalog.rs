@@ -1,0 +1,482 @@
+//! The catalog: every registration the registry knows, by etcd key, and the snapshot builder.
+//!
+//! Owned by the registry task alone. Applying an [`Update`] changes the catalog and publishes one
+//! new [`RoutingTable`]: only the services the update touched are rebuilt; every other service's
+//! `Arc<Service>` is carried over as is.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+
+use super::codec::{self, DecodeError, HostPort, Registration};
+use crate::routing::{Health, Instance, InstanceState, RoutingTable, Service, ServiceSettings};
+
+/// One change from etcd, in the registry's vocabulary.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+/// What the registry applies to the catalog: one update = one snapshot swap.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A complete list at `revision`: everything not in it is removed.
+    Reset {
+        revision: i64,
+        kvs: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// The events of one watch response.
+    Batch { revision: i64, changes: Vec<Change> },
+}
+
+/// Resolves a registered address to the socket address we connect to.
+pub trait Resolve {
+    fn resolve(&self, addr: &HostPort) -> Result<SocketAddr, String>;
+}
+
+/// Resolves IP literals directly and DNS names with the system resolver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, addr: &HostPort) -> Result<SocketAddr, String> {
+        if let Ok(ip) = addr.host.parse::<std::net::IpAddr>() {
+            return Ok(SocketAddr::new(ip, addr.port));
+        }
+        use std::net::ToSocketAddrs;
+        let mut addrs: Vec<SocketAddr> = (addr.host.as_str(), addr.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
+            .collect();
+        // prefer IPv4 for names like "localhost" that resolve to both
+        addrs.sort_by_key(|a| !a.is_ipv4());
+        addrs
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{addr} resolved to no address"))
+    }
+}
+
+/// Why an entry is invalid (kept so status pages and 503 bodies can say so).
+#[derive(Debug, Clone)]
+pub struct InvalidEntry {
+    pub service: Option<Arc<str>>,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+struct ServiceEntries {
+    instances: BTreeMap<Arc<str>, Arc<Instance>>,
+    invalid: BTreeSet<Arc<str>>,
+}
+
+/// Counts of what one update did, for logs and metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub invalid: usize,
+    pub services_rebuilt: usize,
+}
+
+pub struct Catalog {
+    prefix: String,
+    services: HashMap<Arc<str>, ServiceEntries>,
+    /// key → service, for every valid instance.
+    keys: HashMap<Arc<str>, Arc<str>>,
+    invalid: HashMap<Arc<str>, InvalidEntry>,
+    /// Services named in config routes: kept in the table even with no instance (503, not 404).
+    pinned: HashSet<Arc<str>>,
+    settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
+    initial_health: Health,
+    resolver: Box<dyn Resolve + Send + Sync>,
+}
+
+impl Catalog {
+    pub fn new(
+        prefix: String,
+        pinned: impl IntoIterator<Item = Arc<str>>,
+        settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
+        initial_health: Health,
+        resolver: Box<dyn Resolve + Send + Sync>,
+    ) -> Self {
+        Catalog {
+            prefix,
+            services: HashMap::new(),
+            keys: HashMap::new(),
+            invalid: HashMap::new(),
+            pinned: pinned.into_iter().collect(),
+            settings,
+            initial_health,
+            resolver,
+        }
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn invalid_entries(&self) -> impl Iterator<Item = (&Arc<str>, &InvalidEntry)> {
+        self.invalid.iter()
+    }
+
+    /// Applies `update` and returns the new snapshot built from `current`, plus what changed.
+    pub fn apply(&mut self, current: &RoutingTable, update: Update) -> (RoutingTable, ApplyStats) {
+        let mut stats = ApplyStats::default();
+        let mut touched: HashSet<Arc<str>> = HashSet::new();
+        let revision = match update {
+            Update::Reset { revision, kvs } => {
+                let listed: HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_slice()).collect();
+                let gone: Vec<Arc<str>> = self
+                    .keys
+                    .keys()
+                    .chain(self.invalid.keys())
+                    .filter(|k| !listed.contains(k.as_bytes()))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.delete(key.as_bytes(), &mut touched, &mut stats);
+                }
+                for (key, value) in &kvs {
+                    self.put(key, value, &mut touched, &mut stats);
+                }
+                revision
+            }
+            Update::Batch { revision, changes } => {
+                for change in &changes {
+                    match change {
+                        Change::Put { key, value } => {
+                            self.put(key, value, &mut touched, &mut stats)
+                        }
+                        Change::Delete { key } => self.delete(key, &mut touched, &mut stats),
+                    }
+                }
+                revision
+            }
+        };
+        let mut services = current.services.clone();
+        for name in self.pinned.iter() {
+            if !services.contains_key(name) {
+                touched.insert(name.clone());
+            }
+        }
+        for name in touched {
+            let entries = self.services.get(&name);
+            let empty = entries.is_none_or(|e| e.instances.is_empty() && e.invalid.is_empty());
+            if empty {
+                self.services.remove(&name);
+                if !self.pinned.contains(&name) {
+                    services.remove(&name);
+                    continue;
+                }
+            }
+            let (instances, invalid) = match self.services.get(&name) {
+                Some(e) => (e.instances.values().cloned().collect(), e.invalid.len()),
+                None => (Vec::new(), 0),
+            };
+            let settings = (self.settings)(&name);
+            stats.services_rebuilt += 1;
+            services.insert(
+                name.clone(),
+                Arc::new(Service::new(name, instances, invalid, &settings)),
+            );
+        }
+        (RoutingTable { services, revision }, stats)
+    }
+
+    fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        touched: &mut HashSet<Arc<str>>,
+        stats: &mut ApplyStats,
+    ) {
+        let decoded = codec::decode_key(&self.prefix, key).and_then(|parts| {
+            let reg = codec::decode_value(value)?;
+            Ok((parts.service.to_string(), parts.instance.to_string(), reg))
+        });
+        let (service, id, reg) = match decoded {
+            Ok(v) => v,
+            Err(e) => return self.mark_invalid(key, e.to_string(), touched, stats),
+        };
+        let addr = match self.resolver.resolve(&reg.addr) {
+            Ok(a) => a,
+            Err(reason) => return self.mark_invalid(key, reason, touched, stats),
+        };
+        let key_str: Arc<str> = match std::str::from_utf8(key) {
+            Ok(k) => k.into(),
+            Err(_) => {
+                return self.mark_invalid(key, DecodeError::KeyNotUtf8.to_string(), touched, stats)
+            }
+        };
+        // a key that was invalid and is now valid
+        if let Some(old) = self.invalid.remove(&key_str) {
+            if let Some(svc) = old.service {
+                if let Some(e) = self.services.get_mut(&svc) {
+                    e.invalid.remove(&key_str);
+                }
+                touched.insert(svc);
+            }
+        }
+        let service: Arc<str> = self
+            .services
+            .get_key_value(service.as_str())
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| service.into());
+        let entries = self.services.entry(service.clone()).or_default();
+        let Registration {
+            addr: registered,
+            weight,
+            metadata,
+        } = reg;
+        let previous = entries.instances.get(&key_str);
+        let state = match previous {
+            // Same key, same endpoint: keep its identity (health, counters).
+            Some(p) if p.addr == addr => {
+                if p.weight == weight && p.metadata == metadata && p.registered == registered {
+                    debug!(key = %key_str, "registration unchanged");
+                    return;
+                }
+                stats.updated += 1;
+                p.state.clone()
+            }
+            Some(_) => {
+                stats.updated += 1;
+                Arc::new(InstanceState::new(self.initial_health))
+            }
+            None => {
+                stats.added += 1;
+                Arc::new(InstanceState::new(self.initial_health))
+            }
+        };
+        if previous.is_none() {
+            info!(service = %service, key = %key_str, addr = %addr, weight, "instance registered");
+        } else {
+            info!(service = %service, key = %key_str, addr = %addr, weight, "instance updated");
+        }
+        let instance = Arc::new(Instance {
+            key: key_str.clone(),
+            id: id.into(),
+            registered,
+            addr,
+            weight,
+            metadata,
+            state,
+        });
+        entries.instances.insert(key_str.clone(), instance);
+        self.keys.insert(key_str, service.clone());
+        touched.insert(service);
+    }
+
+    fn mark_invalid(
+        &mut self,
+        key: &[u8],
+        reason: String,
+        touched: &mut HashSet<Arc<str>>,
+        stats: &mut ApplyStats,
+    ) {
+        let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
+        warn!(key = %key_str, error = %reason, "skipping invalid registration");
+        stats.invalid += 1;
+        // an instance that was valid and became invalid is no longer routable
+        self.remove_valid(&key_str, touched, stats);
+        let service: Option<Arc<str>> = codec::service_of_key(&self.prefix, key).map(Arc::from);
+        if let Some(svc) = &service {
+            self.services
+                .entry(svc.clone())
+                .or_default()
+                .invalid
+                .insert(key_str.clone());
+            touched.insert(svc.clone());
+        }
+        self.invalid
+            .insert(key_str, InvalidEntry { service, reason });
+    }
+
+    fn remove_valid(
+        &mut self,
+        key: &Arc<str>,
+        touched: &mut HashSet<Arc<str>>,
+        stats: &mut ApplyStats,
+    ) {
+        if let Some(service) = self.keys.remove(key) {
+            if let Some(e) = self.services.get_mut(&service) {
+                e.instances.remove(key);
+            }
+            info!(service = %service, key = %key, "instance deregistered");
+            stats.removed += 1;
+            touched.insert(service);
+        }
+    }
+
+    fn delete(&mut self, key: &[u8], touched: &mut HashSet<Arc<str>>, stats: &mut ApplyStats) {
+        let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
+        self.remove_valid(&key_str, touched, stats);
+        if let Some(old) = self.invalid.remove(&key_str) {
+            if let Some(svc) = old.service {
+                if let Some(e) = self.services.get_mut(&svc) {
+                    e.invalid.remove(&key_str);
+                }
+                touched.insert(svc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeDns;
+    impl Resolve for FakeDns {
+        fn resolve(&self, addr: &HostPort) -> Result<SocketAddr, String> {
+            match addr.host.as_str() {
+                "backend.test" => Ok(SocketAddr::from(([127, 0, 0, 9], addr.port))),
+                h => h
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, addr.port))
+                    .map_err(|_| format!("cannot resolve {addr}")),
+            }
+        }
+    }
+
+    fn catalog() -> Catalog {
+        Catalog::new(
+            "/s/".into(),
+            [Arc::from("pinned")],
+            Arc::new(|_: &str| ServiceSettings::default()),
+            Health::Healthy,
+            Box::new(FakeDns),
+        )
+    }
+
+    fn put(k: &str, v: &str) -> Change {
+        Change::Put {
+            key: k.as_bytes().to_vec(),
+            value: v.as_bytes().to_vec(),
+        }
+    }
+
+    fn batch(rev: i64, changes: Vec<Change>) -> Update {
+        Update::Batch {
+            revision: rev,
+            changes,
+        }
+    }
+
+    #[test]
+    fn puts_deletes_and_invalid_values() {
+        let mut c = catalog();
+        let t0 = RoutingTable::default();
+        let (t1, s) = c.apply(
+            &t0,
+            batch(
+                2,
+                vec![
+                    put("/s/a/1", "127.0.0.1:1"),
+                    put("/s/a/2", r#"{"addr":"backend.test:2","weight":3}"#),
+                    put("/s/a/3", "garbage"),
+                    put("/s/b", "127.0.0.1:1"),
+                    put("/s/b/1", "nowhere.test:1"),
+                ],
+            ),
+        );
+        assert_eq!((s.added, s.invalid), (2, 3));
+        assert_eq!(t1.revision, 2);
+        let a = t1.service("a").unwrap();
+        assert_eq!(a.instances.len(), 2);
+        assert_eq!(a.invalid, 1);
+        assert_eq!(a.instances[1].addr.to_string(), "127.0.0.9:2");
+        // b has only an unresolvable instance: known (503), not routable
+        assert_eq!(t1.service("b").unwrap().instances.len(), 0);
+        assert!(t1.service("pinned").is_some());
+
+        // a garbage value for an existing key removes it, others keep serving
+        let (t2, _) = c.apply(&t1, batch(3, vec![put("/s/a/1", "")]));
+        assert_eq!(t2.service("a").unwrap().instances.len(), 1);
+        // b untouched: same Arc carried over
+        assert!(Arc::ptr_eq(
+            t1.service("b").unwrap(),
+            t2.service("b").unwrap()
+        ));
+
+        let (t3, s) = c.apply(
+            &t2,
+            batch(
+                4,
+                vec![
+                    Change::Delete {
+                        key: b"/s/a/2".to_vec(),
+                    },
+                    Change::Delete {
+                        key: b"/s/a/1".to_vec(),
+                    },
+                    Change::Delete {
+                        key: b"/s/a/3".to_vec(),
+                    },
+                ],
+            ),
+        );
+        assert_eq!(s.removed, 1);
+        assert!(t3.service("a").is_none(), "service without keys disappears");
+    }
+
+    #[test]
+    fn state_survives_weight_and_metadata_changes_not_address_changes() {
+        let mut c = catalog();
+        let (t1, _) = c.apply(
+            &RoutingTable::default(),
+            batch(2, vec![put("/s/a/1", "127.0.0.1:1")]),
+        );
+        let st = t1.service("a").unwrap().instances[0].state.clone();
+        st.set_health(Health::Unhealthy);
+        let (t2, s) = c.apply(
+            &t1,
+            batch(
+                3,
+                vec![put(
+                    "/s/a/1",
+                    r#"{"addr":"127.0.0.1:1","weight":5,"metadata":{"z":"a"}}"#,
+                )],
+            ),
+        );
+        assert_eq!(s.updated, 1);
+        let i = &t2.service("a").unwrap().instances[0];
+        assert!(Arc::ptr_eq(&i.state, &st));
+        assert_eq!(i.weight, 5);
+        assert_eq!(i.state.health(), Health::Unhealthy);
+        let (t3, _) = c.apply(&t2, batch(4, vec![put("/s/a/1", "127.0.0.1:2")]));
+        assert!(!Arc::ptr_eq(
+            &t3.service("a").unwrap().instances[0].state,
+            &st
+        ));
+    }
+
+    #[test]
+    fn reset_removes_what_is_not_listed() {
+        let mut c = catalog();
+        let (t1, _) = c.apply(
+            &RoutingTable::default(),
+            batch(
+                2,
+                vec![put("/s/a/1", "127.0.0.1:1"), put("/s/a/2", "127.0.0.1:2")],
+            ),
+        );
+        let (t2, s) = c.apply(
+            &t1,
+            Update::Reset {
+                revision: 9,
+                kvs: vec![(b"/s/a/2".to_vec(), b"127.0.0.1:2".to_vec())],
+            },
+        );
+        assert_eq!(s.removed, 1);
+        assert_eq!(s.added, 0);
+        assert_eq!(t2.revision, 9);
+        assert_eq!(&*t2.service("a").unwrap().instances[0].key, "/s/a/2");
+        assert_eq!(c.instance_count(), 1);
+    }
+}

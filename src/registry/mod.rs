@@ -1,0 +1,503 @@
+//! The registry: one task that lists and watches etcd and publishes routing snapshots.
+//!
+//! ```text
+//! connect ─▶ list prefix at R ─▶ Update::Reset ─▶ watch prefix from R+1 ─▶ Update::Batch per response
+//!    ▲                 ▲                                  │
+//!    │                 └── compaction / revision went back / resync timer
+//!    └── error: keep the last snapshot, back off (capped, jittered), resume from the last revision
+//! ```
+//!
+//! Every update is applied to the [`Catalog`] and published as one `ArcSwap` store. Readiness is a
+//! latch set after the first complete list.
+
+pub mod catalog;
+pub mod codec;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+pub use catalog::{Catalog, Change, SystemResolver, Update};
+
+use crate::config::EtcdConfig;
+use crate::metrics::METRICS;
+use crate::routing::{Health, RoutingTable, ServiceSettings, SharedTable};
+
+/// Registry state shared with the admin API and the health checker.
+#[derive(Debug, Default)]
+pub struct RegistryStatus {
+    ready: AtomicBool,
+    connected: AtomicBool,
+    revision: AtomicI64,
+    pub relists: AtomicU64,
+    pub reconnects: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    last_update: Mutex<Option<SystemTime>>,
+    /// Invalid registrations currently in etcd: key and reason.
+    invalid: Mutex<Vec<(String, String)>>,
+}
+
+impl RegistryStatus {
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+    pub fn last_update(&self) -> Option<SystemTime> {
+        self.last_update.lock().ok().and_then(|g| *g)
+    }
+    pub fn invalid_entries(&self) -> Vec<(String, String)> {
+        self.invalid.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn set_connected(&self, v: bool) {
+        self.connected.store(v, Ordering::Relaxed);
+        METRICS.registry_connected.set(v as i64);
+    }
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    /// Next delay: uniformly in [current/2, current], then current doubles up to max.
+    pub fn next_delay(&mut self) -> Duration {
+        let cur = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = cur / 2;
+        let jitter = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
+        half + Duration::from_millis(jitter)
+    }
+}
+
+/// Why a watch ended.
+enum WatchEnd {
+    Shutdown,
+    /// Re-list: compaction, revision went backwards, cluster changed, resync timer.
+    Relist(String),
+    /// Stream broke: reconnect and resume from the last revision.
+    Broken(String),
+}
+
+pub struct Registry {
+    cfg: EtcdConfig,
+    table: SharedTable,
+    status: Arc<RegistryStatus>,
+    catalog: Catalog,
+    /// Bumped after every published snapshot; the health checker follows it.
+    generation: watch::Sender<u64>,
+}
+
+impl Registry {
+    pub fn new(
+        cfg: EtcdConfig,
+        table: SharedTable,
+        status: Arc<RegistryStatus>,
+        pinned: Vec<Arc<str>>,
+        settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
+        initial_health: Health,
+    ) -> Self {
+        let catalog = Catalog::new(
+            cfg.prefix.clone(),
+            pinned,
+            settings,
+            initial_health,
+            Box::new(SystemResolver),
+        );
+        let (generation, _) = watch::channel(0);
+        Registry {
+            cfg,
+            table,
+            status,
+            catalog,
+            generation,
+        }
+    }
+
+    /// Receiver that changes after every published snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    pub fn status(&self) -> Arc<RegistryStatus> {
+        self.status.clone()
+    }
+
+    async fn connect(&self) -> Result<Client, String> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(self.cfg.dial_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if let Some((u, p)) = &self.cfg.credentials {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        tokio::time::timeout(
+            self.cfg.dial_timeout,
+            Client::connect(&self.cfg.endpoints, Some(opts)),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect failed: {e}"))
+    }
+
+    /// Publishes `update` as one snapshot swap.
+    fn publish(&mut self, update: Update, kind: &str) {
+        let started = Instant::now();
+        let current = self.table.load();
+        let (table, stats) = self.catalog.apply(&current, update);
+        let revision = table.revision;
+        let table = Arc::new(table);
+        update_instance_gauges(&current, &table);
+        self.table.store(table);
+        let elapsed = started.elapsed();
+        METRICS
+            .snapshot_apply_seconds
+            .with_label_values(&[kind])
+            .observe(elapsed.as_secs_f64());
+        METRICS.snapshot_updates.inc();
+        METRICS.registry_revision.set(revision);
+        METRICS.registry_invalid.inc_by(stats.invalid as u64);
+        let invalid: Vec<(String, String)> = self
+            .catalog
+            .invalid_entries()
+            .map(|(k, e)| (k.to_string(), e.reason.clone()))
+            .collect();
+        METRICS.registry_invalid_current.set(invalid.len() as i64);
+        if let Ok(mut g) = self.status.invalid.lock() {
+            *g = invalid;
+        }
+        let now = SystemTime::now();
+        if let Ok(d) = now.duration_since(SystemTime::UNIX_EPOCH) {
+            METRICS.registry_last_update.set(d.as_secs() as i64);
+        }
+        if let Ok(mut g) = self.status.last_update.lock() {
+            *g = Some(now);
+        }
+        self.status.revision.store(revision, Ordering::Relaxed);
+        self.generation.send_modify(|g| *g += 1);
+        debug!(
+            revision,
+            kind,
+            added = stats.added,
+            updated = stats.updated,
+            removed = stats.removed,
+            invalid = stats.invalid,
+            micros = elapsed.as_micros() as u64,
+            "snapshot published"
+        );
+    }
+
+    async fn list(&mut self, client: &mut Client) -> Result<i64, String> {
+        let resp = tokio::time::timeout(
+            self.cfg.request_timeout,
+            client.get(
+                self.cfg.prefix.as_bytes(),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        )
+        .await
+        .map_err(|_| "list timed out".to_string())?
+        .map_err(|e| format!("list failed: {e}"))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut resp = resp;
+        let kvs = resp
+            .take_kvs()
+            .into_iter()
+            .map(|kv| kv.into_key_value())
+            .collect();
+        self.publish(Update::Reset { revision, kvs }, "list");
+        METRICS.registry_relists.inc();
+        self.status.relists.fetch_add(1, Ordering::Relaxed);
+        Ok(revision)
+    }
+
+    /// Current store revision, to notice an etcd that lost its data (revision went backwards).
+    async fn store_revision(&self, client: &mut Client) -> Result<i64, String> {
+        let resp = tokio::time::timeout(
+            self.cfg.request_timeout,
+            client.get(
+                self.cfg.prefix.as_bytes(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ),
+        )
+        .await
+        .map_err(|_| "revision check timed out".to_string())?
+        .map_err(|e| format!("revision check failed: {e}"))?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn watch(
+        &mut self,
+        client: &mut Client,
+        revision: &mut i64,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+        resync_at: Instant,
+    ) -> WatchEnd {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(*revision + 1)
+            .with_progress_notify();
+        let created = tokio::time::timeout(
+            self.cfg.request_timeout,
+            client.watch(self.cfg.prefix.as_bytes(), Some(opts)),
+        )
+        .await;
+        let mut stream = match created {
+            Err(_) => return WatchEnd::Broken("watch request timed out".into()),
+            Ok(Err(e)) => return WatchEnd::Broken(format!("watch failed: {e}")),
+            Ok(Ok(s)) => s,
+        };
+        let resync = tokio::time::sleep_until(resync_at.into());
+        tokio::pin!(resync);
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.changed() => return WatchEnd::Shutdown,
+                _ = &mut resync => return WatchEnd::Relist("periodic resync".into()),
+                msg = stream.message() => msg,
+            };
+            let resp = match msg {
+                Err(e) => return WatchEnd::Broken(format!("watch stream error: {e}")),
+                Ok(None) => return WatchEnd::Broken("watch stream ended".into()),
+                Ok(Some(r)) => r,
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return WatchEnd::Relist(format!(
+                        "revision {} was compacted (oldest available {})",
+                        *revision + 1,
+                        resp.compact_revision()
+                    ));
+                }
+                return WatchEnd::Broken(format!("watch canceled: {}", resp.cancel_reason()));
+            }
+            let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if resp.created() {
+                // created is not success on its own: a cancel may follow; but the stream is up
+                if !self.status.connected() {
+                    info!(revision = *revision, "etcd watch established");
+                }
+                self.status.set_connected(true);
+                self.status.set_error(None);
+                backoff.reset();
+                continue;
+            }
+            let events = resp.events();
+            if events.is_empty() {
+                // progress notification: everything up to header_rev has been delivered
+                if header_rev > *revision {
+                    *revision = header_rev;
+                    self.status.revision.store(header_rev, Ordering::Relaxed);
+                }
+                continue;
+            }
+            let mut changes = Vec::with_capacity(events.len());
+            let mut max_rev = *revision;
+            for ev in events {
+                let Some(kv) = ev.kv() else { continue };
+                max_rev = max_rev.max(kv.mod_revision());
+                changes.push(match ev.event_type() {
+                    EventType::Put => Change::Put {
+                        key: kv.key().to_vec(),
+                        value: kv.value().to_vec(),
+                    },
+                    EventType::Delete => Change::Delete {
+                        key: kv.key().to_vec(),
+                    },
+                });
+            }
+            METRICS.registry_events.inc_by(changes.len() as u64);
+            // resume from the last event's revision, never from the header: events of a later
+            // revision may still be on their way in the next response
+            *revision = max_rev;
+            self.publish(
+                Update::Batch {
+                    revision: max_rev,
+                    changes,
+                },
+                "watch",
+            );
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
+        let mut client: Option<Client> = None;
+        let mut revision: i64 = 0;
+        let mut need_list = true;
+        let mut failures: u64 = 0;
+        info!(endpoints = ?self.cfg.endpoints, prefix = %self.cfg.prefix, "registry starting");
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let result: Result<WatchEnd, String> = async {
+                let c = match client.as_mut() {
+                    Some(c) => c,
+                    None => client.insert(self.connect().await?),
+                };
+                if !need_list && revision > 0 {
+                    let store_rev = self.store_revision(c).await?;
+                    if store_rev < revision {
+                        warn!(
+                            store_revision = store_rev,
+                            our_revision = revision,
+                            "etcd revision went backwards (data lost or new cluster): re-listing"
+                        );
+                        need_list = true;
+                    }
+                }
+                if need_list {
+                    revision = self.list(c).await?;
+                    need_list = false;
+                    if !self.status.ready.swap(true, Ordering::AcqRel) {
+                        info!(
+                            revision,
+                            instances = self.catalog.instance_count(),
+                            "registry ready: first complete list applied"
+                        );
+                    }
+                }
+                let resync_at = Instant::now() + self.cfg.resync_interval;
+                Ok(self
+                    .watch(c, &mut revision, &mut shutdown, &mut backoff, resync_at)
+                    .await)
+            }
+            .await;
+            match result {
+                Ok(WatchEnd::Shutdown) => return,
+                Ok(WatchEnd::Relist(reason)) => {
+                    info!(reason = %reason, revision, "re-listing etcd prefix");
+                    need_list = true;
+                    failures = 0;
+                    continue;
+                }
+                Ok(WatchEnd::Broken(e)) | Err(e) => {
+                    failures += 1;
+                    let was_connected = self.status.connected();
+                    self.status.set_connected(false);
+                    self.status.set_error(Some(e.clone()));
+                    if was_connected || failures == 1 {
+                        warn!(error = %e, revision, "etcd unavailable; routing with the last snapshot");
+                    } else {
+                        debug!(error = %e, failures, "etcd still unavailable");
+                    }
+                    if was_connected {
+                        METRICS.registry_reconnects.inc();
+                        self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A broken connect is retried with a fresh client; a broken stream keeps the
+                    // client (it reconnects by itself) and re-creates the watch.
+                    if e.starts_with("connect") {
+                        client = None;
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Recomputes `switchyard_upstream_instances` for services that changed between two snapshots.
+pub fn update_instance_gauges(old: &RoutingTable, new: &RoutingTable) {
+    for (name, svc) in &new.services {
+        if old.services.get(name).is_some_and(|o| Arc::ptr_eq(o, svc)) {
+            continue;
+        }
+        set_service_gauges(name, svc);
+    }
+    for name in old.services.keys() {
+        if !new.services.contains_key(name) {
+            for state in ["healthy", "unhealthy", "pending", "draining"] {
+                let _ = METRICS
+                    .upstream_instances
+                    .remove_label_values(&[name, state]);
+            }
+        }
+    }
+}
+
+/// Sets the per-state instance gauges of one service from its current instances.
+pub fn set_service_gauges(name: &str, svc: &crate::routing::Service) {
+    let (mut healthy, mut unhealthy, mut pending, mut draining) = (0, 0, 0, 0);
+    for i in &svc.instances {
+        if i.draining() {
+            draining += 1;
+            continue;
+        }
+        match i.state.health() {
+            Health::Healthy => healthy += 1,
+            Health::Unhealthy => unhealthy += 1,
+            Health::Pending => pending += 1,
+        }
+    }
+    for (state, n) in [
+        ("healthy", healthy),
+        ("unhealthy", unhealthy),
+        ("pending", pending),
+        ("draining", draining),
+    ] {
+        METRICS
+            .upstream_instances
+            .with_label_values(&[name, state])
+            .set(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        for d in &delays {
+            assert!(*d <= Duration::from_millis(1000), "{d:?} exceeds the cap");
+        }
+        assert!(delays[9] >= Duration::from_millis(500), "{:?}", delays[9]);
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,194 @@
+//! Selection policies: which instance of a service takes the next request.
+//!
+//! Every policy only considers *usable* instances (weight > 0 and healthy) that the current
+//! request has not tried yet, so retries move to another instance.
+//!
+//! - [`Policy::RoundRobin`] (default): smooth weighted round robin, as nginx does it: over a cycle
+//!   each instance gets requests in proportion to its weight, interleaved rather than in bursts.
+//! - [`Policy::Random`]: weighted random.
+//! - [`Policy::LeastRequest`]: power of two choices on in-flight requests, weighted.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+use serde::Deserialize;
+
+use super::Instance;
+
+/// A service's load-balancing policy (config key `policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+}
+
+/// Per-snapshot selection state of one service.
+#[derive(Debug)]
+pub enum Selector {
+    /// Current weights of smooth WRR, one per instance (same order as `Service::instances`).
+    RoundRobin(Mutex<Vec<i64>>),
+    Random,
+    LeastRequest,
+}
+
+impl Selector {
+    pub fn new(policy: Policy, instances: &[Arc<Instance>]) -> Self {
+        match policy {
+            Policy::RoundRobin => Selector::RoundRobin(Mutex::new(vec![0; instances.len()])),
+            Policy::Random => Selector::Random,
+            Policy::LeastRequest => Selector::LeastRequest,
+        }
+    }
+
+    pub fn select(
+        &self,
+        instances: &[Arc<Instance>],
+        exclude: &[Arc<str>],
+    ) -> Option<Arc<Instance>> {
+        let eligible = |i: &Arc<Instance>| i.usable() && !exclude.iter().any(|k| *k == i.key);
+        match self {
+            Selector::RoundRobin(current) => {
+                // A poisoned lock only means another request panicked mid-update; the weights
+                // are still integers, so keep going with them.
+                let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+                let mut total: i64 = 0;
+                let mut best: Option<usize> = None;
+                for (idx, inst) in instances.iter().enumerate() {
+                    if !eligible(inst) {
+                        continue;
+                    }
+                    let w = inst.weight as i64;
+                    current[idx] += w;
+                    total += w;
+                    if best.is_none_or(|b| current[idx] > current[b]) {
+                        best = Some(idx);
+                    }
+                }
+                let best = best?;
+                current[best] -= total;
+                Some(instances[best].clone())
+            }
+            Selector::Random => {
+                let total: u64 = instances
+                    .iter()
+                    .filter(|i| eligible(i))
+                    .map(|i| i.weight as u64)
+                    .sum();
+                if total == 0 {
+                    return None;
+                }
+                let mut pick = rand::thread_rng().gen_range(0..total);
+                for inst in instances.iter().filter(|i| eligible(i)) {
+                    let w = inst.weight as u64;
+                    if pick < w {
+                        return Some(inst.clone());
+                    }
+                    pick -= w;
+                }
+                None
+            }
+            Selector::LeastRequest => {
+                let candidates: Vec<&Arc<Instance>> =
+                    instances.iter().filter(|i| eligible(i)).collect();
+                match candidates.len() {
+                    0 => None,
+                    1 => Some(candidates[0].clone()),
+                    n => {
+                        let mut rng = rand::thread_rng();
+                        let a = candidates[rng.gen_range(0..n)];
+                        let b = candidates[rng.gen_range(0..n)];
+                        // load per unit of weight, compared without division
+                        let load = |i: &Instance| i.state.inflight.load(Ordering::Relaxed) as u64;
+                        let (la, lb) = (load(a) * b.weight as u64, load(b) * a.weight as u64);
+                        Some(if la <= lb { a.clone() } else { b.clone() })
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::codec::HostPort;
+    use crate::routing::{Health, InstanceState};
+    use std::collections::HashMap;
+
+    fn inst(key: &str, weight: u32) -> Arc<Instance> {
+        Arc::new(Instance {
+            key: key.into(),
+            id: key.into(),
+            registered: HostPort {
+                host: "127.0.0.1".into(),
+                port: 1,
+            },
+            addr: "127.0.0.1:1".parse().unwrap(),
+            weight,
+            metadata: Default::default(),
+            state: Arc::new(InstanceState::new(Health::Healthy)),
+        })
+    }
+
+    fn counts(sel: &Selector, insts: &[Arc<Instance>], n: usize) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for _ in 0..n {
+            let i = sel.select(insts, &[]).expect("an instance");
+            *m.entry(i.key.to_string()).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn smooth_wrr_is_exact_and_interleaved() {
+        let insts = vec![inst("a", 5), inst("b", 1), inst("c", 1)];
+        let sel = Selector::new(Policy::RoundRobin, &insts);
+        let seq: Vec<String> = (0..7)
+            .map(|_| sel.select(&insts, &[]).unwrap().key.to_string())
+            .collect();
+        // nginx's documented sequence for weights 5,1,1
+        assert_eq!(seq, ["a", "a", "b", "a", "c", "a", "a"]);
+        let c = counts(&sel, &insts, 700);
+        assert_eq!((c["a"], c["b"], c["c"]), (500, 100, 100));
+    }
+
+    #[test]
+    fn draining_unhealthy_and_excluded_are_skipped() {
+        let insts = vec![inst("a", 1), inst("b", 0), inst("c", 1), inst("d", 1)];
+        insts[2].state.set_health(Health::Unhealthy);
+        for policy in [Policy::RoundRobin, Policy::Random, Policy::LeastRequest] {
+            let sel = Selector::new(policy, &insts);
+            let c = counts(&sel, &insts, 100);
+            assert!(
+                !c.contains_key("b") && !c.contains_key("c"),
+                "{policy:?}: {c:?}"
+            );
+            let excl: Vec<Arc<str>> = vec!["a".into()];
+            assert_eq!(&*sel.select(&insts, &excl).unwrap().key, "d");
+            let excl: Vec<Arc<str>> = vec!["a".into(), "d".into()];
+            assert!(sel.select(&insts, &excl).is_none());
+        }
+    }
+
+    #[test]
+    fn all_weights_zero_selects_nothing() {
+        let insts = vec![inst("a", 0), inst("b", 0)];
+        for policy in [Policy::RoundRobin, Policy::Random, Policy::LeastRequest] {
+            assert!(Selector::new(policy, &insts).select(&insts, &[]).is_none());
+        }
+        assert!(Selector::new(Policy::RoundRobin, &[])
+            .select(&[], &[])
+            .is_none());
+    }
+
+    #[test]
+    fn random_respects_weights_roughly() {
+        let insts = vec![inst("a", 3), inst("b", 1)];
+        let c = counts(&Selector::new(Policy::Random, &insts), &insts, 4000);
+        assert!(c["a"] > 2600 && c["a"] < 3400, "{c:?}");
+    }
+}
