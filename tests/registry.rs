@@ -1,0 +1,243 @@
+//! Watch correctness against a real etcd: outages, restarts, compaction, data loss, clusters.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use support::{eventually, metric_value, Backend, EtcdServer, Proxy};
+
+const PATIENCE: Duration = Duration::from_secs(15);
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// Instance keys of `service` in the proxy's current snapshot.
+async fn snapshot_keys(proxy: &Proxy, service: &str) -> BTreeSet<String> {
+    let v = proxy.admin_json("/api/services").await;
+    v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i["key"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn wait_keys(proxy: &Proxy, service: &str, want: &[&str]) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    eventually(PATIENCE, &format!("snapshot of {service} to be {want:?}"), || {
+        let want = want.clone();
+        async move {
+            let got = snapshot_keys(proxy, service).await;
+            (got == want).then_some(()).ok_or(format!("{got:?}"))
+        }
+    })
+    .await;
+}
+
+async fn wait_connected(proxy: &Proxy, connected: bool) {
+    eventually(PATIENCE, &format!("registry connected = {connected}"), || async {
+        let m = proxy.metrics().await;
+        let v = metric_value(&m, "switchyard_registry_connected");
+        (v == Some(connected as i64 as f64))
+            .then_some(())
+            .ok_or(format!("{v:?}"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_requests_keep_succeeding_from_the_last_snapshot() {
+    let mut etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/s/a", a.addr_string()).await;
+    etcd.put("/services/s/b", b.addr_string()).await;
+    wait_keys(&proxy, "s", &["/services/s/a", "/services/s/b"]).await;
+    etcd.kill();
+    wait_connected(&proxy, false).await;
+    for i in 0..100 {
+        let (status, body) = proxy.get_service("s", "/").await;
+        assert_eq!(status, 200, "request {i} during the etcd outage failed: {body}");
+    }
+    assert!(a.hits() + b.hits() >= 100);
+    assert!(a.hits() > 0 && b.hits() > 0, "both instances keep serving");
+    // still ready: readiness is a latch, the last snapshot is good
+    let r = support::http_get_blocking(proxy.admin_port, "/readyz").unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let status = proxy.admin_json("/api/registry").await;
+    assert_eq!(status["connected"], false);
+    assert!(status["last_error"].is_string(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_changes_made_meanwhile_are_applied() {
+    let mut etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let old = Backend::start("old").await;
+    let new = Backend::start("new").await;
+    etcd.put("/services/s/old", old.addr_string()).await;
+    wait_keys(&proxy, "s", &["/services/s/old"]).await;
+    let pid = proxy.pid().expect("proxy pid");
+    // freeze the proxy so the changes certainly happen while it is disconnected
+    signal(pid, "-STOP");
+    etcd.restart();
+    etcd.put("/services/s/new", new.addr_string()).await;
+    etcd.delete("/services/s/old").await;
+    etcd.put("/services/t/1", new.addr_string()).await;
+    signal(pid, "-CONT");
+    wait_keys(&proxy, "s", &["/services/s/new"]).await;
+    wait_keys(&proxy, "t", &["/services/t/1"]).await;
+    wait_connected(&proxy, true).await;
+    let m = proxy.metrics().await;
+    assert!(
+        metric_value(&m, "switchyard_registry_reconnects_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    // resumed from the revision: no re-list was needed
+    assert_eq!(metric_value(&m, "switchyard_registry_relists_total"), Some(1.0), "{m}");
+    let (status, body) = proxy.get_service("s", "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"new\""), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_the_watch_revision_relists_to_the_exact_state() {
+    let mut etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let b = Backend::start("b").await;
+    for i in 0..5 {
+        etcd.put(&format!("/services/c/{i}"), b.addr_string()).await;
+    }
+    wait_keys(
+        &proxy,
+        "c",
+        &["/services/c/0", "/services/c/1", "/services/c/2", "/services/c/3", "/services/c/4"],
+    )
+    .await;
+    let pid = proxy.pid().expect("proxy pid");
+    signal(pid, "-STOP");
+    etcd.restart();
+    // changes the proxy misses, then compaction removes their history
+    etcd.delete("/services/c/0").await;
+    etcd.delete("/services/c/1").await;
+    etcd.put("/services/c/5", b.addr_string()).await;
+    etcd.put(
+        "/services/c/2",
+        format!(r#"{{"addr":"{}","weight":7}}"#, b.addr),
+    )
+    .await;
+    etcd.delete("/services/gone/x").await;
+    etcd.compact_to_current().await;
+    signal(pid, "-CONT");
+    wait_keys(
+        &proxy,
+        "c",
+        &["/services/c/2", "/services/c/3", "/services/c/4", "/services/c/5"],
+    )
+    .await;
+    let v = proxy.admin_json("/api/services/c").await;
+    let w = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["key"] == "/services/c/2")
+        .map(|i| i["weight"].clone());
+    assert_eq!(w, Some(serde_json::json!(7)));
+    let m = proxy.metrics().await;
+    assert!(
+        metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0) >= 2.0,
+        "compaction must cause a re-list: {m}"
+    );
+    assert!(proxy.log().contains("compacted"), "log should say why it re-listed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_wiped_and_restarted_relists_instead_of_waiting_for_old_revisions() {
+    let mut etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let b = Backend::start("b").await;
+    for i in 0..10 {
+        etcd.put(&format!("/services/w/{i}"), b.addr_string()).await;
+    }
+    wait_keys(
+        &proxy,
+        "w",
+        &(0..10)
+            .map(|i| format!("/services/w/{i}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let pid = proxy.pid().expect("proxy pid");
+    signal(pid, "-STOP");
+    etcd.wipe_and_restart();
+    etcd.put("/services/w/fresh", b.addr_string()).await;
+    signal(pid, "-CONT");
+    wait_keys(&proxy, "w", &["/services/w/fresh"]).await;
+    assert!(proxy.log().contains("revision went backwards"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_at_start_is_not_ready_then_becomes_ready() {
+    let mut etcd = EtcdServer::start();
+    etcd.kill();
+    let proxy = Proxy::builder(&etcd).no_wait_ready().start().await;
+    let r = support::http_get_blocking(proxy.admin_port, "/readyz").unwrap();
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("not ready"), "{r}");
+    // a request meanwhile is a clean 404 (nothing known yet), not a hang or crash
+    let (status, _) = proxy.get_service("s", "/").await;
+    assert_eq!(status, 404);
+    // keep retrying; become ready once etcd is up
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    etcd.restart();
+    let b = Backend::start("b").await;
+    etcd.put("/services/s/1", b.addr_string()).await;
+    eventually(PATIENCE, "ready after etcd came up", || async {
+        let r = support::http_get_blocking(proxy.admin_port, "/readyz").map_err(|e| e.to_string())?;
+        r.starts_with("HTTP/1.1 200").then_some(()).ok_or(r)
+    })
+    .await;
+    wait_keys(&proxy, "s", &["/services/s/1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_endpoints_are_accepted_and_a_dead_one_is_tolerated() {
+    let etcd = EtcdServer::start();
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let proxy = Proxy::builder_endpoints(vec![dead, etcd.endpoint()])
+        .start()
+        .await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/m/1", b.addr_string()).await;
+    wait_keys(&proxy, "m", &["/services/m/1"]).await;
+    let (status, body) = proxy.get_service("m", "/").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_is_limited_to_the_prefix_with_its_slash() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).prefix("/svc").start().await;
+    let b = Backend::start("b").await;
+    etcd.put("/svc/in/1", b.addr_string()).await;
+    etcd.put("/svc-other/out/1", b.addr_string()).await;
+    etcd.put("/svcx/out/1", b.addr_string()).await;
+    wait_keys(&proxy, "in", &["/svc/in/1"]).await;
+    let v = proxy.admin_json("/api/services").await;
+    assert_eq!(v["services"].as_array().map(|a| a.len()), Some(1), "{v}");
+    assert_eq!(v["registry"]["invalid_registrations"].as_array().map(|a| a.len()), Some(0));
+}

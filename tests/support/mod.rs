@@ -1,0 +1,475 @@
+//! Test support: real processes on ephemeral ports.
+//!
+//! - [`EtcdServer::start`]: a real `etcd` (Debian `etcd-server`) with a temporary data dir.
+//! - [`Backend::start`]: a real HTTP/1.1 server (hyper) that reports who answered.
+//! - [`Proxy::start`]: the `switchyard` binary with a generated config.
+//! - [`eventually`]: a bounded poll instead of sleeps.
+//!
+//! Everything is stopped on drop, by pid.
+
+#![allow(dead_code)]
+
+pub mod backend;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use backend::Backend;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port on 127.0.0.1")
+}
+
+/// Polls `check` until it returns `Ok`, or panics after `patience` with the last error.
+pub async fn eventually<T, F, Fut>(patience: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    let mut last = String::from("never checked");
+    while start.elapsed() < patience {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {patience:?} waiting for {what}: last result: {last}");
+}
+
+fn kill_child(child: &mut Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+}
+
+fn wait_exit(child: &mut Child, patience: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < patience {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// A real etcd process.
+pub struct EtcdServer {
+    child: Option<Child>,
+    pub client_port: u16,
+    pub peer_port: u16,
+    dir: tempfile::TempDir,
+    name: String,
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let dir = tempfile::tempdir().expect("temp dir for etcd");
+        let mut s = EtcdServer {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+            name: format!("sy-test-{}", free_port()),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let etcd = which("etcd").unwrap_or_else(|| {
+            panic!(
+                "etcd is not installed: integration tests need a real etcd \
+                 (apt-get install etcd-server, or run scripts/test.sh which installs it)"
+            )
+        });
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
+        let child = Command::new(etcd)
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen-client-urls")
+            .arg(self.endpoint())
+            .arg("--advertise-client-urls")
+            .arg(self.endpoint())
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-cluster")
+            .arg(format!("{}=http://127.0.0.1:{}", self.name, self.peer_port))
+            .arg("--log-level")
+            .arg("warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting etcd");
+        self.child = Some(child);
+        self.wait_healthy();
+    }
+
+    fn wait_healthy(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(resp) = http_get_blocking(self.client_port, "/health") {
+                if resp.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+        panic!("etcd did not become healthy within 20s; log:\n{log}");
+    }
+
+    /// SIGKILL, keeping the data dir.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c, "-KILL");
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Starts again on the same ports with an empty data dir (etcd lost everything).
+    pub fn wipe_and_restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.data_dir());
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("connecting to the test etcd")
+    }
+
+    pub async fn put(&self, key: &str, value: impl AsRef<[u8]>) -> i64 {
+        let resp = self
+            .client()
+            .await
+            .put(key, value.as_ref(), None)
+            .await
+            .expect("etcd put");
+        resp.header().map(|h| h.revision()).unwrap_or(0)
+    }
+
+    /// Puts `key` under a fresh lease of `ttl` seconds that nobody keeps alive; returns the lease.
+    pub async fn put_with_lease(&self, key: &str, value: &str, ttl: i64) -> i64 {
+        let mut c = self.client().await;
+        let lease = c.lease_grant(ttl, None).await.expect("lease grant").id();
+        c.put(
+            key,
+            value,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("etcd put with lease");
+        lease
+    }
+
+    pub async fn delete(&self, key: &str) {
+        self.client()
+            .await
+            .delete(key, None)
+            .await
+            .expect("etcd delete");
+    }
+
+    pub async fn compact_to_current(&self) -> i64 {
+        let mut c = self.client().await;
+        let rev = c
+            .get("/", None)
+            .await
+            .expect("etcd get")
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0);
+        c.compact(rev, Some(etcd_client::CompactionOptions::new().with_physical()))
+            .await
+            .expect("etcd compact");
+        rev
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Minimal blocking GET for readiness polls (no client library needed).
+pub fn http_get_blocking(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The switchyard binary, running as a real process.
+pub struct Proxy {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    dir: tempfile::TempDir,
+}
+
+pub struct ProxyBuilder {
+    etcd: Vec<String>,
+    extra: String,
+    prefix: Option<String>,
+    wait_ready: bool,
+}
+
+impl ProxyBuilder {
+    /// Extra TOML appended to the generated config (sections other than [proxy]/[admin]/[etcd]).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn prefix(mut self, p: &str) -> Self {
+        self.prefix = Some(p.to_string());
+        self
+    }
+
+    /// Don't wait for /readyz (etcd down at start).
+    pub fn no_wait_ready(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+
+    pub async fn start(self) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir for proxy");
+        let port = free_port();
+        let admin_port = free_port();
+        let etcd = self
+            .etcd
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let prefix = self.prefix.unwrap_or_else(|| "/services/".into());
+        let mut text = self.extra.clone();
+        if !text.contains("[proxy]") {
+            text.push_str("\n[proxy]\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n");
+        }
+        text.push_str(&format!(
+            "\n[etcd]\nendpoints = [{etcd}]\nprefix = {prefix:?}\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\nrequest_timeout_ms = 1000\ndial_timeout_ms = 1000\n"
+        ));
+        let path = dir.path().join("switchyard.toml");
+        std::fs::write(&path, &text).expect("writing proxy config");
+        let log = std::fs::File::create(dir.path().join("proxy.log")).expect("proxy log");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env("RUST_LOG", "info,switchyard=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting switchyard");
+        let mut p = Proxy {
+            child: Some(child),
+            port,
+            admin_port,
+            dir,
+        };
+        let path = if self.wait_ready { "/readyz" } else { "/healthz" };
+        let admin_port = p.admin_port;
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http_get_blocking(admin_port, path) {
+                if r.starts_with("HTTP/1.1 200") {
+                    break;
+                }
+            }
+            if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
+                panic!("switchyard exited with {status} at start; log:\n{}", p.log());
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                panic!("switchyard did not answer {path} within 20s; log:\n{}", p.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        p
+    }
+}
+
+impl Proxy {
+    pub fn builder(etcd: &EtcdServer) -> ProxyBuilder {
+        ProxyBuilder {
+            etcd: vec![etcd.endpoint()],
+            extra: String::new(),
+            prefix: None,
+            wait_ready: true,
+        }
+    }
+
+    pub fn builder_endpoints(endpoints: Vec<String>) -> ProxyBuilder {
+        ProxyBuilder {
+            etcd: endpoints,
+            extra: String::new(),
+            prefix: None,
+            wait_ready: true,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("proxy.log")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        kill_child(&mut c, "-TERM");
+        let status = wait_exit(&mut c, patience);
+        if status.is_none() {
+            kill_child(&mut c, "-KILL");
+            let _ = c.wait();
+        }
+        status
+    }
+
+    /// A GET through the proxy with `Host: <service>`; returns (status, body).
+    pub async fn get_service(&self, service: &str, path: &str) -> (u16, String) {
+        let resp = client()
+            .get(self.url(path))
+            .header("host", service)
+            .send()
+            .await;
+        match resp {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap_or_default())
+            }
+            Err(e) => (0, format!("request failed: {e}")),
+        }
+    }
+
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let text = client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .expect("admin request")
+            .text()
+            .await
+            .expect("admin body");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("admin {path} is not json ({e}): {text}"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c, "-KILL");
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- switchyard log ----\n{}", self.log());
+        }
+    }
+}
+
+/// An HTTP client that never uses an environment proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .pool_max_idle_per_host(16)
+        .build()
+        .expect("building reqwest client")
+}
+
+/// Value of one sample in Prometheus text, e.g. `metric_value(text, "x_total{a=\"b\"}")`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
+
+pub fn temp_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("writing temp file");
+    p
+}
