@@ -85,15 +85,18 @@ pub struct RegisterArgs {
     /// Metadata, repeatable: --meta zone=a --meta version=2.
     #[arg(long = "meta", value_name = "K=V")]
     pub meta: Vec<String>,
-    /// Only keep the key while this HTTP URL answers 2xx (checked every --check-interval-ms).
+    /// Keep the key only while this http:// URL answers 2xx to a GET (probed every
+    /// --check-interval-ms, each probe timing out after min(interval, 2 s)); flips are logged.
     #[arg(long, value_name = "URL")]
     pub check: Option<String>,
-    /// Interval of --check.
-    #[arg(long, default_value_t = 2000)]
+    /// Interval of --check, in milliseconds (at least 100).
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
     pub check_interval_ms: u64,
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Command to run as the service: registered once reachable, deregistered when it exits.
+    /// Command to run as the service (after `--`): registered once --addr accepts connections (or
+    /// --check passes), SIGTERM/SIGINT forwarded, deregistered when it exits; switchyard exits
+    /// with its status (128+N when killed by signal N).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
@@ -102,10 +105,12 @@ pub struct RegisterArgs {
 pub struct ServicesArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (with --watch: one JSON object per line).
     #[arg(long)]
     pub json: bool,
-    /// Keep running and print each change on one line.
+    /// After the list, keep running and print each change on one line: `+ SERVICE ID ADDR
+    /// weight=N [K=V,..]` (added), `~ ...` (changed), `- SERVICE ID` (removed). Reconnects to
+    /// etcd by itself.
     #[arg(long)]
     pub watch: bool,
 }

@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::health::{CheckSpec, HealthConfig, Protocol, StatusSet};
 use crate::registry::codec::valid_service_name;
 use crate::routing::route::ExplicitRoute;
-use crate::routing::{Policy, Router, ServiceSettings};
+use crate::routing::{AllUnhealthy, Policy, Router, ServiceSettings};
 
 /// The default configuration, shipped as `config/switchyard.toml` and embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/switchyard.toml");
@@ -55,6 +56,8 @@ pub struct FileConfig {
     pub etcd: EtcdSection,
     #[serde(default)]
     pub routing: RoutingSection,
+    #[serde(default)]
+    pub health: HealthSection,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSection>,
     #[serde(default)]
@@ -169,10 +172,72 @@ pub struct RouteSection {
     pub strip_prefix: bool,
 }
 
+/// `[health]`: active checks, passive detection and admission, for every service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub enabled: bool,
+    pub admit_immediately: bool,
+    pub max_concurrent: usize,
+    pub protocol: Protocol,
+    pub path: String,
+    pub port: Option<u16>,
+    pub expected_statuses: String,
+    pub grpc_service: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub jitter_ms: u64,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub passive_failures: u64,
+    pub all_unhealthy: AllUnhealthy,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            enabled: true,
+            admit_immediately: false,
+            max_concurrent: 256,
+            protocol: Protocol::Http,
+            path: "/health".into(),
+            port: None,
+            expected_statuses: "200-299".into(),
+            grpc_service: String::new(),
+            interval_ms: 1_000,
+            timeout_ms: 1_000,
+            jitter_ms: 100,
+            healthy_threshold: 1,
+            unhealthy_threshold: 2,
+            passive_failures: 2,
+            all_unhealthy: AllUnhealthy::Fail,
+        }
+    }
+}
+
+/// `[services.<name>.health]`: per-service overrides of `[health]`; unset keys inherit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceHealthSection {
+    pub protocol: Option<Protocol>,
+    pub path: Option<String>,
+    pub port: Option<u16>,
+    pub expected_statuses: Option<String>,
+    pub grpc_service: Option<String>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub jitter_ms: Option<u64>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    pub passive_failures: Option<u64>,
+    pub all_unhealthy: Option<AllUnhealthy>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSection {
     pub policy: Policy,
+    pub health: ServiceHealthSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +283,9 @@ pub struct Config {
     pub etcd: EtcdConfig,
     pub router: Router,
     pub services: BTreeMap<String, ServiceSettings>,
+    /// Settings of services without a `[services.<name>]` section.
+    pub default_service: ServiceSettings,
+    pub health: HealthConfig,
     pub log: LogSection,
 }
 
@@ -252,7 +320,10 @@ pub struct EtcdConfig {
 impl Config {
     /// Settings for `service`, falling back to defaults.
     pub fn service_settings(&self, service: &str) -> ServiceSettings {
-        self.services.get(service).cloned().unwrap_or_default()
+        self.services
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| self.default_service.clone())
     }
 }
 
@@ -439,7 +510,23 @@ impl FileConfig {
             self.routing.host_routing,
             self.routing.path_routing,
         );
+        let h = &self.health;
+        if h.max_concurrent == 0 || h.max_concurrent > 65_536 {
+            return Err(invalid(
+                "health.max_concurrent",
+                format!("{} is outside 1-65536", h.max_concurrent),
+            ));
+        }
+        let global_check = check_spec("health", h, &ServiceHealthSection::default())?;
+        // with checks disabled nothing would ever bring an ejected instance back
+        let passive = |v: u64| if h.enabled { v } else { 0 };
+        let default_service = ServiceSettings {
+            policy: Policy::default(),
+            all_unhealthy: h.all_unhealthy,
+            passive_failures: passive(h.passive_failures),
+        };
         let mut services = BTreeMap::new();
+        let mut service_checks = BTreeMap::new();
         for (name, s) in &self.services {
             if !valid_service_name(name) {
                 return Err(invalid(
@@ -447,8 +534,27 @@ impl FileConfig {
                     "is not a valid service name (A-Z a-z 0-9 . _ -)",
                 ));
             }
-            services.insert(name.clone(), ServiceSettings { policy: s.policy });
+            let sh = &s.health;
+            services.insert(
+                name.clone(),
+                ServiceSettings {
+                    policy: s.policy,
+                    all_unhealthy: sh.all_unhealthy.unwrap_or(h.all_unhealthy),
+                    passive_failures: passive(sh.passive_failures.unwrap_or(h.passive_failures)),
+                },
+            );
+            let spec = check_spec(&format!("services.{name}.health"), h, sh)?;
+            if spec != global_check {
+                service_checks.insert(name.clone(), spec);
+            }
         }
+        let health = HealthConfig {
+            enabled: h.enabled,
+            admit_immediately: h.admit_immediately,
+            max_concurrent: h.max_concurrent,
+            default: global_check,
+            services: service_checks,
+        };
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -461,9 +567,82 @@ impl FileConfig {
             etcd,
             router,
             services,
+            default_service,
+            health,
             log: self.log,
         })
     }
+}
+
+/// The check of `[health]` with the overrides of one `[services.<name>.health]` applied.
+fn check_spec(
+    section: &str,
+    h: &HealthSection,
+    o: &ServiceHealthSection,
+) -> Result<CheckSpec, ConfigError> {
+    let key = |k: &str| format!("{section}.{k}");
+    let ms = |k: &str, v: u64| -> Result<Duration, ConfigError> {
+        if v == 0 || v > 3_600_000 {
+            return Err(invalid(key(k), format!("{v} is outside 1-3600000")));
+        }
+        Ok(Duration::from_millis(v))
+    };
+    let interval = ms("interval_ms", o.interval_ms.unwrap_or(h.interval_ms))?;
+    let timeout = ms("timeout_ms", o.timeout_ms.unwrap_or(h.timeout_ms))?;
+    let jitter = Duration::from_millis(o.jitter_ms.unwrap_or(h.jitter_ms));
+    if jitter >= interval {
+        return Err(invalid(
+            key("jitter_ms"),
+            format!(
+                "{} must be smaller than interval_ms ({})",
+                jitter.as_millis(),
+                interval.as_millis()
+            ),
+        ));
+    }
+    let threshold = |k: &str, v: u32| -> Result<u32, ConfigError> {
+        if v == 0 || v > 100 {
+            return Err(invalid(key(k), format!("{v} is outside 1-100")));
+        }
+        Ok(v)
+    };
+    let path = o.path.clone().unwrap_or_else(|| h.path.clone());
+    if !path.starts_with('/') || path.contains([' ', '\r', '\n']) {
+        return Err(invalid(
+            key("path"),
+            format!("{path:?} must start with '/' and contain no spaces"),
+        ));
+    }
+    let port = o.port.or(h.port);
+    if port == Some(0) {
+        return Err(invalid(key("port"), "0 is not a port"));
+    }
+    let statuses = o
+        .expected_statuses
+        .as_deref()
+        .unwrap_or(&h.expected_statuses);
+    let expected = StatusSet::parse(statuses).map_err(|m| invalid(key("expected_statuses"), m))?;
+    Ok(CheckSpec {
+        protocol: o.protocol.unwrap_or(h.protocol),
+        path,
+        port,
+        expected,
+        grpc_service: o
+            .grpc_service
+            .clone()
+            .unwrap_or_else(|| h.grpc_service.clone()),
+        interval,
+        timeout,
+        jitter,
+        healthy_threshold: threshold(
+            "healthy_threshold",
+            o.healthy_threshold.unwrap_or(h.healthy_threshold),
+        )?,
+        unhealthy_threshold: threshold(
+            "unhealthy_threshold",
+            o.unhealthy_threshold.unwrap_or(h.unhealthy_threshold),
+        )?,
+    })
 }
 
 fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
@@ -522,6 +701,11 @@ mod tests {
         let d = check("").unwrap();
         assert_eq!(format!("{:?}", c.proxy), format!("{:?}", d.proxy));
         assert_eq!(format!("{:?}", c.etcd), format!("{:?}", d.etcd));
+        assert_eq!(format!("{:?}", c.health), format!("{:?}", d.health));
+        assert_eq!(
+            format!("{:?}", c.default_service),
+            format!("{:?}", d.default_service)
+        );
     }
 
     #[test]
@@ -543,6 +727,23 @@ mod tests {
             ),
             ("[[routing.routes]]\nservice = \"a\"", "routing.routes[0]"),
             ("[services.a]\npolicy = \"fastest\"", "fastest"),
+            ("[health]\nprotocol = \"udp\"", "udp"),
+            ("[health]\ninterval_ms = 0", "health.interval_ms"),
+            ("[health]\njitter_ms = 1000", "health.jitter_ms"),
+            (
+                "[health]\nunhealthy_threshold = 0",
+                "health.unhealthy_threshold",
+            ),
+            (
+                "[health]\nexpected_statuses = \"2xx\"",
+                "health.expected_statuses",
+            ),
+            ("[health]\nall_unhealthy = \"maybe\"", "maybe"),
+            (
+                "[services.a.health]\npath = \"health\"",
+                "services.a.health.path",
+            ),
+            ("[services.a.health]\ntypo = 1", "typo"),
             ("[log]\nformat = \"xml\"", "xml"),
             ("not toml at all [", "invalid config"),
         ];
@@ -550,6 +751,29 @@ mod tests {
             let err = check(text).expect_err(text).to_string();
             assert!(err.contains(want), "{text:?}: {err} should mention {want}");
         }
+    }
+
+    #[test]
+    fn service_health_overrides_inherit_the_rest() {
+        let c = check(
+            "[health]\ninterval_ms = 2000\npassive_failures = 3\n\
+             [services.a.health]\nprotocol = \"grpc\"\nall_unhealthy = \"fail_open\"\n\
+             [services.b]\npolicy = \"random\"\n",
+        )
+        .unwrap();
+        let a = c.health.spec_for("a");
+        assert_eq!(a.protocol, Protocol::Grpc);
+        assert_eq!(a.interval, Duration::from_millis(2000));
+        assert_eq!(c.health.spec_for("b"), &c.health.default);
+        assert_eq!(c.health.spec_for("other").protocol, Protocol::Http);
+        let sa = c.service_settings("a");
+        assert_eq!(sa.all_unhealthy, AllUnhealthy::FailOpen);
+        assert_eq!(sa.passive_failures, 3);
+        assert_eq!(c.service_settings("other").passive_failures, 3);
+        assert_eq!(c.health.initial_health(), crate::routing::Health::Pending);
+        let off = check("[health]\nenabled = false").unwrap();
+        assert_eq!(off.health.initial_health(), crate::routing::Health::Healthy);
+        assert_eq!(off.service_settings("x").passive_failures, 0);
     }
 
     #[test]

@@ -25,15 +25,19 @@
 //! - [`cli`]: clap definitions of `serve`, `check-config`, `register`, `services`.
 //! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot, route matching and selection policies.
+//! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler.
 //! - [`proxy`]: the pingora `ProxyHttp` implementation.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
 //! - [`metrics`]: every Prometheus metric family.
+//! - [`events`]: a small ring of recent notable events for the status page.
 //! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
 //! - [`server`]: wiring of all of the above into one pingora server.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod events;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod register;

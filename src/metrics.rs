@@ -9,7 +9,8 @@ use std::sync::LazyLock;
 
 use prometheus::{
     register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec,
 };
 
 /// Label used for requests that matched no known service.
@@ -134,6 +135,54 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| match build() {
     Err(e) => panic!("metric registration failed (a programming error): {e}"),
 });
 
+/// The code classes of `switchyard_requests_total`, in [`class_index`] order.
+pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// Index of a status in [`CODE_CLASSES`].
+#[inline]
+pub fn class_index(status: u16) -> usize {
+    match status {
+        100..=599 => (status / 100 - 1) as usize,
+        _ => 5,
+    }
+}
+
+/// One service's request metric handles, resolved once: `with_label_values` hashes the labels
+/// and takes a lock, which the request path should not pay three times per request.
+pub struct ServiceMetrics {
+    requests: [IntCounter; 6],
+    pub duration: Histogram,
+    pub upstream: Histogram,
+    pub retries: IntCounter,
+}
+
+impl std::fmt::Debug for ServiceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServiceMetrics")
+    }
+}
+
+impl ServiceMetrics {
+    pub fn new(service: &str) -> ServiceMetrics {
+        let m = &*METRICS;
+        ServiceMetrics {
+            requests: CODE_CLASSES.map(|c| m.requests.with_label_values(&[service, c])),
+            duration: m.request_duration.with_label_values(&[service]),
+            upstream: m.upstream_response.with_label_values(&[service]),
+            retries: m.retries.with_label_values(&[service]),
+        }
+    }
+
+    #[inline]
+    pub fn request(&self, status: u16) -> &IntCounter {
+        &self.requests[class_index(status)]
+    }
+}
+
+/// Handles for requests that matched no service.
+pub static UNKNOWN_METRICS: LazyLock<ServiceMetrics> =
+    LazyLock::new(|| ServiceMetrics::new(UNKNOWN_SERVICE));
+
 /// Status code class label: "2xx" .. "5xx", or "other".
 pub fn code_class(status: u16) -> &'static str {
     match status {
@@ -169,5 +218,12 @@ mod tests {
         assert!(text.contains("switchyard_requests_total{code=\"2xx\",service=\"svc\"} 1"));
         assert!(text.contains("switchyard_registry_connected"));
         assert_eq!(code_class(503), "5xx");
+        for status in [0, 99, 100, 204, 302, 404, 503, 599, 600, 999] {
+            assert_eq!(
+                CODE_CLASSES[class_index(status)],
+                code_class(status),
+                "{status}"
+            );
+        }
     }
 }

@@ -4,11 +4,14 @@
 //!   request context) and answers 404/503 itself;
 //! - `upstream_peer` selects an instance not yet tried by this request;
 //! - `fail_to_connect` retries a connection failure on another instance: nothing reached the
-//!   upstream, so this is safe for every method;
+//!   upstream, so this is safe for every method; repeated failures eject the instance
+//!   ([`crate::health::passive_failure`]), a response resets the count;
+//! - `error_while_proxy` retries an idempotent request whose connection closed before any
+//!   response header (the instance died mid-request) on another instance;
 //! - `fail_to_proxy` turns the final error into 502/504 with a body naming the service;
 //! - `logging` records metrics and the optional access log.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,12 +21,17 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
+use smallvec::SmallVec;
 use tracing::info;
 
 use crate::config::ProxyConfig;
-use crate::metrics::{code_class, METRICS, UNKNOWN_SERVICE};
+use crate::metrics::{code_class, METRICS, UNKNOWN_METRICS, UNKNOWN_SERVICE};
 use crate::routing::route::strip_path;
 use crate::routing::{Instance, InstanceState, RouteMatch, Router, Service, SharedTable};
+
+/// Requests currently being handled by the proxy (from context creation to its drop); the
+/// shutdown drain waits for this to reach zero.
+pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Everything the proxy needs, shared by all requests.
 pub struct SwitchyardProxy {
@@ -42,8 +50,8 @@ pub struct Ctx {
     /// New path and query for the upstream, when a prefix was stripped.
     rewrite: Option<String>,
     instance: Option<Arc<Instance>>,
-    /// Keys of instances this request already tried.
-    tried: Vec<Arc<str>>,
+    /// Keys of instances this request already tried (inline: no allocation per request).
+    tried: SmallVec<[Arc<str>; 4]>,
     /// In-flight accounting for the instance currently in use.
     inflight: Option<Arc<InstanceState>>,
     upstream_start: Option<Instant>,
@@ -65,6 +73,7 @@ impl Ctx {
 
 impl Drop for Ctx {
     fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
         self.release_inflight();
     }
 }
@@ -93,13 +102,14 @@ impl ProxyHttp for SwitchyardProxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
+        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         Ctx {
             start: Instant::now(),
             service: None,
             label: None,
             rewrite: None,
             instance: None,
-            tried: Vec::new(),
+            tried: SmallVec::new(),
             inflight: None,
             upstream_start: None,
             own_status: None,
@@ -143,7 +153,9 @@ impl ProxyHttp for SwitchyardProxy {
             .await?;
             return Ok(true);
         };
-        if service.usable_count() == 0 {
+        // set before the check: the 503 below is counted with the service's metric handles
+        ctx.service = Some(service.clone());
+        if !service.routable() {
             ctx.own_status = Some(503);
             let reason = service.unavailable_reason();
             respond(
@@ -154,7 +166,6 @@ impl ProxyHttp for SwitchyardProxy {
             .await?;
             return Ok(true);
         }
-        ctx.service = Some(service);
         Ok(false)
     }
 
@@ -174,10 +185,7 @@ impl ProxyHttp for SwitchyardProxy {
             ));
         };
         if !ctx.tried.is_empty() {
-            METRICS
-                .retries
-                .with_label_values(&[ctx.service_name()])
-                .inc();
+            service.metrics().retries.inc();
         }
         ctx.tried.push(instance.key.clone());
         instance.state.inflight.fetch_add(1, Ordering::Relaxed);
@@ -202,16 +210,43 @@ impl ProxyHttp for SwitchyardProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(inst) = &ctx.instance {
-            inst.state.connect_failures.fetch_add(1, Ordering::Relaxed);
+        if let (Some(svc), Some(inst)) = (&ctx.service, &ctx.instance) {
+            crate::health::passive_failure(svc, inst, &e);
         }
         // Nothing reached the instance: safe to retry on another one for any method.
-        let has_other = ctx.service.as_ref().is_some_and(|s| {
-            s.instances
-                .iter()
-                .any(|i| i.usable() && !ctx.tried.contains(&i.key))
-        });
+        let has_other = ctx
+            .service
+            .as_ref()
+            .is_some_and(|s| s.has_candidate(&ctx.tried));
         e.set_retry(ctx.tried.len() < self.cfg.max_tries && has_other);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+            return e;
+        }
+        // pingora retries a connection that closed before the response header only if it was
+        // reused. An instance that dies (kill -9) mid-request closes fresh connections too: an
+        // idempotent request that got no response header yet goes to another instance.
+        let no_response_yet = ctx.upstream_start.is_some();
+        let has_other = ctx.tried.len() < self.cfg.max_tries
+            && ctx
+                .service
+                .as_ref()
+                .is_some_and(|s| s.has_candidate(&ctx.tried));
+        e.retry
+            .decide_reuse(client_reused || (no_response_yet && has_other));
         e
     }
 
@@ -264,10 +299,12 @@ impl ProxyHttp for SwitchyardProxy {
         _upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(start), Some(label)) = (ctx.upstream_start.take(), ctx.label.as_deref()) {
-            METRICS
-                .upstream_response
-                .with_label_values(&[label])
+        if let Some(inst) = &ctx.instance {
+            crate::health::passive_success(&inst.state);
+        }
+        if let (Some(start), Some(svc)) = (ctx.upstream_start.take(), ctx.service.as_ref()) {
+            svc.metrics()
+                .upstream
                 .observe(start.elapsed().as_secs_f64());
         }
         Ok(())
@@ -313,6 +350,17 @@ impl ProxyHttp for SwitchyardProxy {
             },
         };
         ctx.own_status = Some(code);
+        if code >= 500 {
+            let instance = ctx.instance.as_ref().map(|i| i.addr.to_string());
+            crate::events::RECENT.record(
+                "upstream",
+                format!(
+                    "service {service:?}: {code} {} (last instance {})",
+                    reason.as_deref().unwrap_or(""),
+                    instance.as_deref().unwrap_or("none")
+                ),
+            );
+        }
         if code > 0 && session.response_written().is_none() {
             let body = match reason {
                 Some(r) => format!("switchyard: service {service:?}: {r}\n"),
@@ -335,17 +383,31 @@ impl ProxyHttp for SwitchyardProxy {
             .map(|r| r.status.as_u16())
             .or(ctx.own_status)
             .unwrap_or(0);
-        let label = ctx.service_name().to_string();
         let elapsed = ctx.start.elapsed();
-        METRICS
-            .requests
-            .with_label_values(&[&label, code_class(status)])
-            .inc();
-        METRICS
-            .request_duration
-            .with_label_values(&[&label])
-            .observe(elapsed.as_secs_f64());
+        match (&ctx.service, &ctx.label) {
+            (Some(svc), _) => {
+                let m = svc.metrics();
+                m.request(status).inc();
+                m.duration.observe(elapsed.as_secs_f64());
+            }
+            // an explicit route to a service with nothing registered: rare, resolve the labels
+            (None, Some(label)) => {
+                METRICS
+                    .requests
+                    .with_label_values(&[label, code_class(status)])
+                    .inc();
+                METRICS
+                    .request_duration
+                    .with_label_values(&[label])
+                    .observe(elapsed.as_secs_f64());
+            }
+            (None, None) => {
+                UNKNOWN_METRICS.request(status).inc();
+                UNKNOWN_METRICS.duration.observe(elapsed.as_secs_f64());
+            }
+        }
         if self.access_log {
+            let label = ctx.service_name();
             let req = session.req_header();
             info!(
                 target: "switchyard::access",

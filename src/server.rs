@@ -1,8 +1,12 @@
 //! Wiring: builds the pingora server (proxy listener, admin listener, registry task) from a
 //! validated [`Config`] and runs it until SIGTERM/SIGINT.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use pingora::server::ExecutionPhase;
+use tokio::sync::broadcast;
 
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
@@ -10,13 +14,14 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service as ListeningService;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::AdminApp;
 use crate::config::Config;
-use crate::proxy::SwitchyardProxy;
+use crate::health::HealthChecker;
+use crate::proxy::{SwitchyardProxy, IN_FLIGHT};
 use crate::registry::{Registry, RegistryStatus};
-use crate::routing::{new_shared_table, Health, SharedTable};
+use crate::routing::{new_shared_table, SharedTable};
 
 /// Runs the registry inside pingora's service lifecycle.
 struct RegistryService(Mutex<Option<Registry>>);
@@ -32,8 +37,26 @@ impl BackgroundService for RegistryService {
     }
 }
 
+/// Runs the health checker inside pingora's service lifecycle.
+struct HealthService(Mutex<Option<HealthChecker>>);
+
+#[async_trait]
+impl BackgroundService for HealthService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let checker = self.0.lock().ok().and_then(|mut g| g.take());
+        match checker {
+            Some(c) => c.run(shutdown).await,
+            None => error!("health service started twice"),
+        }
+    }
+}
+
 /// SIGTERM and SIGINT both drain gracefully (pingora's default treats SIGINT as fast shutdown).
-struct GracefulSignals;
+/// After the signal, listeners keep accepting for `pre_stop` (lets a load balancer in front
+/// notice) before pingora closes them.
+struct GracefulSignals {
+    pre_stop: Duration,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for GracefulSignals {
@@ -55,6 +78,13 @@ impl ShutdownSignalWatch for GracefulSignals {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
+        if !self.pre_stop.is_zero() {
+            info!(
+                seconds = self.pre_stop.as_secs(),
+                "still accepting during the grace period"
+            );
+            tokio::time::sleep(self.pre_stop).await;
+        }
         ShutdownSignal::GracefulTerminate
     }
 }
@@ -62,6 +92,8 @@ impl ShutdownSignalWatch for GracefulSignals {
 /// Everything built from a config, before it runs.
 pub struct Switchyard {
     server: Server,
+    grace_period: Duration,
+    shutdown_timeout: Duration,
     pub table: SharedTable,
     pub status: Arc<RegistryStatus>,
 }
@@ -71,8 +103,11 @@ impl Switchyard {
         let conf = ServerConf {
             threads: config.proxy.threads,
             upstream_keepalive_pool_size: config.proxy.keepalive_pool_size,
-            grace_period_seconds: Some(config.proxy.grace_period.as_secs()),
-            graceful_shutdown_timeout_seconds: Some(config.proxy.shutdown_timeout.as_secs()),
+            // pingora's grace period is a fixed sleep after the listeners close, at the end of
+            // which in-flight requests are dropped. We make it the drain budget (plus a second);
+            // the drain watcher exits the process as soon as in-flight requests reach zero.
+            grace_period_seconds: Some(config.proxy.shutdown_timeout.as_secs() + 1),
+            graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -82,15 +117,25 @@ impl Switchyard {
         let status = Arc::new(RegistryStatus::default());
         let pinned: Vec<Arc<str>> = config.router.explicit_services().cloned().collect();
         let services = config.services.clone();
-        let settings = Arc::new(move |name: &str| services.get(name).cloned().unwrap_or_default());
+        let default_service = config.default_service.clone();
+        let settings = Arc::new(move |name: &str| {
+            services
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| default_service.clone())
+        });
         let registry = Registry::new(
             config.etcd.clone(),
             table.clone(),
             status.clone(),
             pinned,
             settings,
-            Health::Healthy,
+            config.health.initial_health(),
         );
+        // subscribed before the registry runs, so the checker sees its first snapshot
+        let health = config.health.enabled.then(|| {
+            HealthChecker::new(table.clone(), config.health.clone(), registry.subscribe())
+        });
 
         let proxy = SwitchyardProxy {
             table: table.clone(),
@@ -121,6 +166,12 @@ impl Switchyard {
         server.add_service(proxy_service);
         server.add_service(admin_service);
         server.add_service(registry_service);
+        if let Some(checker) = health {
+            let mut health_service =
+                background_service("health", HealthService(Mutex::new(Some(checker))));
+            health_service.threads = Some(1);
+            server.add_service(health_service);
+        }
         info!(
             proxy = %config.proxy.listen,
             admin = %config.admin_listen,
@@ -134,6 +185,8 @@ impl Switchyard {
         );
         Ok(Switchyard {
             server,
+            grace_period: config.proxy.grace_period,
+            shutdown_timeout: config.proxy.shutdown_timeout,
             table,
             status,
         })
@@ -141,9 +194,54 @@ impl Switchyard {
 
     /// Runs until SIGTERM/SIGINT, then drains and returns.
     pub fn run(self) {
+        spawn_drain_watcher(self.server.watch_execution_phase(), self.shutdown_timeout);
         self.server.run(RunArgs {
-            shutdown_signal: Box::new(GracefulSignals),
+            shutdown_signal: Box::new(GracefulSignals {
+                pre_stop: self.grace_period,
+            }),
         });
         info!("switchyard stopped");
+    }
+}
+
+/// Once pingora has closed the listeners, waits for in-flight requests to finish (at most
+/// `budget`) and exits the process with status 0, instead of sitting out pingora's fixed sleep.
+fn spawn_drain_watcher(mut phases: broadcast::Receiver<ExecutionPhase>, budget: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("drain-watcher".into())
+        .spawn(move || {
+            loop {
+                match phases.blocking_recv() {
+                    Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+            let start = Instant::now();
+            let waiting = IN_FLIGHT.load(Ordering::Relaxed);
+            info!(
+                in_flight = waiting,
+                budget_seconds = budget.as_secs(),
+                "draining in-flight requests"
+            );
+            while IN_FLIGHT.load(Ordering::Relaxed) > 0 && start.elapsed() < budget {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let left = IN_FLIGHT.load(Ordering::Relaxed);
+            if left > 0 {
+                warn!(
+                    in_flight = left,
+                    "drain budget exhausted; exiting with requests in flight"
+                );
+            } else {
+                info!(
+                    millis = start.elapsed().as_millis() as u64,
+                    "drained; switchyard stopped"
+                );
+            }
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the drain watcher; shutdown waits the full grace period");
     }
 }

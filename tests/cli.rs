@@ -25,7 +25,10 @@ fn shipped_default_config_checks_ok() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/switchyard.toml");
     let (code, out, err) = switchyard(&["check-config", path]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("ok") && out.contains("127.0.0.1:9090"), "{out}");
+    assert!(
+        out.contains("ok") && out.contains("127.0.0.1:9090"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -47,7 +50,10 @@ fn broken_configs_are_refused_naming_the_key_and_problem() {
         let path = write(&dir, &format!("bad{i}.toml"), text);
         let (code, _, err) = switchyard(&["check-config", &path]);
         assert_ne!(code, 0, "{text:?} was accepted");
-        assert!(err.contains(want), "{text:?}: stderr {err:?} should mention {want:?}");
+        assert!(
+            err.contains(want),
+            "{text:?}: stderr {err:?} should mention {want:?}"
+        );
         // serve refuses it too, before binding anything
         let (code, _, err) = switchyard(&["serve", "--config", &path]);
         assert_ne!(code, 0, "serve accepted {text:?}");
@@ -62,7 +68,10 @@ fn broken_configs_are_refused_naming_the_key_and_problem() {
 fn flags_override_the_file_and_are_validated() {
     let (code, _, err) = switchyard(&["serve", "--listen", "not-an-address"]);
     assert_ne!(code, 0);
-    assert!(err.contains("proxy.listen") && err.contains("not-an-address"), "{err}");
+    assert!(
+        err.contains("proxy.listen") && err.contains("not-an-address"),
+        "{err}"
+    );
     let (code, _, err) = switchyard(&["serve", "--etcd", "http://"]);
     assert_ne!(code, 0);
     assert!(err.contains("etcd.endpoints"), "{err}");

@@ -34,24 +34,32 @@ async fn snapshot_keys(proxy: &Proxy, service: &str) -> BTreeSet<String> {
 
 async fn wait_keys(proxy: &Proxy, service: &str, want: &[&str]) {
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    eventually(PATIENCE, &format!("snapshot of {service} to be {want:?}"), || {
-        let want = want.clone();
-        async move {
-            let got = snapshot_keys(proxy, service).await;
-            (got == want).then_some(()).ok_or(format!("{got:?}"))
-        }
-    })
+    eventually(
+        PATIENCE,
+        &format!("snapshot of {service} to be {want:?}"),
+        || {
+            let want = want.clone();
+            async move {
+                let got = snapshot_keys(proxy, service).await;
+                (got == want).then_some(()).ok_or(format!("{got:?}"))
+            }
+        },
+    )
     .await;
 }
 
 async fn wait_connected(proxy: &Proxy, connected: bool) {
-    eventually(PATIENCE, &format!("registry connected = {connected}"), || async {
-        let m = proxy.metrics().await;
-        let v = metric_value(&m, "switchyard_registry_connected");
-        (v == Some(connected as i64 as f64))
-            .then_some(())
-            .ok_or(format!("{v:?}"))
-    })
+    eventually(
+        PATIENCE,
+        &format!("registry connected = {connected}"),
+        || async {
+            let m = proxy.metrics().await;
+            let v = metric_value(&m, "switchyard_registry_connected");
+            (v == Some(connected as i64 as f64))
+                .then_some(())
+                .ok_or(format!("{v:?}"))
+        },
+    )
     .await;
 }
 
@@ -68,7 +76,10 @@ async fn etcd_killed_requests_keep_succeeding_from_the_last_snapshot() {
     wait_connected(&proxy, false).await;
     for i in 0..100 {
         let (status, body) = proxy.get_service("s", "/").await;
-        assert_eq!(status, 200, "request {i} during the etcd outage failed: {body}");
+        assert_eq!(
+            status, 200,
+            "request {i} during the etcd outage failed: {body}"
+        );
     }
     assert!(a.hits() + b.hits() >= 100);
     assert!(a.hits() > 0 && b.hits() > 0, "both instances keep serving");
@@ -105,7 +116,11 @@ async fn etcd_restarted_changes_made_meanwhile_are_applied() {
         "{m}"
     );
     // resumed from the revision: no re-list was needed
-    assert_eq!(metric_value(&m, "switchyard_registry_relists_total"), Some(1.0), "{m}");
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_relists_total"),
+        Some(1.0),
+        "{m}"
+    );
     let (status, body) = proxy.get_service("s", "/").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"new\""), "{body}");
@@ -122,7 +137,13 @@ async fn compaction_past_the_watch_revision_relists_to_the_exact_state() {
     wait_keys(
         &proxy,
         "c",
-        &["/services/c/0", "/services/c/1", "/services/c/2", "/services/c/3", "/services/c/4"],
+        &[
+            "/services/c/0",
+            "/services/c/1",
+            "/services/c/2",
+            "/services/c/3",
+            "/services/c/4",
+        ],
     )
     .await;
     let pid = proxy.pid().expect("proxy pid");
@@ -143,7 +164,12 @@ async fn compaction_past_the_watch_revision_relists_to_the_exact_state() {
     wait_keys(
         &proxy,
         "c",
-        &["/services/c/2", "/services/c/3", "/services/c/4", "/services/c/5"],
+        &[
+            "/services/c/2",
+            "/services/c/3",
+            "/services/c/4",
+            "/services/c/5",
+        ],
     )
     .await;
     let v = proxy.admin_json("/api/services/c").await;
@@ -159,7 +185,10 @@ async fn compaction_past_the_watch_revision_relists_to_the_exact_state() {
         metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0) >= 2.0,
         "compaction must cause a re-list: {m}"
     );
-    assert!(proxy.log().contains("compacted"), "log should say why it re-listed");
+    assert!(
+        proxy.log().contains("compacted"),
+        "log should say why it re-listed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +236,8 @@ async fn etcd_down_at_start_is_not_ready_then_becomes_ready() {
     let b = Backend::start("b").await;
     etcd.put("/services/s/1", b.addr_string()).await;
     eventually(PATIENCE, "ready after etcd came up", || async {
-        let r = support::http_get_blocking(proxy.admin_port, "/readyz").map_err(|e| e.to_string())?;
+        let r =
+            support::http_get_blocking(proxy.admin_port, "/readyz").map_err(|e| e.to_string())?;
         r.starts_with("HTTP/1.1 200").then_some(()).ok_or(r)
     })
     .await;
@@ -239,5 +269,10 @@ async fn watch_is_limited_to_the_prefix_with_its_slash() {
     wait_keys(&proxy, "in", &["/svc/in/1"]).await;
     let v = proxy.admin_json("/api/services").await;
     assert_eq!(v["services"].as_array().map(|a| a.len()), Some(1), "{v}");
-    assert_eq!(v["registry"]["invalid_registrations"].as_array().map(|a| a.len()), Some(0));
+    assert_eq!(
+        v["registry"]["invalid_registrations"]
+            .as_array()
+            .map(|a| a.len()),
+        Some(0)
+    );
 }

@@ -48,7 +48,10 @@ async fn each_value_format_routes() {
     etcd.put("/services/plain/1", plain.addr_string()).await;
     etcd.put(
         "/services/json/1",
-        format!(r#"{{"addr":"{}","weight":2,"metadata":{{"zone":"a"}}}}"#, json.addr),
+        format!(
+            r#"{{"addr":"{}","weight":2,"metadata":{{"zone":"a"}}}}"#,
+            json.addr
+        ),
     )
     .await;
     etcd.put(
@@ -75,7 +78,10 @@ async fn registered_instance_receives_traffic_within_a_second() {
     etcd.put("/services/fast/a", b.addr_string()).await;
     wait_routed(&proxy, "fast").await;
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(1), "first routed request after {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "first routed request after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +143,10 @@ async fn weights_are_respected_and_zero_drains() {
         }
     })
     .await;
-    assert!(body.contains("\"w\"") && body.contains("draining"), "{body}");
+    assert!(
+        body.contains("\"w\"") && body.contains("draining"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,10 +164,16 @@ async fn delete_and_lease_expiry_remove_instances() {
     })
     .await;
     // lease expiry (nobody keeps it alive) removes b
-    eventually(Duration::from_secs(15), "lease expiry to remove b", || async {
-        let c = backend_counts(&proxy, "svc", 4).await;
-        (c.get("a") == Some(&4)).then_some(()).ok_or(format!("{c:?}"))
-    })
+    eventually(
+        Duration::from_secs(15),
+        "lease expiry to remove b",
+        || async {
+            let c = backend_counts(&proxy, "svc", 4).await;
+            (c.get("a") == Some(&4))
+                .then_some(())
+                .ok_or(format!("{c:?}"))
+        },
+    )
     .await;
     // delete removes a: the service is gone
     etcd.delete("/services/svc/a").await;
@@ -196,7 +211,7 @@ async fn invalid_values_are_skipped_while_valid_ones_keep_serving() {
     eventually(PATIENCE, "invalid entries to be counted", || async {
         let m = proxy.metrics().await;
         match metric_value(&m, "switchyard_registry_invalid_entries") {
-            Some(v) if v == 8.0 => Ok(()),
+            Some(8.0) => Ok(()),
             other => Err(format!("invalid entries = {other:?}")),
         }
     })
@@ -223,7 +238,9 @@ async fn invalid_values_are_skipped_while_valid_ones_keep_serving() {
     etcd.put("/services/mixed/other", "not an address").await;
     eventually(PATIENCE, "other to be removed", || async {
         let c = backend_counts(&proxy, "mixed", 4).await;
-        (c.get("good") == Some(&4)).then_some(()).ok_or(format!("{c:?}"))
+        (c.get("good") == Some(&4))
+            .then_some(())
+            .ok_or(format!("{c:?}"))
     })
     .await;
     assert!(proxy.log().contains("skipping invalid registration"));
@@ -236,6 +253,8 @@ async fn unknown_empty_dead_and_slow_services_get_our_status_codes() {
     let proxy = Proxy::builder(&etcd)
         .config("[proxy]\nconnect_timeout_ms = 300\nread_timeout_ms = 500\nmax_tries = 2\n")
         .config("[[routing.routes]]\npath_prefix = \"/reserved\"\nservice = \"reserved\"\n")
+        // health checks off: the dead instance stays routed, so its 502 can be seen
+        .config("[health]\nenabled = false\n")
         .start()
         .await;
     // 404: unknown service, by host and by path
@@ -266,10 +285,16 @@ async fn unknown_empty_dead_and_slow_services_get_our_status_codes() {
     wait_routed(&proxy, "slow").await;
     let (s, body) = proxy.get_service("slow", "/slow?ms=3000").await;
     assert_eq!(s, 504, "{body}");
-    assert!(body.contains("\"slow\"") && body.contains("timed out"), "{body}");
+    assert!(
+        body.contains("\"slow\"") && body.contains("timed out"),
+        "{body}"
+    );
     let m = proxy.metrics().await;
     assert_eq!(
-        metric_value(&m, "switchyard_requests_total{code=\"5xx\",service=\"slow\"}"),
+        metric_value(
+            &m,
+            "switchyard_requests_total{code=\"5xx\",service=\"slow\"}"
+        ),
         Some(1.0),
         "{m}"
     );
@@ -278,7 +303,11 @@ async fn unknown_empty_dead_and_slow_services_get_our_status_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_retried_on_another_instance() {
     let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    // health checks off: the dead instance stays routed, so every request may hit it first
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
     let live = Backend::start("live").await;
     let dead = Backend::start("dead").await;
     let dead_addr = dead.addr_string();
@@ -358,8 +387,14 @@ async fn routing_rules_headers_and_paths() {
     assert_eq!(h["x-forwarded-host"][0], "localhost");
     assert_eq!(h["host"][0], "localhost", "Host passes through");
     assert_eq!(h["x-custom"][0], "kept");
-    assert!(h.get("x-secret-hop").is_none(), "Connection-nominated header leaked: {h}");
-    assert!(h.get("keep-alive").is_none(), "hop-by-hop header leaked: {h}");
+    assert!(
+        h.get("x-secret-hop").is_none(),
+        "Connection-nominated header leaked: {h}"
+    );
+    assert!(
+        h.get("keep-alive").is_none(),
+        "hop-by-hop header leaked: {h}"
+    );
     // methods and bodies pass through
     let r = client()
         .put(proxy.url("/echo/thing"))
@@ -380,9 +415,18 @@ async fn never_connects_to_an_address_the_registry_did_not_give() {
     let secret = Backend::start("secret").await;
     // absolute-form request naming an unregistered address, and a Host header naming it
     for req in [
-        format!("GET http://{}/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", secret.addr, secret.addr),
-        format!("GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", secret.addr),
-        format!("CONNECT {} HTTP/1.1\r\nHost: {}\r\n\r\n", secret.addr, secret.addr),
+        format!(
+            "GET http://{}/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            secret.addr, secret.addr
+        ),
+        format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            secret.addr
+        ),
+        format!(
+            "CONNECT {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            secret.addr, secret.addr
+        ),
     ] {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
             .await
@@ -426,7 +470,10 @@ async fn large_bodies_stream_through() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.text().await.unwrap(), format!("{{\"len\":{N},\"sum\":{sum}}}"));
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("{{\"len\":{N},\"sum\":{sum}}}")
+    );
     // chunked upload (a stream body has no content-length)
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         data.chunks(100_000).map(|c| Ok(c.to_vec())).collect();
@@ -436,5 +483,8 @@ async fn large_bodies_stream_through() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.text().await.unwrap(), format!("{{\"len\":{N},\"sum\":{sum}}}"));
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("{{\"len\":{N},\"sum\":{sum}}}")
+    );
 }

@@ -70,6 +70,12 @@ pub fn instance_json(i: &Instance) -> Value {
         "inflight": i.state.inflight.load(std::sync::atomic::Ordering::Relaxed),
         "requests": i.state.requests.load(std::sync::atomic::Ordering::Relaxed),
         "connect_failures": i.state.connect_failures.load(std::sync::atomic::Ordering::Relaxed),
+        "last_check": i.state.last_check().map(|c| json!({
+            "ok": c.ok,
+            "detail": c.detail,
+            "at_unix_ms": c.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "took_ms": c.took.as_secs_f64() * 1000.0,
+        })),
     })
 }
 
@@ -128,6 +134,7 @@ impl AdminApp {
             "/metrics" => reply(200, "text/plain; version=0.0.4", gather_text()),
             "/api/services" => json_reply(200, &self.services_json()),
             "/api/registry" => json_reply(200, &self.registry_json()),
+            "/api/events" => json_reply(200, &json!(crate::events::RECENT.snapshot())),
             "/" | "/index.html" => reply(
                 200,
                 "text/html; charset=utf-8",

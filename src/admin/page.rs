@@ -72,7 +72,7 @@ pub fn render(app: &AdminApp) -> String {
             h,
             "<h3 id=\"svc-{0}\">{0} <small>{1} of {2} usable</small></h3>\
              <table><tr><th>instance</th><th>address</th><th>weight</th><th>state</th>\
-             <th>in flight</th><th>requests</th><th>metadata</th></tr>",
+             <th>last check</th><th>in flight</th><th>requests</th><th>metadata</th></tr>",
             escape(&s.name),
             s.usable_count(),
             s.instances.len()
@@ -88,10 +88,26 @@ pub fn render(app: &AdminApp) -> String {
                 .iter()
                 .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
                 .collect();
+            let check = match i.state.last_check() {
+                None => "not yet".to_string(),
+                Some(c) => {
+                    let at =
+                        c.at.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(0);
+                    let class = if c.ok { "ok" } else { "bad" };
+                    format!(
+                        "<span class=\"{class}\">{}</span> at {} ({:.1} ms)",
+                        escape(&c.detail),
+                        format_utc(at),
+                        c.took.as_secs_f64() * 1000.0
+                    )
+                }
+            };
             let _ = write!(
                 h,
                 "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td>\
-                 <td>{}</td><td>{}</td><td>{}</td></tr>",
+                 <td>{check}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&i.id),
                 escape(&i.addr.to_string()),
                 i.weight,
@@ -122,13 +138,47 @@ pub fn render(app: &AdminApp) -> String {
         }
         h.push_str("</table>");
     }
+    let events = crate::events::RECENT.snapshot();
+    h.push_str("<h2>Recent events</h2>");
+    if events.is_empty() {
+        h.push_str("<p>None.</p>");
+    } else {
+        h.push_str("<table><tr><th>time (UTC)</th><th>kind</th><th>event</th></tr>");
+        for e in events.iter().take(30) {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                format_utc(e.at_ms),
+                e.kind,
+                escape(&e.message)
+            );
+        }
+        h.push_str("</table>");
+    }
     h.push_str("</body></html>\n");
     h
 }
 
+/// `HH:MM:SS.mmm` of a unix time in milliseconds (UTC; the page needs no date library).
+fn format_utc(at_ms: u64) -> String {
+    let secs = at_ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        at_ms % 1000
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::{escape, format_utc};
+
+    #[test]
+    fn formats_time_of_day() {
+        assert_eq!(format_utc(3_723_004), "01:02:03.004");
+    }
 
     #[test]
     fn escapes_markup() {

@@ -281,6 +281,10 @@ impl Catalog {
     ) {
         let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
         warn!(key = %key_str, error = %reason, "skipping invalid registration");
+        crate::events::RECENT.record(
+            "registry",
+            format!("skipping invalid registration {key_str}: {reason}"),
+        );
         stats.invalid += 1;
         // an instance that was valid and became invalid is no longer routable
         self.remove_valid(&key_str, touched, stats);

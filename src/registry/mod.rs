@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 pub use catalog::{Catalog, Change, SystemResolver, Update};
 
 use crate::config::EtcdConfig;
+use crate::events::RECENT;
 use crate::metrics::METRICS;
 use crate::routing::{Health, RoutingTable, ServiceSettings, SharedTable};
 
@@ -311,6 +312,10 @@ impl Registry {
                 // created is not success on its own: a cancel may follow; but the stream is up
                 if !self.status.connected() {
                     info!(revision = *revision, "etcd watch established");
+                    RECENT.record(
+                        "registry",
+                        format!("etcd watch established at revision {}", *revision),
+                    );
                 }
                 self.status.set_connected(true);
                 self.status.set_error(None);
@@ -404,6 +409,9 @@ impl Registry {
                 Ok(WatchEnd::Shutdown) => return,
                 Ok(WatchEnd::Relist(reason)) => {
                     info!(reason = %reason, revision, "re-listing etcd prefix");
+                    if reason != "periodic resync" {
+                        RECENT.record("registry", format!("re-listing etcd prefix: {reason}"));
+                    }
                     need_list = true;
                     failures = 0;
                     continue;
@@ -415,6 +423,10 @@ impl Registry {
                     self.status.set_error(Some(e.clone()));
                     if was_connected || failures == 1 {
                         warn!(error = %e, revision, "etcd unavailable; routing with the last snapshot");
+                        RECENT.record(
+                            "registry",
+                            format!("etcd unavailable, routing with the last snapshot: {e}"),
+                        );
                     } else {
                         debug!(error = %e, failures, "etcd still unavailable");
                     }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use serde::Deserialize;
 
 use crate::registry::codec::HostPort;
 pub use route::{RouteMatch, Router};
@@ -58,6 +59,19 @@ pub struct InstanceState {
     pub requests: AtomicU64,
     /// Consecutive connection failures seen by the proxy (passive detection).
     pub connect_failures: AtomicU64,
+    /// Result of the most recent active health check (None before the first). Written by the
+    /// health checker, read by the admin API; never touched on the request path.
+    pub last_check: std::sync::Mutex<Option<CheckRecord>>,
+}
+
+/// One active health check result, for operators.
+#[derive(Debug, Clone)]
+pub struct CheckRecord {
+    pub at: std::time::SystemTime,
+    pub ok: bool,
+    /// "ok" or why it failed.
+    pub detail: String,
+    pub took: std::time::Duration,
 }
 
 impl InstanceState {
@@ -67,7 +81,18 @@ impl InstanceState {
             inflight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            last_check: std::sync::Mutex::new(None),
         }
+    }
+
+    pub fn record_check(&self, record: CheckRecord) {
+        if let Ok(mut g) = self.last_check.lock() {
+            *g = Some(record);
+        }
+    }
+
+    pub fn last_check(&self) -> Option<CheckRecord> {
+        self.last_check.lock().ok().and_then(|g| g.clone())
     }
 
     pub fn health(&self) -> Health {
@@ -77,6 +102,22 @@ impl InstanceState {
     /// Sets the health and returns the previous value.
     pub fn set_health(&self, health: Health) -> Health {
         Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed))
+    }
+
+    /// Sets the health to `new` only if it is `current`; true if it changed. Lets the health
+    /// checker and the proxy's passive detection flip the same instance without a lock, and each
+    /// flip be reported exactly once.
+    pub fn transition(&self, current: Health, new: Health) -> bool {
+        current != new
+            && self
+                .health
+                .compare_exchange(
+                    current as u8,
+                    new as u8,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 }
 
@@ -109,10 +150,26 @@ impl Instance {
     }
 }
 
+/// What a service does when none of its (non-draining) instances is healthy
+/// (config key `health.all_unhealthy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllUnhealthy {
+    /// Answer 503 (default).
+    #[default]
+    Fail,
+    /// Route to every non-draining instance, healthy or not: health checks may be wrong, the
+    /// instances may not be.
+    FailOpen,
+}
+
 /// Per-service settings that the snapshot carries (from config).
 #[derive(Debug, Clone, Default)]
 pub struct ServiceSettings {
     pub policy: Policy,
+    pub all_unhealthy: AllUnhealthy,
+    /// Consecutive connection failures that mark an instance unhealthy at once (0 = never).
+    pub passive_failures: u64,
 }
 
 /// One service in one snapshot: its instances and selection state.
@@ -124,6 +181,12 @@ pub struct Service {
     /// Registrations under this service that could not be decoded.
     pub invalid: usize,
     pub selector: Selector,
+    pub all_unhealthy: AllUnhealthy,
+    /// Consecutive connection failures that mark an instance unhealthy (0 = never).
+    pub passive_failures: u64,
+    /// Request metric handles, resolved on the first request (not at snapshot build, which
+    /// would cost every service of a large registry a few label lookups up front).
+    metrics: std::sync::OnceLock<crate::metrics::ServiceMetrics>,
 }
 
 impl Service {
@@ -140,12 +203,44 @@ impl Service {
             instances,
             invalid,
             selector,
+            all_unhealthy: settings.all_unhealthy,
+            passive_failures: settings.passive_failures,
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This service's request metric handles.
+    #[inline]
+    pub fn metrics(&self) -> &crate::metrics::ServiceMetrics {
+        self.metrics
+            .get_or_init(|| crate::metrics::ServiceMetrics::new(&self.name))
+    }
+
+    /// True when requests go to every non-draining instance because none is healthy
+    /// (`all_unhealthy = "fail_open"`). The scan stops at the first usable instance, and only
+    /// runs at all for fail-open services.
+    #[inline]
+    fn failing_open(&self) -> bool {
+        self.all_unhealthy == AllUnhealthy::FailOpen && !self.instances.iter().any(|i| i.usable())
     }
 
     /// Picks an instance for a new request, skipping the ones in `exclude` (already tried).
     pub fn select(&self, exclude: &[Arc<str>]) -> Option<Arc<Instance>> {
-        self.selector.select(&self.instances, exclude)
+        self.selector
+            .select_where(&self.instances, exclude, self.failing_open())
+    }
+
+    /// Can a request be routed at all (a usable instance, or failing open to a non-draining one)?
+    pub fn routable(&self) -> bool {
+        self.has_candidate(&[])
+    }
+
+    /// Is there an instance, other than those in `exclude`, that [`Service::select`] could pick?
+    pub fn has_candidate(&self, exclude: &[Arc<str>]) -> bool {
+        let open = self.failing_open();
+        self.instances
+            .iter()
+            .any(|i| (if open { !i.draining() } else { i.usable() }) && !exclude.contains(&i.key))
     }
 
     pub fn usable_count(&self) -> usize {

@@ -101,7 +101,14 @@ impl Router {
     /// Matches a request. `host` is the Host header (or URI authority), `path` the path and query.
     pub fn route(&self, table: &RoutingTable, host: Option<&str>, path: &str) -> RouteMatch {
         let host = host.map(host_without_port);
-        let host_lc = host.map(|h| h.to_ascii_lowercase());
+        // Lower-case only when needed: most Host headers already are, and this is the hot path.
+        let host_lc: Option<std::borrow::Cow<'_, str>> = host.map(|h| {
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(h.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(h)
+            }
+        });
         for r in &self.routes {
             if let Some(want) = &r.host {
                 if host_lc.as_deref() != Some(want.as_str()) {
@@ -120,7 +127,8 @@ impl Router {
         }
         if self.host_routing {
             if let (Some(host), Some(lc)) = (host, host_lc.as_deref()) {
-                for candidate in [host, lc] {
+                let lc_differs = lc != host;
+                for candidate in [Some(host), lc_differs.then_some(lc)].into_iter().flatten() {
                     if let Some((name, _)) = table.services.get_key_value(candidate) {
                         return RouteMatch::Implicit {
                             service: name.clone(),

@@ -49,7 +49,21 @@ impl Selector {
         instances: &[Arc<Instance>],
         exclude: &[Arc<str>],
     ) -> Option<Arc<Instance>> {
-        let eligible = |i: &Arc<Instance>| i.usable() && !exclude.iter().any(|k| *k == i.key);
+        self.select_where(instances, exclude, false)
+    }
+
+    /// Like [`Selector::select`]; with `fail_open`, every non-draining instance is eligible,
+    /// healthy or not (used when a fail-open service has no healthy instance).
+    pub fn select_where(
+        &self,
+        instances: &[Arc<Instance>],
+        exclude: &[Arc<str>],
+        fail_open: bool,
+    ) -> Option<Arc<Instance>> {
+        let eligible = |i: &Arc<Instance>| {
+            (if fail_open { !i.draining() } else { i.usable() })
+                && !exclude.iter().any(|k| *k == i.key)
+        };
         match self {
             Selector::RoundRobin(current) => {
                 // A poisoned lock only means another request panicked mid-update; the weights
@@ -183,6 +197,48 @@ mod tests {
         assert!(Selector::new(Policy::RoundRobin, &[])
             .select(&[], &[])
             .is_none());
+    }
+
+    #[test]
+    fn fail_open_routes_to_non_draining_instances_only_when_none_is_healthy() {
+        use crate::routing::{AllUnhealthy, Service, ServiceSettings};
+        let insts = vec![inst("a", 1), inst("b", 1), inst("c", 0)];
+        for i in &insts {
+            i.state.set_health(Health::Unhealthy);
+        }
+        let strict = Service::new("s".into(), insts.clone(), 0, &ServiceSettings::default());
+        assert!(!strict.routable());
+        assert!(strict.select(&[]).is_none());
+        let open = Service::new(
+            "o".into(),
+            insts.clone(),
+            0,
+            &ServiceSettings {
+                all_unhealthy: AllUnhealthy::FailOpen,
+                ..Default::default()
+            },
+        );
+        assert!(open.routable());
+        let picked: Vec<String> = (0..4)
+            .map(|_| open.select(&[]).unwrap().key.to_string())
+            .collect();
+        assert!(picked.contains(&"a".into()) && picked.contains(&"b".into()));
+        assert!(!picked.contains(&"c".into()), "draining is never picked");
+        let tried: Vec<Arc<str>> = vec!["a".into()];
+        assert!(open.has_candidate(&tried));
+        let tried: Vec<Arc<str>> = vec!["a".into(), "b".into()];
+        assert!(!open.has_candidate(&tried));
+        // one healthy again: only it is used
+        insts[1].state.set_health(Health::Pending);
+        insts[0].state.set_health(Health::Healthy);
+        for _ in 0..4 {
+            assert_eq!(&*open.select(&[]).unwrap().key, "a");
+        }
+        let tried: Vec<Arc<str>> = vec!["a".into()];
+        assert!(
+            open.select(&tried).is_none(),
+            "no failing open while one is healthy"
+        );
     }
 
     #[test]

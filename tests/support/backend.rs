@@ -60,7 +60,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let resp = match path.as_str() {
         "/health" => {
             let status = shared.health.load(Ordering::Relaxed);
-            builder.status(status).body(full(format!("{} {status}\n", shared.name)))
+            builder
+                .status(status)
+                .body(full(format!("{} {status}\n", shared.name)))
         }
         "/slow" => {
             let ms = query_num(req.uri(), "ms");
@@ -101,14 +103,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         _ => {
             let headers: BTreeMap<String, Vec<String>> =
-                req.headers()
-                    .iter()
-                    .fold(BTreeMap::new(), |mut m, (k, v)| {
-                        m.entry(k.as_str().to_string())
-                            .or_default()
-                            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-                        m
-                    });
+                req.headers().iter().fold(BTreeMap::new(), |mut m, (k, v)| {
+                    m.entry(k.as_str().to_string())
+                        .or_default()
+                        .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    m
+                });
             let method = req.method().to_string();
             let uri = req.uri().to_string();
             let body = req.into_body().collect().await.map(|b| b.to_bytes());

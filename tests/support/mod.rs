@@ -208,9 +208,12 @@ impl EtcdServer {
             .header()
             .map(|h| h.revision())
             .unwrap_or(0);
-        c.compact(rev, Some(etcd_client::CompactionOptions::new().with_physical()))
-            .await
-            .expect("etcd compact");
+        c.compact(
+            rev,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("etcd compact");
         rev
     }
 
@@ -324,7 +327,11 @@ impl ProxyBuilder {
             admin_port,
             dir,
         };
-        let path = if self.wait_ready { "/readyz" } else { "/healthz" };
+        let path = if self.wait_ready {
+            "/readyz"
+        } else {
+            "/healthz"
+        };
         let admin_port = p.admin_port;
         let started = Instant::now();
         loop {
@@ -334,10 +341,16 @@ impl ProxyBuilder {
                 }
             }
             if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
-                panic!("switchyard exited with {status} at start; log:\n{}", p.log());
+                panic!(
+                    "switchyard exited with {status} at start; log:\n{}",
+                    p.log()
+                );
             }
             if started.elapsed() > Duration::from_secs(20) {
-                panic!("switchyard did not answer {path} within 20s; log:\n{}", p.log());
+                panic!(
+                    "switchyard did not answer {path} within 20s; log:\n{}",
+                    p.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -421,7 +434,8 @@ impl Proxy {
             .text()
             .await
             .expect("admin body");
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("admin {path} is not json ({e}): {text}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("admin {path} is not json ({e}): {text}"))
     }
 
     pub async fn metrics(&self) -> String {
@@ -460,12 +474,10 @@ pub fn client() -> reqwest::Client {
 
 /// Value of one sample in Prometheus text, e.g. `metric_value(text, "x_total{a=\"b\"}")`.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
 pub fn temp_file(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -1,0 +1,221 @@
+# Shared helpers for the benchmark scripts in scripts/bench/ (sourced, not run).
+#
+# Everything runs on 127.0.0.1 and ephemeral ports. Every process a script starts is recorded in
+# PIDS and stopped by pid on exit (newest first); the temporary directory WORK is removed unless
+# BENCH_KEEP=1. Nothing here touches system services or system config files.
+
+BENCH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PIDS=()
+WORK="$(mktemp -d -t switchyard-bench.XXXXXX)"
+chmod 755 "$WORK"
+
+bench_cleanup() {
+    local i pid
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid="${PIDS[$i]}"
+        # a stopped process (SIGSTOP in the failure bench) must be continued to see SIGTERM
+        kill -CONT "$pid" 2>/dev/null || true
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid="${PIDS[$i]}"
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+    if [[ "${BENCH_KEEP:-0}" == 1 ]]; then
+        echo "bench: kept $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap bench_cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "bench: $*" >&2; }
+die() {
+    echo "bench: error: $*" >&2
+    exit 1
+}
+
+# Stops one pid this script started and forgets it.
+stop_pid() {
+    local pid="$1" i
+    kill -CONT "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for i in "${!PIDS[@]}"; do
+        [[ "${PIDS[$i]}" == "$pid" ]] && unset 'PIDS[i]'
+    done
+    PIDS=("${PIDS[@]}")
+}
+
+# A TCP port on 127.0.0.1 that was free a moment ago.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_http URL WHAT [EXPECT_SUBSTRING]: bounded poll (10 s) until URL answers 2xx.
+wait_http() {
+    local url="$1" what="$2" expect="${3:-}"
+    for _ in $(seq 1 400); do
+        if python3 - "$url" "$expect" <<'PY' 2>/dev/null; then return 0; fi
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=1) as r:
+    if sys.argv[2] and sys.argv[2] not in r.read().decode():
+        raise SystemExit(1)
+PY
+        sleep 0.025
+    done
+    die "$what did not come up ($url)"
+}
+
+# Builds (if needed) the release binary; SWITCHYARD_BIN overrides.
+switchyard_bin() {
+    if [[ -n "${SWITCHYARD_BIN:-}" ]]; then
+        echo "$SWITCHYARD_BIN"
+        return
+    fi
+    (cd "$BENCH_ROOT" && cargo build --quiet --release --bin switchyard >&2)
+    echo "$BENCH_ROOT/target/release/switchyard"
+}
+
+# start_etcd: starts a fresh etcd with a temporary data dir; sets ETCD_URL and ETCD_PID.
+# Optional $1: taskset cpu list (e.g. "1").
+start_etcd() {
+    local cpus="${1:-}" cport pport name
+    cport=$(free_port)
+    pport=$(free_port)
+    name="sy-bench-$cport"
+    local pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" etcd --name "$name" --data-dir "$WORK/etcd-$cport" \
+        --listen-client-urls "http://127.0.0.1:$cport" --advertise-client-urls "http://127.0.0.1:$cport" \
+        --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
+        --initial-cluster "$name=http://127.0.0.1:$pport" --log-level warn \
+        --quota-backend-bytes 4294967296 >"$WORK/etcd-$cport.log" 2>&1 &
+    ETCD_PID=$!
+    PIDS+=("$ETCD_PID")
+    ETCD_URL="http://127.0.0.1:$cport"
+    wait_http "$ETCD_URL/health" "etcd" '"health":"true"'
+}
+
+# etcd_put KEY VALUE: a plain put (no lease) through etcd's JSON gateway.
+etcd_put() {
+    python3 - "$ETCD_URL" "$1" "$2" <<'PY'
+import base64, json, sys, urllib.request
+url, k, v = sys.argv[1:]
+b = lambda s: base64.b64encode(s.encode()).decode()
+req = urllib.request.Request(url + "/v3/kv/put", data=json.dumps({"key": b(k), "value": b(v)}).encode())
+urllib.request.urlopen(req, timeout=5).read()
+PY
+}
+
+# start_nginx_backend PORT NAME [CPUS]: a single-process nginx (master_process off) answering every
+# request with a fixed 200 body. Sets BACKEND_PID.
+start_nginx_backend() {
+    local port="$1" name="$2" cpus="${3:-}" dir="$WORK/backend-$2"
+    mkdir -p "$dir"
+    local user=""
+    [[ $(id -u) -eq 0 ]] && user="user root;"
+    cat >"$dir/nginx.conf" <<EOF
+$user
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {
+        listen 127.0.0.1:$port reuseport;
+        default_type text/plain;
+        location / { return 200 "hello from $name\n"; }
+    }
+}
+EOF
+    local pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
+    BACKEND_PID=$!
+    PIDS+=("$BACKEND_PID")
+    wait_http "http://127.0.0.1:$port/" "backend $name" "hello from $name"
+}
+
+# write_switchyard_config FILE LISTEN ADMIN THREADS [EXTRA_TOML]
+write_switchyard_config() {
+    local file="$1" listen="$2" admin="$3" threads="$4" extra="${5:-}"
+    cat >"$file" <<EOF
+[proxy]
+listen = "$listen"
+threads = $threads
+keepalive_pool_size = 1024
+
+[admin]
+listen = "$admin"
+
+[etcd]
+endpoints = ["$ETCD_URL"]
+
+[log]
+level = "warn"
+access_log = false
+$extra
+EOF
+}
+
+# start_switchyard BIN CONFIG ADMIN_ADDR [CPUS]: sets SY_PID; waits for /readyz.
+start_switchyard() {
+    local bin="$1" cfg="$2" admin="$3" cpus="${4:-}" pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" "$bin" serve --config "$cfg" >"$cfg.log" 2>&1 &
+    SY_PID=$!
+    PIDS+=("$SY_PID")
+    wait_http "http://$admin/readyz" "switchyard"
+}
+
+# Resident set size of a pid in KiB.
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+machine_line() {
+    local model
+    model=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+    echo "nproc=$(nproc), CPU: ${model:-unknown}, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+# Builds (if needed) the release harness example; BENCH_HARNESS overrides.
+harness_bin() {
+    if [[ -n "${BENCH_HARNESS:-}" ]]; then
+        echo "$BENCH_HARNESS"
+        return
+    fi
+    (cd "$BENCH_ROOT" && cargo build --quiet --release --example bench_harness >&2)
+    echo "$BENCH_ROOT/target/release/examples/bench_harness"
+}
+
+# health_toml MODE: the [health] section for a bench config: "default" (nothing, the defaults
+# apply) or "off" (enabled = false).
+health_toml() {
+    case "$1" in
+    default) echo "" ;;
+    off) printf '\n[health]\nenabled = false\n' ;;
+    *) die "unknown health mode $1 (default|off)" ;;
+    esac
+}

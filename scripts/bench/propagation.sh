@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Propagation: time from an etcd write to the first request through switchyard that reflects it.
+#
+# Starts etcd, one nginx backend and the release switchyard (2 threads), registers BENCH_FILLER
+# other services (1 instance each, pointing at the backend), then runs examples/bench_harness.rs
+# `propagation`: per trial, put /services/<new service>/x and poll `Host: <new service>` every
+# BENCH_POLL_US until it answers 200 (add), then delete the key and poll until it does not (delete).
+# Times run from just before the etcd request is sent to the end of the first reflecting response.
+#
+# Health modes (BENCH_HEALTH, default "default off"): "default" = the embedded [health] defaults
+# (active HTTP checks; a new instance is admitted after its first passing check); "off" = no health
+# checking, so the time is registry watch + snapshot swap only.
+#
+# Environment: BENCH_QUICK=1 (20 trials, 1,000 filler services), BENCH_TRIALS [200],
+# BENCH_FILLER [10000], BENCH_POLL_US [250], BENCH_HEALTH, SWITCHYARD_BIN, BENCH_HARNESS,
+# BENCH_OUT (also write the markdown table there), BENCH_KEEP=1.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
+    TRIALS="${BENCH_TRIALS:-20}" FILLER="${BENCH_FILLER:-1000}"
+else
+    TRIALS="${BENCH_TRIALS:-200}" FILLER="${BENCH_FILLER:-10000}"
+fi
+POLL_US="${BENCH_POLL_US:-250}"
+MODES="${BENCH_HEALTH:-default off}"
+((TRIALS >= 1 && TRIALS <= 5000)) || die "BENCH_TRIALS must be 1..5000"
+
+"$BENCH_ROOT/scripts/install-deps.sh" nginx
+BIN=$(switchyard_bin)
+HARNESS=$(harness_bin)
+log "$(machine_line)"
+
+B1=$(free_port)
+start_nginx_backend "$B1" b1
+start_etcd
+"$HARNESS" bulk-load --etcd "$ETCD_URL" --services "$FILLER" --addr "127.0.0.1:$B1" >&2
+
+ROWS="$WORK/rows.tsv"
+: >"$ROWS"
+for mode in $MODES; do
+    SP=$(free_port)
+    SA=$(free_port)
+    cfg="$WORK/switchyard-$mode.toml"
+    write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(health_toml "$mode")"
+    start_switchyard "$BIN" "$cfg" "127.0.0.1:$SA"
+    # let the checker's first round over the filler instances pass before measuring
+    sleep 2
+    log "== health $mode: $TRIALS trials, $FILLER other services"
+    "$HARNESS" propagation --etcd "$ETCD_URL" --proxy "127.0.0.1:$SP" --addr "127.0.0.1:$B1" \
+        --trials "$TRIALS" --poll-us "$POLL_US" --label "$mode" | tee "$WORK/prop-$mode.txt" >&2
+    grep '^ROW' "$WORK/prop-$mode.txt" >>"$ROWS"
+    stop_pid "$SY_PID"
+done
+
+python3 - "$ROWS" "$FILLER" "$POLL_US" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
+import sys
+rows, filler, poll, load = sys.argv[1:]
+print(f"{filler} other services registered, polling every {poll} us; load average after: {load}\n")
+print("| health | change | trials | p50 ms | p90 ms | p99 ms | max ms | timeouts |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+for line in open(rows):
+    _, label, kind, n, p50, p90, p99, mx, to = line.rstrip("\n").split("\t")
+    print(f"| {label} | {kind} | {n} | {p50} | {p90} | {p99} | {mx} | {to} |")
+PY

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Scale: time from process start to /readyz 200, and resident memory, with 0, 10,000 and 100,000
+# instances registered (BENCH_SCALE_PER_SERVICE [10] instances per service). For each size a fresh
+# etcd is bulk-loaded (examples/bench_harness.rs `bulk-load`: 128-put txns, 16 in flight), then
+# `scale-probe` starts the release switchyard, polls /readyz every 2 ms, reads VmRSS at ready and
+# again after BENCH_SETTLE_MS (with the peak in between) and the CPU used while settling.
+# All instances point at one live nginx backend, so active health checks (when on) succeed.
+#
+# Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 100000"],
+# BENCH_HEALTH ["default off"], BENCH_SETTLE_MS [5000], SWITCHYARD_BIN, BENCH_HARNESS, BENCH_OUT,
+# BENCH_KEEP=1.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
+    SIZES="${BENCH_SCALE_SIZES:-0 1000}" SETTLE_MS="${BENCH_SETTLE_MS:-2000}"
+else
+    SIZES="${BENCH_SCALE_SIZES:-0 10000 100000}" SETTLE_MS="${BENCH_SETTLE_MS:-5000}"
+fi
+PER="${BENCH_SCALE_PER_SERVICE:-10}"
+MODES="${BENCH_HEALTH:-default off}"
+
+"$BENCH_ROOT/scripts/install-deps.sh" nginx
+BIN=$(switchyard_bin)
+HARNESS=$(harness_bin)
+log "$(machine_line)"
+B1=$(free_port)
+start_nginx_backend "$B1" b1
+
+ROWS="$WORK/rows.tsv"
+: >"$ROWS"
+for n in $SIZES; do
+    ((n <= 1000000)) || die "size $n too large"
+    start_etcd
+    if ((n > 0)); then
+        services=$(((n + PER - 1) / PER))
+        "$HARNESS" bulk-load --etcd "$ETCD_URL" --services "$services" --per-service "$PER" \
+            --addr "127.0.0.1:$B1" >&2
+    fi
+    for mode in $MODES; do
+        SP=$(free_port)
+        SA=$(free_port)
+        cfg="$WORK/switchyard-$n-$mode.toml"
+        write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(health_toml "$mode")"
+        pidfile="$WORK/sy-$n-$mode.pid"
+        "$HARNESS" scale-probe --admin "127.0.0.1:$SA" --pid-file "$pidfile" --settle-ms "$SETTLE_MS" \
+            --label "$n/$mode" -- "$BIN" serve --config "$cfg" >"$WORK/scale-$n-$mode.txt" &
+        probe=$!
+        PIDS+=("$probe")
+        # the probe stops switchyard itself; this records its pid for the exit trap as well
+        for _ in $(seq 1 100); do [[ -s "$pidfile" ]] && break; sleep 0.02; done
+        [[ -s "$pidfile" ]] && PIDS+=("$(cat "$pidfile")")
+        wait "$probe" || die "scale-probe failed for $n/$mode: $(cat "$pidfile.log" 2>/dev/null | tail -5)"
+        cat "$WORK/scale-$n-$mode.txt" >&2
+        grep '^ROW' "$WORK/scale-$n-$mode.txt" >>"$ROWS"
+    done
+    stop_pid "$ETCD_PID"
+done
+
+python3 - "$ROWS" "$PER" "$SETTLE_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
+import sys
+rows, per, settle, load = sys.argv[1:]
+print(f"{per} instances per service; RSS sampled at ready and {int(settle)/1000:g} s later; load average after: {load}\n")
+print("| instances / health | ready ms | RSS at ready MiB | RSS settled MiB | peak MiB | CPU while settling (cores) | services / instances seen |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+for line in open(rows):
+    _, label, ready, r0, r1, peak, cpu, s, i = line.rstrip("\n").split("\t")
+    print(f"| {label} | {ready} | {r0} | {r1} | {peak} | {cpu} | {s} / {i} |")
+PY

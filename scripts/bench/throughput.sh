@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# Throughput and latency: the same two loopback backends served directly, through nginx, through
+# HAProxy and through switchyard (backends registered in a real etcd), loaded with wrk.
+#
+# Two variants:
+#   pinned    proxy on core 0 (1 worker / 1 thread); backends, wrk and etcd on core 1
+#   unpinned  proxy with 2 workers / 2 threads; nothing pinned
+# Each variant runs BENCH_ROUNDS rounds; in each round every target is measured once, in a rotated
+# order, so the proxies take turns. Reported: median rps, p50, p99 per target and the ratios
+# switchyard/nginx, switchyard/HAProxy and proxy/direct.
+#
+# Environment (defaults in brackets):
+#   BENCH_QUICK=1        smoke run: 1 round, 2 s per measurement, 1 s warm-up
+#   BENCH_ROUNDS [3]     rounds per variant
+#   BENCH_DURATION [10]  seconds per measurement;  BENCH_WARMUP [2] seconds of warm-up before each
+#   BENCH_CONNS [50]     wrk connections;          BENCH_WRK_THREADS [1]
+#   BENCH_VARIANTS ["pinned unpinned"]
+#   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
+#   BENCH_OUT            also write the markdown report to this file
+#   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw wrk output)
+# Default runtime: about 2 variants x 3 rounds x 4 targets x 12 s = 5 minutes.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
+    ROUNDS="${BENCH_ROUNDS:-1}" DURATION="${BENCH_DURATION:-2}" WARMUP="${BENCH_WARMUP:-1}"
+else
+    ROUNDS="${BENCH_ROUNDS:-3}" DURATION="${BENCH_DURATION:-10}" WARMUP="${BENCH_WARMUP:-2}"
+fi
+CONNS="${BENCH_CONNS:-50}"
+WRK_THREADS="${BENCH_WRK_THREADS:-1}"
+VARIANTS="${BENCH_VARIANTS:-pinned unpinned}"
+((ROUNDS >= 1 && ROUNDS <= 20)) || die "BENCH_ROUNDS must be 1..20"
+((DURATION >= 1 && DURATION <= 120)) || die "BENCH_DURATION must be 1..120"
+
+"$BENCH_ROOT/scripts/install-deps.sh" wrk nginx haproxy util-linux
+BIN=$(switchyard_bin)
+[[ -x "$BIN" ]] || die "no switchyard binary at $BIN"
+
+RESULTS="$WORK/results.tsv" # variant round target rps p50_ms p99_ms errors
+: >"$RESULTS"
+ROOT_USER=""
+[[ $(id -u) -eq 0 ]] && ROOT_USER="user root;"
+
+start_nginx_proxy() { # listen workers cpus
+    local port="$1" workers="$2" cpus="$3" dir="$WORK/nginx-proxy"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+$ROOT_USER
+daemon off;
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+    upstream backends {
+        server 127.0.0.1:$B1;
+        server 127.0.0.1:$B2;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+EOF
+    local pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
+    PIDS+=($!)
+    NGINX_PID=$!
+    wait_http "http://127.0.0.1:$port/" "nginx proxy" "hello from"
+}
+
+start_haproxy() { # listen threads cpus
+    local port="$1" threads="$2" cpus="$3" dir="$WORK/haproxy"
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread $threads
+    maxconn 20000
+defaults
+    mode http
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+frontend bench
+    bind 127.0.0.1:$port
+    default_backend backends
+backend backends
+    balance roundrobin
+    server b1 127.0.0.1:$B1
+    server b2 127.0.0.1:$B2
+EOF
+    local pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
+    PIDS+=($!)
+    HAPROXY_PID=$!
+    wait_http "http://127.0.0.1:$port/" "haproxy" "hello from"
+}
+
+# wait_routes_both ADDR: bounded poll until requests with Host: bench reach both b1 and b2.
+wait_routes_both() {
+    python3 - "$1" <<'PY' || die "switchyard at $1 did not route to both backends"
+import http.client, sys, time
+host, port = sys.argv[1].split(":")
+deadline = time.time() + 10
+while time.time() < deadline:
+    seen = set()
+    try:
+        for _ in range(4):
+            c = http.client.HTTPConnection(host, int(port), timeout=1)
+            c.request("GET", "/", headers={"Host": "bench"})
+            seen.add(c.getresponse().read().decode().strip())
+            c.close()
+    except OSError:
+        pass
+    if {"hello from b1", "hello from b2"} <= seen:
+        sys.exit(0)
+    time.sleep(0.05)
+sys.exit(1)
+PY
+}
+
+# run_wrk VARIANT ROUND TARGET URL CPUS
+run_wrk() {
+    local variant="$1" round="$2" target="$3" url="$4" cpus="$5" pre=() out
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    out="$WORK/wrk-$variant-$round-$target.txt"
+    "${pre[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -H "Host: bench" "$url" >/dev/null
+    "${pre[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: bench" "$url" >"$out"
+    python3 - "$out" "$variant" "$round" "$target" >>"$RESULTS" <<'PY'
+import re, sys
+path, variant, rnd, target = sys.argv[1:]
+text = open(path).read()
+def ms(v):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v)
+    n, u = float(m.group(1)), m.group(2)
+    return n * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
+errs = 0
+m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+if m: errs += int(m.group(1))
+m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+if m: errs += sum(int(x) for x in m.groups())
+print(f"{variant}\t{rnd}\t{target}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errs}")
+PY
+    tail -n1 "$RESULTS" | awk -F'\t' '{printf "bench: %-8s round %s %-10s %8s rps  p50 %7s ms  p99 %7s ms  errors %s\n", $1, $2, $3, $4, $5, $6, $7}' >&2
+}
+
+log "$(machine_line)"
+log "rounds=$ROUNDS duration=${DURATION}s warmup=${WARMUP}s wrk -t$WRK_THREADS -c$CONNS; binary $BIN"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
+for variant in $VARIANTS; do
+    case "$variant" in
+    pinned) PROXY_CPUS=0 SIDE_CPUS=1 WORKERS=1 ;;
+    unpinned) PROXY_CPUS="" SIDE_CPUS="" WORKERS=2 ;;
+    *) die "unknown variant $variant" ;;
+    esac
+    log "== variant $variant (proxy cpus: ${PROXY_CPUS:-any}, workers/threads: $WORKERS)"
+    B1=$(free_port)
+    B2=$(free_port)
+    start_nginx_backend "$B1" b1 "$SIDE_CPUS"
+    BE1_PID=$BACKEND_PID
+    start_nginx_backend "$B2" b2 "$SIDE_CPUS"
+    BE2_PID=$BACKEND_PID
+    start_etcd "$SIDE_CPUS"
+    etcd_put "/services/bench/b1" "127.0.0.1:$B1"
+    etcd_put "/services/bench/b2" "127.0.0.1:$B2"
+
+    NP=$(free_port)
+    HP=$(free_port)
+    SP=$(free_port)
+    SA=$(free_port)
+    start_nginx_proxy "$NP" "$WORKERS" "$PROXY_CPUS"
+    start_haproxy "$HP" "$WORKERS" "$PROXY_CPUS"
+    write_switchyard_config "$WORK/switchyard-$variant.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$WORKERS"
+    start_switchyard "$BIN" "$WORK/switchyard-$variant.toml" "127.0.0.1:$SA" "$PROXY_CPUS"
+    wait_routes_both "127.0.0.1:$SP"
+
+    declare -A URL=(
+        [direct]="http://127.0.0.1:$B1/"
+        [nginx]="http://127.0.0.1:$NP/"
+        [haproxy]="http://127.0.0.1:$HP/"
+        [switchyard]="http://127.0.0.1:$SP/"
+    )
+    targets=(direct nginx haproxy switchyard)
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for ((k = 0; k < ${#targets[@]}; k++)); do
+            t="${targets[$(((k + r - 1) % ${#targets[@]}))]}"
+            run_wrk "$variant" "$r" "$t" "${URL[$t]}" "$SIDE_CPUS"
+        done
+    done
+    log "switchyard RSS after the $variant runs: $(rss_kib "$SY_PID") KiB"
+    stop_pid "$SY_PID"
+    stop_pid "$HAPROXY_PID"
+    stop_pid "$NGINX_PID"
+    stop_pid "$ETCD_PID"
+    stop_pid "$BE2_PID"
+    stop_pid "$BE1_PID"
+done
+
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$RESULTS" "$ROUNDS" "$DURATION" "$CONNS" "$WRK_THREADS" "$LOAD_BEFORE" "$LOAD_AFTER" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
+import statistics, sys
+from collections import defaultdict
+path, rounds, dur, conns, wt, load_before, load_after = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
+by = defaultdict(lambda: defaultdict(list))
+for v, r, t, rps, p50, p99, errs in rows:
+    by[v][t].append((float(rps), float(p50), float(p99), int(errs)))
+med = statistics.median
+print(f"wrk -t{wt} -c{conns} -d{dur}s, median of {rounds} round(s); load average before {load_before}, after {load_after}\n")
+print("| variant | target | rps | p50 ms | p99 ms | errors | rps per round |")
+print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+for v, ts in by.items():
+    for t in ["direct", "nginx", "haproxy", "switchyard"]:
+        if t not in ts: continue
+        xs = ts[t]
+        print(f"| {v} | {t} | {med(x[0] for x in xs):.0f} | {med(x[1] for x in xs):.3f} | "
+              f"{med(x[2] for x in xs):.3f} | {sum(x[3] for x in xs)} | {', '.join(f'{x[0]:.0f}' for x in xs)} |")
+print()
+print("| variant | ratio | rps | p50 | p99 |")
+print("| --- | --- | ---: | ---: | ---: |")
+for v, ts in by.items():
+    m = {t: (med(x[0] for x in xs), med(x[1] for x in xs), med(x[2] for x in xs)) for t, xs in ts.items()}
+    pairs = [("switchyard", "nginx"), ("switchyard", "haproxy"), ("nginx", "direct"),
+             ("haproxy", "direct"), ("switchyard", "direct")]
+    for a, b in pairs:
+        if a in m and b in m:
+            print(f"| {v} | {a}/{b} | {m[a][0]/m[b][0]:.2f} | {m[a][1]/m[b][1]:.2f} | {m[a][2]/m[b][2]:.2f} |")
+PY

@@ -1,0 +1,111 @@
+//! The wrapped command of `switchyard register ... -- CMD ARGS...`.
+//!
+//! The command runs as a child with our stdin/stdout/stderr, in our process group (like `tini`):
+//! SIGTERM/SIGINT sent to the registrar are forwarded to it. Its exit status becomes ours, with
+//! 128+N when it was killed by signal N, as a shell reports it.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use super::RegisterError;
+
+/// A running wrapped command.
+pub struct Wrapped {
+    child: Child,
+    pid: Option<u32>,
+    command: String,
+}
+
+impl Wrapped {
+    /// Starts `command[0]` with the rest as arguments.
+    pub fn spawn(command: &[String]) -> Result<Wrapped, RegisterError> {
+        let shown = command.join(" ");
+        let Some((program, args)) = command.split_first() else {
+            return Err(RegisterError::Spawn {
+                command: shown,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
+            });
+        };
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| RegisterError::Spawn {
+                command: shown.clone(),
+                source,
+            })?;
+        let pid = child.id();
+        info!(command = %shown, pid = ?pid, "command started");
+        Ok(Wrapped {
+            child,
+            pid,
+            command: shown,
+        })
+    }
+
+    /// Sends `signal` ("TERM", "INT") to the child. std has no kill(2) with a signal number and
+    /// we keep libc out of the dependencies, so this runs kill(1).
+    pub fn forward(&mut self, signal: &str) {
+        let Some(pid) = self.pid else { return };
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        info!(pid, signal, "forwarding signal to the command");
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match sent {
+            Ok(s) if s.success() => {}
+            other => {
+                warn!(pid, signal, result = ?other, "kill(1) failed; killing the command with SIGKILL");
+                let _ = self.child.start_kill();
+            }
+        }
+    }
+
+    /// Waits for the child to exit; returns the exit code to pass on.
+    pub async fn wait(&mut self) -> u8 {
+        match self.child.wait().await {
+            Ok(status) => {
+                let code = exit_code(status);
+                info!(command = %self.command, status = %status, code, "command exited");
+                code
+            }
+            Err(e) => {
+                warn!(command = %self.command, error = %e, "cannot wait for the command");
+                1
+            }
+        }
+    }
+}
+
+/// Exit code of a finished process, as a shell reports it: its code, or 128+signal.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => u8::try_from(code).unwrap_or(1),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(1),
+        (None, None) => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell() {
+        assert_eq!(exit_code(ExitStatus::from_raw(7 << 8)), 7);
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+        // killed by SIGTERM (15)
+        assert_eq!(exit_code(ExitStatus::from_raw(15)), 143);
+    }
+}

@@ -1,0 +1,506 @@
+//! Health checks against a real etcd, real backends and the real switchyard binary: ejection by
+//! active checks (HTTP, hanging, gRPC) and by passive detection, gated admission, identity-stable
+//! health, the all-unhealthy behaviours, and probing thousands of keys.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{client, eventually, metric_value, Backend, EtcdServer, Proxy};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Fast checks so tests stay short: eject after 2 failures 300 ms apart.
+const FAST: &str = "[health]\ninterval_ms = 300\ntimeout_ms = 300\njitter_ms = 0\nunhealthy_threshold = 2\nhealthy_threshold = 1\n";
+
+/// Health of instance `key` as the admin API reports it ("" when not registered).
+async fn health_of(proxy: &Proxy, service: &str, key: &str) -> String {
+    let v = proxy.admin_json(&format!("/api/services/{service}")).await;
+    v["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["key"] == key))
+        .map(|i| i["health"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// Waits until `key` reports `want`; returns how long that took.
+async fn wait_health(proxy: &Proxy, service: &str, key: &str, want: &str) -> Duration {
+    let start = Instant::now();
+    eventually(PATIENCE, &format!("{key} to be {want}"), || async {
+        match health_of(proxy, service, key).await {
+            h if h == want => Ok(()),
+            h => Err(format!("health is {h:?}")),
+        }
+    })
+    .await;
+    start.elapsed()
+}
+
+/// Sends `n` requests and returns how many each backend answered; every one must succeed.
+async fn answered_by(
+    proxy: &Proxy,
+    service: &str,
+    n: usize,
+) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..n {
+        let (status, body) = proxy.get_service(service, "/").await;
+        assert_eq!(status, 200, "request to {service} failed: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("echo json");
+        *counts
+            .entry(v["backend"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+async fn metrics_value(proxy: &Proxy, series: &str) -> f64 {
+    metric_value(&proxy.metrics().await, series).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_instance_fails_no_client_request() {
+    let etcd = EtcdServer::start();
+    // default check settings: this is about retries and passive detection
+    let proxy = Proxy::builder(&etcd).start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/k/a", a.addr_string()).await;
+    etcd.put("/services/k/b", b.addr_string()).await;
+    wait_health(&proxy, "k", "/services/k/a", "healthy").await;
+    wait_health(&proxy, "k", "/services/k/b", "healthy").await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        // slow enough that requests are in flight on the instance when it dies
+        let url = proxy.url("/slow?ms=20");
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).header("host", "k").send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        let s = r.status();
+                        let body = r.text().await.unwrap_or_default();
+                        failures.lock().unwrap().push(format!("{s} {body}"));
+                    }
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ok.load(Ordering::Relaxed);
+    a.stop(); // closes the listener and every connection, like kill -9
+    let ejected = wait_health(&proxy, "k", "/services/k/a", "unhealthy").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let after = ok.load(Ordering::Relaxed);
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} client requests failed after the kill: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        before > 10 && after > before + 10,
+        "too few requests: {before} then {after}"
+    );
+    assert!(
+        ejected < Duration::from_secs(4),
+        "ejected after {ejected:?}"
+    );
+    let counts = answered_by(&proxy, "k", 10).await;
+    assert_eq!(counts.get("b"), Some(&10), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_failures_eject_before_the_next_active_check() {
+    let etcd = EtcdServer::start();
+    // the first check is immediate, the next one a minute later: only passive detection can eject
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\ninterval_ms = 60000\npassive_failures = 2\n")
+        .start()
+        .await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/p/a", a.addr_string()).await;
+    etcd.put("/services/p/b", b.addr_string()).await;
+    wait_health(&proxy, "p", "/services/p/a", "healthy").await;
+    wait_health(&proxy, "p", "/services/p/b", "healthy").await;
+    a.stop();
+    // every request succeeds (refused connections are retried on b) and a is ejected quickly
+    let counts = answered_by(&proxy, "p", 10).await;
+    assert_eq!(counts.get("b"), Some(&10), "{counts:?}");
+    let took = wait_health(&proxy, "p", "/services/p/a", "unhealthy").await;
+    assert!(took < Duration::from_secs(2), "ejected after {took:?}");
+    let log = proxy.log();
+    assert!(log.contains("2 consecutive connection failures"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_health_endpoint_ejects_within_budget_and_recovery_readmits() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).config(FAST).start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/h/a", a.addr_string()).await;
+    etcd.put("/services/h/b", b.addr_string()).await;
+    wait_health(&proxy, "h", "/services/h/a", "healthy").await;
+    wait_health(&proxy, "h", "/services/h/b", "healthy").await;
+
+    a.set_health(503);
+    let took = wait_health(&proxy, "h", "/services/h/a", "unhealthy").await;
+    // interval 300 ms x threshold 2 + timeout 300 ms, plus slack for a busy machine
+    let budget = Duration::from_millis(300 * 2 + 300 + 700);
+    assert!(took < budget, "ejected after {took:?}, budget {budget:?}");
+    let hits = a.hits();
+    let counts = answered_by(&proxy, "h", 20).await;
+    assert_eq!(counts.get("b"), Some(&20), "{counts:?}");
+    assert_eq!(a.hits(), hits, "an ejected instance got traffic");
+
+    a.set_health(200);
+    let took = wait_health(&proxy, "h", "/services/h/a", "healthy").await;
+    assert!(
+        took < Duration::from_millis(300 + 300 + 700),
+        "readmitted after {took:?}"
+    );
+    let counts = answered_by(&proxy, "h", 20).await;
+    assert!(counts.get("a").is_some_and(|n| *n >= 5), "{counts:?}");
+
+    let m = proxy.metrics().await;
+    let unhealthy = "switchyard_health_transitions_total{service=\"h\",state=\"unhealthy\"}";
+    assert_eq!(metric_value(&m, unhealthy), Some(1.0), "{m}");
+    assert!(
+        metric_value(
+            &m,
+            "switchyard_health_checks_total{result=\"failure\",service=\"h\"}"
+        )
+        .unwrap_or(0.0)
+            >= 2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "switchyard_upstream_instances{service=\"h\",state=\"healthy\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    let log = proxy.log();
+    assert_eq!(
+        log.matches("instance ejected").count(),
+        1,
+        "one flip, one log line:\n{log}"
+    );
+    assert!(log.contains("unexpected status 503"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_never_answers_is_ejected_within_its_timeout_budget() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\ninterval_ms = 300\ntimeout_ms = 500\njitter_ms = 0\nunhealthy_threshold = 2\n")
+        .start()
+        .await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/hang/a", a.addr_string()).await;
+    etcd.put("/services/hang/b", b.addr_string()).await;
+    wait_health(&proxy, "hang", "/services/hang/a", "healthy").await;
+    wait_health(&proxy, "hang", "/services/hang/b", "healthy").await;
+
+    a.set_hang(true);
+    let took = wait_health(&proxy, "hang", "/services/hang/a", "unhealthy").await;
+    // the failing checks start at most 300 ms apart and each gives up after 500 ms
+    let budget = Duration::from_millis(300 * 2 + 500 + 700);
+    assert!(took < budget, "ejected after {took:?}, budget {budget:?}");
+    assert!(
+        proxy.log().contains("no answer within 500ms"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_not_serving_is_ejected() {
+    use tonic_health::ServingStatus;
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).config(FAST).start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    etcd.put(
+        "/services/g/1",
+        format!(r#"{{"addr":"{addr}","metadata":{{"health_protocol":"grpc"}}}}"#),
+    )
+    .await;
+    wait_health(&proxy, "g", "/services/g/1", "healthy").await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let took = wait_health(&proxy, "g", "/services/g/1", "unhealthy").await;
+    assert!(
+        took < Duration::from_millis(300 * 2 + 300 + 700),
+        "ejected after {took:?}"
+    );
+    assert!(proxy.log().contains("NOT_SERVING"), "{}", proxy.log());
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    wait_health(&proxy, "g", "/services/g/1", "healthy").await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_whose_check_fails_never_receives_traffic() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).config(FAST).start().await;
+    let good = Backend::start("good").await;
+    let bad = Backend::start("bad").await;
+    bad.set_health(500);
+    etcd.put("/services/n/good", good.addr_string()).await;
+    wait_health(&proxy, "n", "/services/n/good", "healthy").await;
+    // clients are busy while the new instance registers
+    let sender = {
+        let url = proxy.url("/");
+        tokio::spawn(async move {
+            let c = client();
+            let mut statuses = Vec::new();
+            for _ in 0..150 {
+                let r = c.get(&url).header("host", "n").send().await;
+                statuses.push(r.map(|r| r.status().as_u16()).unwrap_or(0));
+            }
+            statuses
+        })
+    };
+    etcd.put("/services/n/bad", bad.addr_string()).await;
+    wait_health(&proxy, "n", "/services/n/bad", "unhealthy").await;
+    let statuses = sender.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    answered_by(&proxy, "n", 20).await;
+    assert_eq!(
+        bad.hits(),
+        0,
+        "an instance that never passed its check got traffic"
+    );
+    // and a fresh instance that passes is admitted within a second
+    let late = Backend::start("late").await;
+    let start = Instant::now();
+    etcd.put("/services/n/late", late.addr_string()).await;
+    wait_health(&proxy, "n", "/services/n/late", "healthy").await;
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "admitted after {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_survives_a_weight_change() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).config(FAST).start().await;
+    let sick = Backend::start("sick").await;
+    let fine = Backend::start("fine").await;
+    etcd.put("/services/w/sick", sick.addr_string()).await;
+    etcd.put("/services/w/fine", fine.addr_string()).await;
+    wait_health(&proxy, "w", "/services/w/sick", "healthy").await;
+    wait_health(&proxy, "w", "/services/w/fine", "healthy").await;
+    sick.set_health(503);
+    wait_health(&proxy, "w", "/services/w/sick", "unhealthy").await;
+    let healthy_flips = "switchyard_health_transitions_total{service=\"w\",state=\"healthy\"}";
+    let flips_before = metrics_value(&proxy, healthy_flips).await;
+
+    for (key, addr) in [("/services/w/sick", &sick), ("/services/w/fine", &fine)] {
+        etcd.put(
+            key,
+            format!(
+                r#"{{"addr":"{}","weight":5,"metadata":{{"zone":"b"}}}}"#,
+                addr.addr
+            ),
+        )
+        .await;
+    }
+    eventually(PATIENCE, "weights to change", || async {
+        let v = proxy.admin_json("/api/services/w").await;
+        let weights: Vec<u64> = v["instances"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i["weight"].as_u64()).collect())
+            .unwrap_or_default();
+        (weights == [5, 5]).then_some(()).ok_or(v.to_string())
+    })
+    .await;
+    // no reset to pending, no re-admission: same health, no new transitions
+    assert_eq!(
+        health_of(&proxy, "w", "/services/w/sick").await,
+        "unhealthy"
+    );
+    assert_eq!(health_of(&proxy, "w", "/services/w/fine").await, "healthy");
+    let counts = answered_by(&proxy, "w", 20).await;
+    assert_eq!(counts.get("fine"), Some(&20), "{counts:?}");
+    assert_eq!(metrics_value(&proxy, healthy_flips).await, flips_before);
+    assert_eq!(sick.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_unhealthy_fails_or_fails_open_as_configured() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config(FAST)
+        .config("[services.open.health]\nall_unhealthy = \"fail_open\"\n")
+        .start()
+        .await;
+    let s1 = Backend::start("strict").await;
+    let o1 = Backend::start("open1").await;
+    let o2 = Backend::start("open2").await;
+    for b in [&s1, &o1, &o2] {
+        b.set_health(503);
+    }
+    etcd.put("/services/strict/1", s1.addr_string()).await;
+    etcd.put("/services/open/1", o1.addr_string()).await;
+    etcd.put("/services/open/2", o2.addr_string()).await;
+    wait_health(&proxy, "strict", "/services/strict/1", "unhealthy").await;
+    wait_health(&proxy, "open", "/services/open/1", "unhealthy").await;
+    wait_health(&proxy, "open", "/services/open/2", "unhealthy").await;
+
+    // "fail" (default): 503 naming the service and why
+    let (status, body) = proxy.get_service("strict", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("strict") && body.contains("not healthy"),
+        "{body}"
+    );
+    assert_eq!(s1.hits(), 0);
+
+    // "fail_open": every non-draining instance takes traffic anyway
+    let counts = answered_by(&proxy, "open", 20).await;
+    assert!(
+        counts.get("open1").is_some_and(|n| *n >= 5)
+            && counts.get("open2").is_some_and(|n| *n >= 5),
+        "{counts:?}"
+    );
+    // as soon as one is healthy again, only it gets traffic
+    o2.set_health(200);
+    wait_health(&proxy, "open", "/services/open/2", "healthy").await;
+    let counts = answered_by(&proxy, "open", 10).await;
+    assert_eq!(counts.get("open2"), Some(&10), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_keys_are_probed_while_requests_stay_fast() {
+    const GHOSTS: usize = 3000;
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/real/a", a.addr_string()).await;
+    etcd.put("/services/real/b", b.addr_string()).await;
+    wait_health(&proxy, "real", "/services/real/a", "healthy").await;
+
+    // a listener that never accepts: connections queue, then hang (checks time out)
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stuck_port = stuck.local_addr().unwrap().port();
+    // closed ports refuse at once
+    let closed: Vec<u16> = (0..50).map(|_| support::free_port()).collect();
+    let mut c = etcd.client().await;
+    let keys: Vec<(String, String)> = (0..GHOSTS)
+        .map(|i| {
+            let addr = if i % 10 == 0 {
+                format!("127.0.0.1:{stuck_port}")
+            } else {
+                format!("127.0.0.{}:{}", 1 + i % 3, closed[i % closed.len()])
+            };
+            (format!("/services/ghost/{i:05}"), addr)
+        })
+        .collect();
+    for chunk in keys.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(k.as_str(), v.as_str(), None))
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("etcd txn");
+    }
+
+    // while every ghost is being checked, real requests go through quickly
+    let start = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..200 {
+        let t = Instant::now();
+        let (status, body) = proxy.get_service("real", "/").await;
+        assert_eq!(status, 200, "{body}");
+        slowest = slowest.max(t.elapsed());
+    }
+    let total = start.elapsed();
+    assert!(
+        total < Duration::from_secs(10) && slowest < Duration::from_secs(1),
+        "200 requests took {total:?}, slowest {slowest:?}"
+    );
+
+    let unhealthy = "switchyard_upstream_instances{service=\"ghost\",state=\"unhealthy\"}";
+    eventually(
+        Duration::from_secs(30),
+        "every ghost to be checked and kept out",
+        || async {
+            match metric_value(&proxy.metrics().await, unhealthy) {
+                Some(n) if n as usize == GHOSTS => Ok(()),
+                other => Err(format!("{other:?} unhealthy")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(a.hits() + b.hits(), 200);
+
+    // deregistering stops their probes at once
+    c.delete(
+        "/services/ghost/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .expect("etcd delete");
+    let checks = "switchyard_health_checks_total{result=\"failure\",service=\"ghost\"}";
+    eventually(PATIENCE, "ghost service to disappear", || async {
+        let v = proxy.admin_json("/api/services").await;
+        let names: Vec<String> = v["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (!names.iter().any(|n| n == "ghost"))
+            .then_some(())
+            .ok_or(format!("{names:?}"))
+    })
+    .await;
+    // a check already running when the key went away may still finish and count
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let settled = metrics_value(&proxy, checks).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        metrics_value(&proxy, checks).await,
+        settled,
+        "deregistered keys are still probed"
+    );
+    drop(stuck);
+}

@@ -1,0 +1,332 @@
+//! What operators see: metric values after real traffic, the admin API and status page, logs,
+//! readiness and graceful shutdown.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{client, eventually, metric_value, Backend, EtcdServer, Proxy};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn m(text: &str, series: &str) -> f64 {
+    metric_value(text, series).unwrap_or_else(|| panic!("metric {series} missing in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_real_traffic_and_registry_state() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nconnect_timeout_ms = 300\nread_timeout_ms = 2000\nmax_tries = 2\n")
+        .start()
+        .await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let dead = Backend::start("dead").await;
+    let dead_addr = dead.addr_string();
+    dead.stop();
+    etcd.put("/services/m/a", a.addr_string()).await;
+    etcd.put("/services/m/b", b.addr_string()).await;
+    etcd.put(
+        "/services/m/drain",
+        format!(r#"{{"addr":"{}","weight":0}}"#, a.addr),
+    )
+    .await;
+    let rev = etcd.put("/services/d/1", &dead_addr).await;
+    eventually(PATIENCE, "snapshot at the last revision", || async {
+        let text = proxy.metrics().await;
+        let r = metric_value(&text, "switchyard_registry_revision");
+        (r == Some(rev as f64))
+            .then_some(())
+            .ok_or(format!("{r:?} != {rev}"))
+    })
+    .await;
+    // wait until both are admitted (first health check passed), without sending traffic
+    eventually(PATIENCE, "both instances of m healthy", || async {
+        let v = proxy.admin_json("/api/services/m").await;
+        (v["usable"] == 2).then_some(()).ok_or(v.to_string())
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(proxy.get_service("m", "/").await.0, 200);
+    }
+    assert_eq!(proxy.get_service("nope", "/nope/").await.0, 404);
+    // never admitted (its health check cannot pass): 503, counted under its service
+    assert_eq!(proxy.get_service("d", "/").await.0, 503);
+
+    let t = proxy.metrics().await;
+    assert_eq!(
+        m(&t, "switchyard_requests_total{code=\"2xx\",service=\"m\"}"),
+        10.0
+    );
+    assert_eq!(
+        m(
+            &t,
+            "switchyard_requests_total{code=\"4xx\",service=\"(unknown)\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        m(&t, "switchyard_requests_total{code=\"5xx\",service=\"d\"}"),
+        1.0
+    );
+    assert!(
+        !t.contains("service=\"nope\""),
+        "a client-chosen name became a label value"
+    );
+    assert_eq!(
+        m(
+            &t,
+            "switchyard_request_duration_seconds_count{service=\"m\"}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        m(
+            &t,
+            "switchyard_upstream_response_seconds_count{service=\"m\"}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        m(
+            &t,
+            "switchyard_upstream_instances{service=\"m\",state=\"healthy\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        m(
+            &t,
+            "switchyard_upstream_instances{service=\"m\",state=\"draining\"}"
+        ),
+        1.0
+    );
+    assert_eq!(m(&t, "switchyard_registry_connected"), 1.0);
+    assert_eq!(m(&t, "switchyard_registry_relists_total"), 1.0);
+    assert_eq!(m(&t, "switchyard_registry_events_total"), 4.0);
+    assert!(m(&t, "switchyard_snapshot_updates_total") >= 5.0);
+    assert!(
+        m(
+            &t,
+            "switchyard_snapshot_apply_seconds_count{kind=\"watch\"}"
+        ) >= 4.0
+    );
+    let last = m(&t, "switchyard_registry_last_update_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - last).abs() < 60.0, "last update {last} vs now {now}");
+    // a deregistered service's gauges disappear rather than linger
+    etcd.delete("/services/d/1").await;
+    eventually(PATIENCE, "gauges of a removed service to go", || async {
+        let t = proxy.metrics().await;
+        (!t.contains("switchyard_upstream_instances{service=\"d\""))
+            .then_some(())
+            .ok_or("still there".to_string())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_status_page_follow_registrations() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let b = Backend::start("b").await;
+    etcd.put(
+        "/services/shop/i-1",
+        format!(
+            r#"{{"addr":"{}","weight":2,"metadata":{{"zone":"<z1>"}}}}"#,
+            b.addr
+        ),
+    )
+    .await;
+    eventually(PATIENCE, "api to list shop", || async {
+        let v = proxy.admin_json("/api/services/shop").await;
+        (v["instances"][0]["id"] == "i-1")
+            .then_some(())
+            .ok_or(v.to_string())
+    })
+    .await;
+    let check = eventually(PATIENCE, "a passed health check in the api", || async {
+        let v = proxy.admin_json("/api/services/shop").await;
+        let c = v["instances"][0]["last_check"].clone();
+        (c["ok"] == true).then_some(c.clone()).ok_or(c.to_string())
+    })
+    .await;
+    assert_eq!(check["detail"], "ok");
+    assert!(check["at_unix_ms"].as_u64().unwrap_or(0) > 0, "{check}");
+    let v = proxy.admin_json("/api/services").await;
+    assert_eq!(v["registry"]["ready"], true);
+    assert_eq!(v["registry"]["connected"], true);
+    let inst = &v["services"][0]["instances"][0];
+    assert_eq!(inst["addr"], b.addr_string());
+    assert_eq!(inst["weight"], 2);
+    assert_eq!(inst["metadata"]["zone"], "<z1>");
+    assert!(
+        inst["health"].is_string() && inst["inflight"].is_number(),
+        "{inst}"
+    );
+
+    let page = client().get(proxy.admin_url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .headers()
+        .get("content-type")
+        .is_some_and(|c| c.to_str().unwrap_or("").starts_with("text/html")));
+    let html = page.text().await.unwrap();
+    assert!(html.contains("shop") && html.contains("i-1"), "{html}");
+    assert!(html.contains("&lt;z1&gt;"), "metadata must be escaped");
+    assert!(
+        html.contains("http-equiv=\"refresh\""),
+        "page refreshes itself"
+    );
+    for external in [
+        "src=\"http",
+        "href=\"http",
+        "src=\"//",
+        "href=\"//",
+        "@import",
+    ] {
+        assert!(
+            !html.contains(external),
+            "external asset ({external}) in the status page"
+        );
+    }
+
+    etcd.delete("/services/shop/i-1").await;
+    eventually(PATIENCE, "api to drop shop", || async {
+        let r = client()
+            .get(proxy.admin_url("/api/services/shop"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        (r.status() == 404)
+            .then_some(())
+            .ok_or(format!("{}", r.status()))
+    })
+    .await;
+    let html = client()
+        .get(proxy.admin_url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let services_part = html.split("Recent events").next().unwrap_or("");
+    assert!(
+        !services_part.contains("<code>i-1</code>"),
+        "deregistered instance still listed"
+    );
+    assert!(html.contains("Recent events"));
+    // unknown admin paths and methods
+    let r = client().get(proxy.admin_url("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client()
+        .post(proxy.admin_url("/api/services"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_and_access_log_when_enabled() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[log]\nformat = \"json\"\naccess_log = true\n")
+        .start()
+        .await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/logged/1", b.addr_string()).await;
+    eventually(PATIENCE, "logged to route", || async {
+        match proxy.get_service("logged", "/some/path?secret=1").await {
+            (200, _) => Ok(()),
+            (s, body) => Err(format!("{s} {body}")),
+        }
+    })
+    .await;
+    let line = eventually(PATIENCE, "an access log line", || async {
+        proxy
+            .log()
+            .lines()
+            .find(|l| l.contains("switchyard::access") && l.contains("\"status\":200"))
+            .map(str::to_string)
+            .ok_or("no access line yet".to_string())
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&line).expect("access log line is json");
+    assert_eq!(v["fields"]["service"], "logged", "{v}");
+    assert_eq!(v["fields"]["method"], "GET");
+    assert_eq!(v["fields"]["path"], "/some/path");
+    assert_eq!(v["fields"]["instance"], b.addr_string());
+    assert!(v["fields"]["duration_ms"].is_number());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_access_log_by_default() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/quiet/1", b.addr_string()).await;
+    eventually(PATIENCE, "quiet to route", || async {
+        match proxy.get_service("quiet", "/").await {
+            (200, _) => Ok(()),
+            (s, body) => Err(format!("{s} {body}")),
+        }
+    })
+    .await;
+    assert!(!proxy.log().contains("switchyard::access"));
+    assert!(
+        proxy.log().contains("switchyard starting: proxy on"),
+        "startup line says what listens where"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
+    let etcd = EtcdServer::start();
+    let mut proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nread_timeout_ms = 10000\nshutdown_timeout_seconds = 10\n")
+        .start()
+        .await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/slow/1", b.addr_string()).await;
+    eventually(PATIENCE, "slow to route", || async {
+        match proxy.get_service("slow", "/").await {
+            (200, _) => Ok(()),
+            (s, body) => Err(format!("{s} {body}")),
+        }
+    })
+    .await;
+    let url = proxy.url("/slow?ms=2000");
+    let in_flight = tokio::spawn(async move {
+        let r = client().get(url).header("host", "slow").send().await;
+        match r {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = proxy.terminate(Duration::from_secs(20));
+        (s, proxy)
+    })
+    .await
+    .unwrap();
+    let (exit, proxy) = status;
+    let (code, body) = in_flight.await.unwrap();
+    assert_eq!(
+        code,
+        200,
+        "in-flight request was cut: {body}\n{}",
+        proxy.log()
+    );
+    assert!(body.contains("slow 2000"), "{body}");
+    let exit = exit.expect("switchyard did not exit within 20s of SIGTERM");
+    assert!(exit.success(), "exit status {exit:?}\n{}", proxy.log());
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
