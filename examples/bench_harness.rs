@@ -525,6 +525,8 @@ fn propagation(
     let mut conn = HttpConn::new(resolve(proxy)?, Duration::from_secs(2));
     let tag = std::process::id();
     let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    // how long etcd took to acknowledge the write (a floor for propagation)
+    let (mut put_acks, mut del_acks) = (Vec::new(), Vec::new());
     let (mut add_timeouts, mut del_timeouts, mut polls) = (0usize, 0usize, 0u64);
     let started = Instant::now();
     for i in 0..trials {
@@ -540,7 +542,10 @@ fn propagation(
         let mut kv = client.kv_client();
         let (k, v) = (key.clone(), addr.to_string());
         let t0 = Instant::now();
-        let put = rt.spawn(async move { kv.put(k, v, None).await });
+        let put = rt.spawn(async move {
+            let r = kv.put(k, v, None).await;
+            (r, t0.elapsed())
+        });
         match poll_until(
             &mut conn,
             &svc,
@@ -553,12 +558,17 @@ fn propagation(
             Some(d) => adds.push(d.as_secs_f64() * 1e3),
             None => add_timeouts += 1,
         }
-        rt.block_on(put)?.context("etcd put")?;
+        let (r, acked) = rt.block_on(put)?;
+        r.context("etcd put")?;
+        put_acks.push(acked.as_secs_f64() * 1e3);
 
         let mut kv = client.kv_client();
         let k = key.clone();
         let t0 = Instant::now();
-        let del = rt.spawn(async move { kv.delete(k, None).await });
+        let del = rt.spawn(async move {
+            let r = kv.delete(k, None).await;
+            (r, t0.elapsed())
+        });
         match poll_until(
             &mut conn,
             &svc,
@@ -571,7 +581,9 @@ fn propagation(
             Some(d) => dels.push(d.as_secs_f64() * 1e3),
             None => del_timeouts += 1,
         }
-        rt.block_on(del)?.context("etcd delete")?;
+        let (r, acked) = rt.block_on(del)?;
+        r.context("etcd delete")?;
+        del_acks.push(acked.as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(2));
     }
     let label = if label.is_empty() { "-" } else { label };
@@ -599,7 +611,9 @@ fn propagation(
             percentile(xs, 50.0),
             percentile(xs, 90.0),
             percentile(xs, 99.0),
-            xs.last().copied().unwrap_or(f64::NAN)
+            xs.last().copied().unwrap_or(f64::NAN),
+            percentile(acks, 50.0),
+            percentile(acks, 99.0)
         );
     }
     Ok(())

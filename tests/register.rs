@@ -480,6 +480,57 @@ async fn wrapped_child_exit_deregisters_and_propagates_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrapped_child_does_not_outlive_a_killed_registrar() {
+    let etcd = EtcdServer::start();
+    let backend = Backend::start("orphan").await;
+    let addr = backend.addr_string();
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    let reg = Cmd::register(
+        &etcd,
+        &[
+            "--service",
+            "web",
+            "--addr",
+            &addr,
+            "--id",
+            "o",
+            "--ttl",
+            "30",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    wait_present(&etcd, "/services/web/o", Duration::from_secs(5)).await;
+    let child_pid = eventually(PATIENCE, "the child's pid file", || async {
+        std::fs::read_to_string(&pidfile)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.trim().parse::<u32>().map_err(|e| e.to_string()))
+    })
+    .await;
+    reg.signal("-KILL");
+    eventually(PATIENCE, "the orphaned child to be terminated", || async {
+        let alive = std::process::Command::new("kill")
+            .args(["-0", &child_pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        // a zombie still answers kill -0; its state in /proc says Z
+        let zombie = std::fs::read_to_string(format!("/proc/{child_pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        (!alive || zombie)
+            .then_some(())
+            .ok_or("child still running".to_string())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrapped_child_registers_once_reachable_and_gets_signals() {
     let etcd = EtcdServer::start();
     let port = free_port();

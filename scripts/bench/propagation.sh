@@ -57,9 +57,9 @@ python3 - "$ROWS" "$FILLER" "$POLL_US" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
 import sys
 rows, filler, poll, load = sys.argv[1:]
 print(f"{filler} other services registered, polling every {poll} us; load average after: {load}\n")
-print("| health | change | trials | p50 ms | p90 ms | p99 ms | max ms | timeouts |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| health | change | trials | p50 ms | p90 ms | p99 ms | max ms | timeouts | etcd ack p50 / p99 ms |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for line in open(rows):
-    _, label, kind, n, p50, p90, p99, mx, to = line.rstrip("\n").split("\t")
-    print(f"| {label} | {kind} | {n} | {p50} | {p90} | {p99} | {mx} | {to} |")
+    _, label, kind, n, p50, p90, p99, mx, to, a50, a99 = line.rstrip("\n").split("\t")
+    print(f"| {label} | {kind} | {n} | {p50} | {p90} | {p99} | {mx} | {to} | {a50} / {a99} |")
 PY

@@ -93,7 +93,7 @@ start_haproxy() { # listen threads cpus
     cat >"$dir/haproxy.cfg" <<EOF
 global
     nbthread $threads
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     option http-keep-alive

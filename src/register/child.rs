@@ -29,16 +29,26 @@ impl Wrapped {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
             });
         };
-        let child = Command::new(program)
-            .args(args)
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .stdin(Stdio::inherit())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|source| RegisterError::Spawn {
-                command: shown.clone(),
-                source,
-            })?;
+            .stderr(Stdio::inherit());
+        // If the registrar dies without forwarding (kill -9), the command gets SIGTERM rather than
+        // running on as an orphan that nobody registers.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| RegisterError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
         let pid = child.id();
         info!(command = %shown, pid = ?pid, "command started");
         Ok(Wrapped {
@@ -48,27 +58,25 @@ impl Wrapped {
         })
     }
 
-    /// Sends `signal` ("TERM", "INT") to the child. std has no kill(2) with a signal number and
-    /// we keep libc out of the dependencies, so this runs kill(1).
+    /// Sends `signal` ("TERM", "INT") to the child.
     pub fn forward(&mut self, signal: &str) {
         let Some(pid) = self.pid else { return };
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
         info!(pid, signal, "forwarding signal to the command");
-        let sent = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        match sent {
-            Ok(s) if s.success() => {}
-            other => {
-                warn!(pid, signal, result = ?other, "kill(1) failed; killing the command with SIGKILL");
-                let _ = self.child.start_kill();
-            }
+        let signum = match signal {
+            "INT" => libc::SIGINT,
+            _ => libc::SIGTERM,
+        };
+        let Ok(pid_t) = libc::pid_t::try_from(pid) else {
+            return;
+        };
+        // SAFETY: kill(2) with a pid we spawned and have not reaped (try_wait above said running).
+        if unsafe { libc::kill(pid_t, signum) } == -1 {
+            let e = std::io::Error::last_os_error();
+            warn!(pid, signal, error = %e, "kill(2) failed; killing the command with SIGKILL");
+            let _ = self.child.start_kill();
         }
     }
 

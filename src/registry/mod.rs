@@ -121,6 +121,8 @@ pub struct Registry {
     catalog: Catalog,
     /// Bumped after every published snapshot; the health checker follows it.
     generation: watch::Sender<u64>,
+    /// Cluster id seen at the last complete list.
+    cluster_id: Option<u64>,
 }
 
 impl Registry {
@@ -146,6 +148,7 @@ impl Registry {
             status,
             catalog,
             generation,
+            cluster_id: None,
         }
     }
 
@@ -235,6 +238,7 @@ impl Registry {
         .map_err(|_| "list timed out".to_string())?
         .map_err(|e| format!("list failed: {e}"))?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        self.cluster_id = resp.header().map(|h| h.cluster_id());
         let mut resp = resp;
         let kvs = resp
             .take_kvs()
@@ -247,8 +251,9 @@ impl Registry {
         Ok(revision)
     }
 
-    /// Current store revision, to notice an etcd that lost its data (revision went backwards).
-    async fn store_revision(&self, client: &mut Client) -> Result<i64, String> {
+    /// Current store revision and cluster id, to notice an etcd that lost its data (revision went
+    /// backwards) or a different cluster behind the same endpoints.
+    async fn store_revision(&self, client: &mut Client) -> Result<(i64, Option<u64>), String> {
         let resp = tokio::time::timeout(
             self.cfg.request_timeout,
             client.get(
@@ -259,7 +264,10 @@ impl Registry {
         .await
         .map_err(|_| "revision check timed out".to_string())?
         .map_err(|e| format!("revision check failed: {e}"))?;
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+        Ok((
+            resp.header().map(|h| h.revision()).unwrap_or(0),
+            resp.header().map(|h| h.cluster_id()),
+        ))
     }
 
     async fn watch(
@@ -378,8 +386,16 @@ impl Registry {
                     None => client.insert(self.connect().await?),
                 };
                 if !need_list && revision > 0 {
-                    let store_rev = self.store_revision(c).await?;
-                    if store_rev < revision {
+                    let (store_rev, cluster) = self.store_revision(c).await?;
+                    if cluster.is_some() && self.cluster_id.is_some() && cluster != self.cluster_id
+                    {
+                        warn!(
+                            old = ?self.cluster_id,
+                            new = ?cluster,
+                            "etcd cluster id changed: re-listing"
+                        );
+                        need_list = true;
+                    } else if store_rev < revision {
                         warn!(
                             store_revision = store_rev,
                             our_revision = revision,
