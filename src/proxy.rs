@@ -84,7 +84,11 @@ async fn respond(session: &mut Session, status: u16, body: String) -> Result<()>
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
-    session.set_keepalive(None);
+    // Keep the client connection for the next request unless an unread request body is still on
+    // it (our own answers never read the body).
+    if !session.is_body_empty() {
+        session.set_keepalive(None);
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())

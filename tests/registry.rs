@@ -276,3 +276,35 @@ async fn watch_is_limited_to_the_prefix_with_its_slash() {
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_registry_is_listed_in_pages_at_one_revision() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = EtcdServer::start();
+    let mut c = etcd.client().await;
+    const N: usize = 4_500; // more than two list pages
+    for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                TxnOp::put(
+                    format!("/services/big-{}/{i}", i % 50),
+                    format!("127.0.0.{}:{}", 1 + i % 200, 1024 + i),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(Txn::new().and_then(ops)).await.expect("bulk txn");
+    }
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    let v = proxy.admin_json("/api/services").await;
+    let services = v["services"].as_array().expect("services");
+    let instances: usize = services
+        .iter()
+        .map(|s| s["instances"].as_array().map_or(0, |a| a.len()))
+        .sum();
+    assert_eq!((services.len(), instances), (50, N));
+}

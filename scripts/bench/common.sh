@@ -120,15 +120,15 @@ urllib.request.urlopen(req, timeout=5).read()
 PY
 }
 
+root_user() { [[ $(id -u) -eq 0 ]] && echo "user root;" || true; }
+
 # start_nginx_backend PORT NAME [CPUS]: a single-process nginx (master_process off) answering every
 # request with a fixed 200 body. Sets BACKEND_PID.
 start_nginx_backend() {
     local port="$1" name="$2" cpus="${3:-}" dir="$WORK/backend-$2"
     mkdir -p "$dir"
-    local user=""
-    [[ $(id -u) -eq 0 ]] && user="user root;"
     cat >"$dir/nginx.conf" <<EOF
-$user
+$(root_user)
 daemon off;
 master_process off;
 worker_processes 1;
@@ -219,3 +219,84 @@ health_toml() {
     *) die "unknown health mode $1 (default|off)" ;;
     esac
 }
+
+# start_nginx_proxy PORT WORKERS CPUS: nginx as a round-robin proxy to 127.0.0.1:$B1 and :$B2
+# (upstream keep-alive, access log off). Sets NGINX_PID.
+start_nginx_proxy() {
+    local port="$1" workers="$2" cpus="$3" dir="$WORK/nginx-proxy"
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+$(root_user)
+daemon off;
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+    upstream backends {
+        server 127.0.0.1:$B1;
+        server 127.0.0.1:$B2;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+EOF
+    local pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
+    PIDS+=($!)
+    NGINX_PID=$!
+    wait_http "http://127.0.0.1:$port/" "nginx proxy" "hello from"
+}
+
+# start_haproxy PORT THREADS CPUS: HAProxy, round robin to $B1 and $B2, http-reuse always, no
+# logs. Sets HAPROXY_PID.
+start_haproxy() {
+    local port="$1" threads="$2" cpus="$3" dir="$WORK/haproxy"
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread $threads
+    maxconn 4000
+defaults
+    mode http
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+frontend bench
+    bind 127.0.0.1:$port
+    default_backend backends
+backend backends
+    balance roundrobin
+    server b1 127.0.0.1:$B1
+    server b2 127.0.0.1:$B2
+EOF
+    local pre=()
+    [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
+    "${pre[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
+    PIDS+=($!)
+    HAPROXY_PID=$!
+    wait_http "http://127.0.0.1:$port/" "haproxy" "hello from"
+}
+

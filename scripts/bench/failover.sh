@@ -64,14 +64,17 @@ for mode in $MODES; do
     done
 done
 
-python3 - "$ROWS" "$CONNS" "$READ_TIMEOUT_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
+python3 - "$ROWS" "$CONNS" "$READ_TIMEOUT_MS" "$BEFORE_MS" "$AFTER_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
 import sys
-rows, conns, rt, load = sys.argv[1:]
-print(f"{conns} closed-loop keep-alive clients, 2 instances, victim b2; proxy.read_timeout_ms = {rt}; load average after: {load}\n")
+rows, conns, rt, before, after, load = sys.argv[1:]
+print(f"{conns} closed-loop keep-alive clients, 2 instances, victim b2; signal {before} ms into the run, "
+      f"observed for {after} ms after it; proxy.read_timeout_ms = {rt}; load average after: {load}\n")
 print("| health | signal | rps before | rps after | requests | failed after | by status | p99 after ms | max after ms | last affected request ms | victim last picked ms | victim not healthy at ms |")
 print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+nan = lambda v, word: word if v.lower() == "nan" else v
 for line in open(rows):
     f = line.rstrip("\n").split("\t")
     _, label, sig, n, failed, codes, p99, mx, last_aff, last_pick, unhealthy, rb, ra = f
+    last_aff, last_pick, unhealthy = nan(last_aff, "none"), nan(last_pick, "none"), nan(unhealthy, "never")
     print(f"| {label} | {sig} | {rb} | {ra} | {n} | {failed} | {codes} | {p99} | {mx} | {last_aff} | {last_pick} | {unhealthy} |")
 PY

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Scale: time from process start to /readyz 200, and resident memory, with 0, 10,000 and 100,000
-# instances registered (BENCH_SCALE_PER_SERVICE [10] instances per service). For each size a fresh
+# Scale: time from process start to /readyz 200, and resident memory, with 0, 10,000, 50,000 and
+# 100,000 instances registered (BENCH_SCALE_PER_SERVICE [10] instances per service). For each size a fresh
 # etcd is bulk-loaded (examples/bench_harness.rs `bulk-load`: 128-put txns, 16 in flight), then
 # `scale-probe` starts the release switchyard, polls /readyz every 2 ms, reads VmRSS at ready and
 # again after BENCH_SETTLE_MS (with the peak in between) and the CPU used while settling.
 # All instances point at one live nginx backend, so active health checks (when on) succeed.
 #
-# Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 100000"],
+# Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 50000 100000"],
 # BENCH_HEALTH ["default off"], BENCH_SETTLE_MS [5000], SWITCHYARD_BIN, BENCH_HARNESS, BENCH_OUT,
 # BENCH_KEEP=1.
 set -euo pipefail
@@ -15,7 +15,7 @@ source "$(dirname "$0")/common.sh"
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
     SIZES="${BENCH_SCALE_SIZES:-0 1000}" SETTLE_MS="${BENCH_SETTLE_MS:-2000}"
 else
-    SIZES="${BENCH_SCALE_SIZES:-0 10000 100000}" SETTLE_MS="${BENCH_SETTLE_MS:-5000}"
+    SIZES="${BENCH_SCALE_SIZES:-0 10000 50000 100000}" SETTLE_MS="${BENCH_SETTLE_MS:-5000}"
 fi
 PER="${BENCH_SCALE_PER_SERVICE:-10}"
 MODES="${BENCH_HEALTH:-default off}"
@@ -50,7 +50,9 @@ for n in $SIZES; do
         # the probe stops switchyard itself; this records its pid for the exit trap as well
         for _ in $(seq 1 100); do [[ -s "$pidfile" ]] && break; sleep 0.02; done
         [[ -s "$pidfile" ]] && PIDS+=("$(cat "$pidfile")")
-        wait "$probe" || die "scale-probe failed for $n/$mode: $(cat "$pidfile.log" 2>/dev/null | tail -5)"
+        wait "$probe" || die "scale-probe failed for $n/$mode: $(tail -5 "$pidfile.log" 2>/dev/null)"
+        grep -q 'NOT READY' "$WORK/scale-$n-$mode.txt" &&
+            log "switchyard log (last lines): $(grep -v '^ *[0-9]*:\|^ *at ' "$pidfile.log" | tail -3)"
         cat "$WORK/scale-$n-$mode.txt" >&2
         grep '^ROW' "$WORK/scale-$n-$mode.txt" >>"$ROWS"
     done

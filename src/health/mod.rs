@@ -389,11 +389,17 @@ impl Drop for ProbeTask {
 }
 
 /// Follows registry generations and keeps exactly one probe task per registered instance key.
+/// Concurrent first checks of new instances (separate from `max_concurrent`).
+const ADMISSION_PERMITS: usize = 64;
+
 pub struct HealthChecker {
     table: SharedTable,
     config: Arc<HealthConfig>,
     generations: watch::Receiver<u64>,
     semaphore: Arc<Semaphore>,
+    /// Permits for first checks only: admission of a new instance never queues behind the
+    /// steady-state checks of thousands of others.
+    admission: Arc<Semaphore>,
     /// Services as last reconciled: unchanged `Arc`s are skipped.
     services: HashMap<Arc<str>, Arc<Service>>,
     probes: HashMap<Arc<str>, ProbeTask>,
@@ -408,6 +414,7 @@ impl HealthChecker {
         HealthChecker {
             table,
             semaphore: Arc::new(Semaphore::new(config.max_concurrent)),
+            admission: Arc::new(Semaphore::new(ADMISSION_PERMITS)),
             config: Arc::new(config),
             generations,
             services: HashMap::new(),
@@ -504,6 +511,7 @@ impl HealthChecker {
             target.clone(),
             self.table.clone(),
             self.semaphore.clone(),
+            self.admission.clone(),
         ));
         // replacing the old entry aborts its task
         self.probes.insert(
@@ -527,6 +535,7 @@ async fn probe_loop(
     target: Target,
     table: SharedTable,
     semaphore: Arc<Semaphore>,
+    admission: Arc<Semaphore>,
 ) {
     let check = match target.build() {
         Ok(c) => c,
@@ -543,10 +552,16 @@ async fn probe_loop(
     let failed = METRICS
         .health_checks
         .with_label_values(&[&service, "failure"]);
+    let mut first = true;
     loop {
         let started = Instant::now();
         let result = {
-            let Ok(_permit) = semaphore.acquire().await else {
+            let permits = if std::mem::take(&mut first) {
+                &admission
+            } else {
+                &semaphore
+            };
+            let Ok(_permit) = permits.acquire().await else {
                 return;
             };
             match tokio::time::timeout(spec.timeout, check.check()).await {

@@ -29,6 +29,24 @@ use crate::events::RECENT;
 use crate::metrics::METRICS;
 use crate::routing::{Health, RoutingTable, ServiceSettings, SharedTable};
 
+/// Keys per page when listing the prefix.
+const LIST_PAGE: i64 = 2_000;
+/// Largest list response accepted (a page of big values); gRPC's default is 4 MiB.
+const LIST_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The end of the key range `[prefix, end)` that holds every key starting with `prefix`.
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // all 0xff (or empty): to the end of the keyspace
+    vec![0]
+}
+
 /// Registry state shared with the admin API and the health checker.
 #[derive(Debug, Default)]
 pub struct RegistryStatus {
@@ -226,25 +244,45 @@ impl Registry {
         );
     }
 
+    /// Lists the whole prefix at one revision, in pages (a single response for 100,000 keys would
+    /// exceed gRPC's message limit), and publishes it as one `Update::Reset`.
     async fn list(&mut self, client: &mut Client) -> Result<i64, String> {
-        let resp = tokio::time::timeout(
-            self.cfg.request_timeout,
-            client.get(
-                self.cfg.prefix.as_bytes(),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await
-        .map_err(|_| "list timed out".to_string())?
-        .map_err(|e| format!("list failed: {e}"))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        self.cluster_id = resp.header().map(|h| h.cluster_id());
-        let mut resp = resp;
-        let kvs = resp
-            .take_kvs()
-            .into_iter()
-            .map(|kv| kv.into_key_value())
-            .collect();
+        let mut kv = client
+            .kv_client()
+            .max_decoding_message_size(LIST_MAX_MESSAGE_BYTES);
+        let range_end = prefix_range_end(self.cfg.prefix.as_bytes());
+        let mut start = self.cfg.prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
+        let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let deadline = Instant::now() + self.cfg.request_timeout.max(Duration::from_secs(1)) * 4;
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(range_end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                // every page at the first page's revision: one consistent snapshot
+                opts = opts.with_revision(revision);
+            }
+            let resp = tokio::time::timeout_at(deadline.into(), kv.get(start.clone(), Some(opts)))
+                .await
+                .map_err(|_| "list timed out".to_string())?
+                .map_err(|e| format!("list failed: {e}"))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                self.cluster_id = resp.header().map(|h| h.cluster_id());
+            }
+            let more = resp.more();
+            let mut resp = resp;
+            let page = resp.take_kvs();
+            let Some(last) = page.last() else { break };
+            start = last.key().to_vec();
+            start.push(0);
+            kvs.extend(page.into_iter().map(|kv| kv.into_key_value()));
+            if !more {
+                break;
+            }
+        }
+        debug!(keys = kvs.len(), revision, "listed etcd prefix");
         self.publish(Update::Reset { revision, kvs }, "list");
         METRICS.registry_relists.inc();
         self.status.relists.fetch_add(1, Ordering::Relaxed);
@@ -515,6 +553,13 @@ pub fn set_service_gauges(name: &str, svc: &crate::routing::Service) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_range_end_covers_exactly_the_prefix() {
+        assert_eq!(prefix_range_end(b"/services/"), b"/services0".to_vec());
+        assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {

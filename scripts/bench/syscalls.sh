@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# System calls per proxied request: nginx, HAProxy and switchyard (1 worker/thread each, pinned to
+# core 0, same two nginx backends on core 1), each traced with `strace -c -f` while wrk sends
+# BENCH_DURATION [3] seconds of keep-alive load. strace slows the proxy down a lot; only the
+# per-request counts mean anything, not the rates.
+#
+# Environment: BENCH_DURATION [3], BENCH_CONNS [50], SWITCHYARD_BIN, BENCH_OUT, BENCH_KEEP=1.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+DURATION="${BENCH_DURATION:-3}"
+CONNS="${BENCH_CONNS:-50}"
+((DURATION >= 1 && DURATION <= 60)) || die "BENCH_DURATION must be 1..60"
+"$BENCH_ROOT/scripts/install-deps.sh" wrk nginx haproxy strace util-linux
+BIN=$(switchyard_bin)
+log "$(machine_line)"
+
+B1=$(free_port)
+B2=$(free_port)
+start_nginx_backend "$B1" b1 1
+start_nginx_backend "$B2" b2 1
+start_etcd 1
+etcd_put /services/bench/b1 "127.0.0.1:$B1"
+etcd_put /services/bench/b2 "127.0.0.1:$B2"
+NP=$(free_port)
+HP=$(free_port)
+SP=$(free_port)
+SA=$(free_port)
+start_nginx_proxy "$NP" 1 0
+start_haproxy "$HP" 1 0
+write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" 1
+start_switchyard "$BIN" "$WORK/switchyard.toml" "127.0.0.1:$SA" 0
+# nginx's worker, not its master, does the proxying
+NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -1)
+
+ROWS="$WORK/rows.tsv"
+: >"$ROWS"
+for target in nginx:"$NGINX_WORKER":"$NP" haproxy:"$HAPROXY_PID":"$HP" switchyard:"$SY_PID":"$SP"; do
+    IFS=: read -r name pid port <<<"$target"
+    taskset -c 1 wrk -t1 -c"$CONNS" -d1s -H 'Host: bench' "http://127.0.0.1:$port/" >/dev/null
+    strace -c -f -q -o "$WORK/strace-$name.txt" -p "$pid" &
+    st=$!
+    PIDS+=("$st")
+    sleep 0.5
+    taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" -H 'Host: bench' "http://127.0.0.1:$port/" >"$WORK/wrk-$name.txt"
+    sleep 0.2
+    kill -INT "$st" 2>/dev/null || true
+    wait "$st" 2>/dev/null || true
+    python3 - "$name" "$WORK/wrk-$name.txt" "$WORK/strace-$name.txt" >>"$ROWS" <<'PY'
+import re, sys
+name, wrk, st = sys.argv[1:]
+reqs = int(re.search(r"(\d+) requests in", open(wrk).read()).group(1))
+calls = {}
+for line in open(st):
+    f = line.split()
+    if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
+        calls[f[-1]] = int(f[3])
+total = sum(calls.values())
+top = sorted(calls.items(), key=lambda kv: -kv[1])[:6]
+print(f"{name}\t{reqs}\t{total/reqs:.2f}\t" + ", ".join(f"{k} {v/reqs:.2f}" for k, v in top))
+PY
+done
+python3 - "$ROWS" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
+import sys
+print("| proxy | requests traced | syscalls per request | top calls per request |")
+print("| --- | ---: | ---: | --- |")
+for line in open(sys.argv[1]):
+    name, reqs, per, top = line.rstrip("\n").split("\t")
+    print(f"| {name} | {reqs} | {per} | {top} |")
+PY
