@@ -69,6 +69,7 @@ pub struct FileConfig {
 pub struct ProxySection {
     pub listen: String,
     pub threads: usize,
+    pub work_stealing: bool,
     pub connect_timeout_ms: u64,
     pub read_timeout_ms: u64,
     pub write_timeout_ms: u64,
@@ -85,6 +86,7 @@ impl Default for ProxySection {
         ProxySection {
             listen: "0.0.0.0:8080".into(),
             threads: 2,
+            work_stealing: true,
             connect_timeout_ms: 1_000,
             read_timeout_ms: 30_000,
             write_timeout_ms: 30_000,
@@ -293,6 +295,7 @@ pub struct Config {
 pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub threads: usize,
+    pub work_stealing: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
@@ -385,6 +388,7 @@ impl FileConfig {
         let proxy = ProxyConfig {
             listen: parse_addr("proxy.listen", &p.listen)?,
             threads: p.threads,
+            work_stealing: p.work_stealing,
             connect_timeout: ms("proxy.connect_timeout_ms", p.connect_timeout_ms)?,
             read_timeout: ms("proxy.read_timeout_ms", p.read_timeout_ms)?,
             write_timeout: ms("proxy.write_timeout_ms", p.write_timeout_ms)?,

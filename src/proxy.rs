@@ -354,6 +354,14 @@ impl ProxyHttp for SwitchyardProxy {
             },
         };
         ctx.own_status = Some(code);
+        if code == 504 {
+            // An instance that accepts but never answers (frozen, overloaded) counts towards
+            // passive ejection like a refused connection, so it leaves rotation before its next
+            // active checks notice.
+            if let (Some(svc), Some(inst)) = (&ctx.service, &ctx.instance) {
+                crate::health::passive_failure(svc, inst, e);
+            }
+        }
         if code >= 500 {
             let instance = ctx.instance.as_ref().map(|i| i.addr.to_string());
             crate::events::RECENT.record(

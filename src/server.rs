@@ -102,6 +102,7 @@ impl Switchyard {
     pub fn build(config: Config) -> Result<Switchyard, pingora::BError> {
         let conf = ServerConf {
             threads: config.proxy.threads,
+            work_stealing: config.proxy.work_stealing,
             upstream_keepalive_pool_size: config.proxy.keepalive_pool_size,
             // pingora's grace period is a fixed sleep after the listeners close, at the end of
             // which in-flight requests are dropped. We make it the drain budget (plus a second);

@@ -389,6 +389,23 @@ impl Drop for ProbeTask {
 }
 
 /// Follows registry generations and keeps exactly one probe task per registered instance key.
+/// Starts the thread and single-threaded runtime that run the steady-state checks.
+fn start_probe_runtime(
+) -> std::io::Result<(tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("health-probes".into())
+        .spawn(move || {
+            // runs until the checker drops `stop` (or sends), then drops every probe task
+            let _ = rt.block_on(stopped);
+        })?;
+    Ok((handle, stop))
+}
+
 /// Concurrent first checks of new instances (separate from `max_concurrent`).
 const ADMISSION_PERMITS: usize = 64;
 
@@ -400,6 +417,11 @@ pub struct HealthChecker {
     /// Permits for first checks only: admission of a new instance never queues behind the
     /// steady-state checks of thousands of others.
     admission: Arc<Semaphore>,
+    /// Runtime of the steady-state checks (a thread of its own, started by `run`); `None` runs
+    /// everything on the caller's runtime (unit tests).
+    steady: Option<tokio::runtime::Handle>,
+    /// Ends the steady-state runtime's thread when dropped.
+    steady_stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// Services as last reconciled: unchanged `Arc`s are skipped.
     services: HashMap<Arc<str>, Arc<Service>>,
     probes: HashMap<Arc<str>, ProbeTask>,
@@ -415,6 +437,8 @@ impl HealthChecker {
             table,
             semaphore: Arc::new(Semaphore::new(config.max_concurrent)),
             admission: Arc::new(Semaphore::new(ADMISSION_PERMITS)),
+            steady: None,
+            steady_stop: None,
             config: Arc::new(config),
             generations,
             services: HashMap::new(),
@@ -433,6 +457,15 @@ impl HealthChecker {
             max_concurrent = self.config.max_concurrent,
             "health checker starting"
         );
+        match start_probe_runtime() {
+            Ok((handle, stop)) => {
+                self.steady = Some(handle);
+                self.steady_stop = Some(stop);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot start the probe runtime; checks share the checker's thread")
+            }
+        }
         let mut registry_alive = true;
         loop {
             if *shutdown.borrow() {
@@ -512,6 +545,7 @@ impl HealthChecker {
             self.table.clone(),
             self.semaphore.clone(),
             self.admission.clone(),
+            self.steady.clone(),
         ));
         // replacing the old entry aborts its task
         self.probes.insert(
@@ -528,6 +562,7 @@ impl HealthChecker {
 
 /// Checks one instance forever: at once, then every `interval` (minus jitter) measured from the
 /// start of the previous check.
+#[allow(clippy::too_many_arguments)]
 async fn probe_loop(
     service: Arc<str>,
     key: Arc<str>,
@@ -536,81 +571,160 @@ async fn probe_loop(
     table: SharedTable,
     semaphore: Arc<Semaphore>,
     admission: Arc<Semaphore>,
+    steady: Option<tokio::runtime::Handle>,
 ) {
-    let check = match target.build() {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(service = %service, instance = %key, error = %e, "cannot build health check");
-            return;
-        }
+    let probe = Probe {
+        service,
+        key,
+        state,
+        target,
+        table,
     };
-    let spec = &target.spec;
-    let mut tracker = Tracker::new(spec);
-    let passed = METRICS
-        .health_checks
-        .with_label_values(&[&service, "success"]);
-    let failed = METRICS
-        .health_checks
-        .with_label_values(&[&service, "failure"]);
-    let mut first = true;
-    loop {
-        let started = Instant::now();
-        let result = {
-            let permits = if std::mem::take(&mut first) {
-                &admission
-            } else {
-                &semaphore
-            };
-            let Ok(_permit) = permits.acquire().await else {
-                return;
-            };
-            match tokio::time::timeout(spec.timeout, check.check()).await {
-                Ok(r) => r,
-                Err(_) => Err(ProbeError::Timeout(spec.timeout)),
+    let Some(steady) = steady else {
+        probe.checks(&admission, &semaphore, None).await;
+        return;
+    };
+    // The first check runs here, on the checker's own runtime, which does little else: admitting a
+    // new instance never waits behind the steady-state checks of thousands of others. The rest of
+    // the loop runs on the probe runtime.
+    let Some(tracker) = probe.checks(&admission, &semaphore, Some(1)).await else {
+        return;
+    };
+    let rest = steady.spawn(async move {
+        probe.resume(tracker, &semaphore).await;
+    });
+    // aborting this task (instance removed) aborts the loop on the other runtime too
+    let _guard = AbortOnDrop(rest.abort_handle());
+    let _ = rest.await;
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One instance's checks.
+struct Probe {
+    service: Arc<str>,
+    key: Arc<str>,
+    state: Arc<InstanceState>,
+    target: Target,
+    table: SharedTable,
+}
+
+impl Probe {
+    /// Checks at once, then every `interval` (minus jitter) measured from the start of the
+    /// previous check; the first check takes an `admission` permit, the others `steady` ones.
+    /// Stops after `limit` checks (returning the tracker) or never.
+    async fn checks(
+        &self,
+        admission: &Semaphore,
+        steady: &Semaphore,
+        limit: Option<usize>,
+    ) -> Option<Tracker> {
+        let tracker = Tracker::new(&self.target.spec);
+        self.run(tracker, Some(admission), steady, limit, false)
+            .await
+    }
+
+    /// Continues after `checks(.., Some(n))`: waits one interval first.
+    async fn resume(&self, tracker: Tracker, steady: &Semaphore) {
+        self.run(tracker, None, steady, None, true).await;
+    }
+
+    async fn run(
+        &self,
+        mut tracker: Tracker,
+        mut first_permits: Option<&Semaphore>,
+        steady: &Semaphore,
+        limit: Option<usize>,
+        wait_first: bool,
+    ) -> Option<Tracker> {
+        let (service, key, state, spec) =
+            (&self.service, &self.key, &self.state, &self.target.spec);
+        let check = match self.target.build() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(service = %service, instance = %key, error = %e, "cannot build health check");
+                return None;
             }
         };
-        match &result {
-            Ok(()) => passed.inc(),
-            Err(_) => failed.inc(),
+        let passed = METRICS
+            .health_checks
+            .with_label_values(&[service, "success"]);
+        let failed = METRICS
+            .health_checks
+            .with_label_values(&[service, "failure"]);
+        if wait_first {
+            tokio::time::sleep(spec.interval.saturating_sub(jitter(spec))).await;
         }
-        state.record_check(crate::routing::CheckRecord {
-            at: std::time::SystemTime::now(),
-            ok: result.is_ok(),
-            detail: match &result {
-                Ok(()) => "ok".to_string(),
-                Err(e) => e.to_string(),
-            },
-            took: started.elapsed(),
-        });
-        let current = state.health();
-        if let Some(next) = tracker.observe(current, result.is_ok()) {
-            if state.transition(current, next) {
-                if next == Health::Healthy {
-                    state
-                        .connect_failures
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
-                }
-                let reason = match &result {
-                    Ok(()) => format!("{:?} check passed", spec.protocol).to_lowercase(),
-                    Err(e) => e.to_string(),
+        let mut done = 0usize;
+        loop {
+            let started = Instant::now();
+            let result = {
+                let permits = first_permits.take().unwrap_or(steady);
+                let Ok(_permit) = permits.acquire().await else {
+                    return None;
                 };
-                let snapshot = table.load();
-                report_transition(
-                    &service,
-                    snapshot.service(&service).map(|s| &**s),
-                    &key,
-                    current,
-                    next,
-                    &reason,
-                );
+                match tokio::time::timeout(spec.timeout, check.check()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ProbeError::Timeout(spec.timeout)),
+                }
+            };
+            match &result {
+                Ok(()) => passed.inc(),
+                Err(_) => failed.inc(),
             }
+            state.record_check(crate::routing::CheckRecord {
+                at: std::time::SystemTime::now(),
+                ok: result.is_ok(),
+                detail: match &result {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => e.to_string(),
+                },
+                took: started.elapsed(),
+            });
+            let current = state.health();
+            if let Some(next) = tracker.observe(current, result.is_ok()) {
+                if state.transition(current, next) {
+                    if next == Health::Healthy {
+                        state
+                            .connect_failures
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let reason = match &result {
+                        Ok(()) => format!("{:?} check passed", spec.protocol).to_lowercase(),
+                        Err(e) => e.to_string(),
+                    };
+                    let snapshot = self.table.load();
+                    report_transition(
+                        service,
+                        snapshot.service(service).map(|s| &**s),
+                        key,
+                        current,
+                        next,
+                        &reason,
+                    );
+                }
+            }
+            done += 1;
+            if limit.is_some_and(|l| done >= l) {
+                return Some(tracker);
+            }
+            tokio::time::sleep_until(started + spec.interval.saturating_sub(jitter(spec))).await;
         }
-        let jitter = if spec.jitter.is_zero() {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(rand::thread_rng().gen_range(0..=spec.jitter.as_millis() as u64))
-        };
-        tokio::time::sleep_until(started + spec.interval.saturating_sub(jitter)).await;
+    }
+}
+
+/// A random 0..=jitter shortening of the next wait.
+fn jitter(spec: &CheckSpec) -> Duration {
+    if spec.jitter.is_zero() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(rand::thread_rng().gen_range(0..=spec.jitter.as_millis() as u64))
     }
 }
 
