@@ -379,12 +379,18 @@ pub fn passive_success(state: &InstanceState) {
 struct ProbeTask {
     state: Arc<InstanceState>,
     target: Target,
+    /// The first check (on the checker's runtime), or the whole loop without a probe runtime.
     handle: JoinHandle<()>,
+    /// The steady-state loop on the probe runtime, once the first check handed over to it.
+    steady: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for ProbeTask {
     fn drop(&mut self) {
         self.handle.abort();
+        if let Some(h) = self.steady.lock().ok().and_then(|mut g| g.take()) {
+            h.abort();
+        }
     }
 }
 
@@ -537,15 +543,18 @@ impl HealthChecker {
         for e in &errors {
             warn!(service = %service, instance = %inst.key, error = %e, "ignoring invalid health metadata");
         }
+        let steady_slot = Arc::new(std::sync::Mutex::new(None));
         let handle = tokio::spawn(probe_loop(
-            service.clone(),
-            inst.key.clone(),
-            inst.state.clone(),
-            target.clone(),
-            self.table.clone(),
+            Probe {
+                service: service.clone(),
+                key: inst.key.clone(),
+                state: inst.state.clone(),
+                target: target.clone(),
+                table: self.table.clone(),
+            },
             self.semaphore.clone(),
             self.admission.clone(),
-            self.steady.clone(),
+            self.steady.clone().map(|h| (h, steady_slot.clone())),
         ));
         // replacing the old entry aborts its task
         self.probes.insert(
@@ -554,6 +563,7 @@ impl HealthChecker {
                 state: inst.state.clone(),
                 target,
                 handle,
+                steady: steady_slot,
             },
         );
         true
@@ -562,48 +572,33 @@ impl HealthChecker {
 
 /// Checks one instance forever: at once, then every `interval` (minus jitter) measured from the
 /// start of the previous check.
-#[allow(clippy::too_many_arguments)]
+/// Runs an instance's checks. With a probe runtime, the first check runs here, on the checker's
+/// own runtime, which does little else, so admitting a new instance never waits behind the
+/// steady-state checks of thousands of others; the loop then moves to the probe runtime and this
+/// task ends (its abort handle goes into `slot`, where dropping the `ProbeTask` finds it).
 async fn probe_loop(
-    service: Arc<str>,
-    key: Arc<str>,
-    state: Arc<InstanceState>,
-    target: Target,
-    table: SharedTable,
+    probe: Probe,
     semaphore: Arc<Semaphore>,
     admission: Arc<Semaphore>,
-    steady: Option<tokio::runtime::Handle>,
+    steady: Option<(
+        tokio::runtime::Handle,
+        Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
+    )>,
 ) {
-    let probe = Probe {
-        service,
-        key,
-        state,
-        target,
-        table,
-    };
-    let Some(steady) = steady else {
+    let Some((runtime, slot)) = steady else {
         probe.checks(&admission, &semaphore, None).await;
         return;
     };
-    // The first check runs here, on the checker's own runtime, which does little else: admitting a
-    // new instance never waits behind the steady-state checks of thousands of others. The rest of
-    // the loop runs on the probe runtime.
     let Some(tracker) = probe.checks(&admission, &semaphore, Some(1)).await else {
         return;
     };
-    let rest = steady.spawn(async move {
+    // no await between spawning and storing: an abort cannot fall in between
+    let rest = runtime.spawn(async move {
         probe.resume(tracker, &semaphore).await;
     });
-    // aborting this task (instance removed) aborts the loop on the other runtime too
-    let _guard = AbortOnDrop(rest.abort_handle());
-    let _ = rest.await;
-}
-
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    if let Ok(mut g) = slot.lock() {
+        *g = Some(rest.abort_handle());
+    };
 }
 
 /// One instance's checks.
