@@ -86,7 +86,7 @@ impl Default for ProxySection {
         ProxySection {
             listen: "0.0.0.0:8080".into(),
             threads: 2,
-            work_stealing: true,
+            work_stealing: false,
             connect_timeout_ms: 1_000,
             read_timeout_ms: 30_000,
             write_timeout_ms: 30_000,

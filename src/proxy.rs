@@ -57,6 +57,8 @@ pub struct Ctx {
     upstream_start: Option<Instant>,
     /// Status we answered ourselves (404/503/502/504), for logging.
     own_status: Option<u16>,
+    /// The client's IP address, looked up once per downstream connection.
+    client_ip: Option<Arc<str>>,
 }
 
 impl Ctx {
@@ -117,6 +119,28 @@ impl ProxyHttp for SwitchyardProxy {
             inflight: None,
             upstream_start: None,
             own_status: None,
+            client_ip: None,
+        }
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        ctx.client_ip
+            .clone()
+            .map(|ip| Box::new(ip) as Box<dyn std::any::Any + Send + Sync>)
+    }
+
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+        prev: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(ip) = prev.downcast::<Arc<str>>() {
+            ctx.client_ip = Some(*ip);
         }
     }
 
@@ -270,18 +294,22 @@ impl ProxyHttp for SwitchyardProxy {
             })?;
             upstream.set_uri(uri);
         }
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
-        if let Some(ip) = client_ip {
+        if ctx.client_ip.is_none() {
+            // once per connection: later requests on it get it from the previous request's
+            // context (persist_connection_context), saving a getpeername(2) per request
+            ctx.client_ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| Arc::from(a.ip().to_string()));
+        }
+        if let Some(ip) = ctx.client_ip.as_deref() {
             let xff = match upstream
                 .headers
                 .get("x-forwarded-for")
                 .and_then(|v| v.to_str().ok())
             {
                 Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
+                _ => ip.to_string(),
             };
             upstream.insert_header("x-forwarded-for", xff)?;
         }

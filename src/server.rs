@@ -9,6 +9,7 @@ use pingora::server::ExecutionPhase;
 use tokio::sync::broadcast;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -23,30 +24,31 @@ use crate::proxy::{SwitchyardProxy, IN_FLIGHT};
 use crate::registry::{Registry, RegistryStatus};
 use crate::routing::{new_shared_table, SharedTable};
 
-/// Runs the registry inside pingora's service lifecycle.
-struct RegistryService(Mutex<Option<Registry>>);
+/// A task that consumes itself (`run(self, shutdown)`), run once inside pingora's service
+/// lifecycle (the registry, the health checker).
+struct RunOnce {
+    name: &'static str,
+    task: Mutex<Option<OnceTask>>,
+}
 
-#[async_trait]
-impl BackgroundService for RegistryService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let registry = self.0.lock().ok().and_then(|mut g| g.take());
-        match registry {
-            Some(r) => r.run(shutdown).await,
-            None => error!("registry service started twice"),
+type OnceTask = Box<dyn FnOnce(ShutdownWatch) -> BoxFuture<'static, ()> + Send>;
+
+impl RunOnce {
+    fn new(name: &'static str, task: OnceTask) -> RunOnce {
+        RunOnce {
+            name,
+            task: Mutex::new(Some(task)),
         }
     }
 }
 
-/// Runs the health checker inside pingora's service lifecycle.
-struct HealthService(Mutex<Option<HealthChecker>>);
-
 #[async_trait]
-impl BackgroundService for HealthService {
+impl BackgroundService for RunOnce {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let checker = self.0.lock().ok().and_then(|mut g| g.take());
-        match checker {
-            Some(c) => c.run(shutdown).await,
-            None => error!("health service started twice"),
+        let task = self.task.lock().ok().and_then(|mut g| g.take());
+        match task {
+            Some(run) => run(shutdown).await,
+            None => error!(service = self.name, "background service started twice"),
         }
     }
 }
@@ -160,16 +162,20 @@ impl Switchyard {
         admin_service.threads = Some(1);
         admin_service.add_tcp(&config.admin_listen.to_string());
 
-        let mut registry_service =
-            background_service("registry", RegistryService(Mutex::new(Some(registry))));
+        let mut registry_service = background_service(
+            "registry",
+            RunOnce::new("registry", Box::new(move |s| Box::pin(registry.run(s)))),
+        );
         registry_service.threads = Some(1);
 
         server.add_service(proxy_service);
         server.add_service(admin_service);
         server.add_service(registry_service);
         if let Some(checker) = health {
-            let mut health_service =
-                background_service("health", HealthService(Mutex::new(Some(checker))));
+            let mut health_service = background_service(
+                "health",
+                RunOnce::new("health", Box::new(move |s| Box::pin(checker.run(s)))),
+            );
             health_service.threads = Some(1);
             server.add_service(health_service);
         }

@@ -167,6 +167,7 @@ write_switchyard_config() {
 listen = "$listen"
 threads = $threads
 keepalive_pool_size = 1024
+${BENCH_SWITCHYARD_PROXY_TOML:-}
 
 [admin]
 listen = "$admin"

@@ -17,6 +17,7 @@
 #   BENCH_VARIANTS ["pinned unpinned"]
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
+#   BENCH_SWITCHYARD_PROXY_TOML  extra lines for switchyard's [proxy] section (e.g. "work_stealing = false")
 #   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw wrk output)
 # Default runtime: about 2 variants x 3 rounds x 4 targets x 12 s = 5 minutes.
 set -euo pipefail
