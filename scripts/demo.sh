@@ -13,27 +13,7 @@ STAY=0
 scripts/install-deps.sh
 cargo build --locked --bin switchyard
 BIN=target/debug/switchyard
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    # stop what this script started, newest first; registrars deregister on SIGTERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill "${PIDS[$i]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-wait_http() { # url, what
-    for _ in $(seq 1 200); do
-        if python3 - "$1" <<'PY' 2>/dev/null; then return 0; fi
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1], timeout=1)
-PY
-        sleep 0.05
-    done
-    echo "demo: $2 did not come up ($1)" >&2
-    exit 1
-}
+source scripts/lib.sh
 
 echo "== starting etcd on 127.0.0.1:2379 (data in $WORK/etcd)"
 etcd --data-dir "$WORK/etcd" --listen-client-urls http://127.0.0.1:2379 \

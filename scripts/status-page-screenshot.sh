@@ -10,39 +10,24 @@ OUT=${1:-target/status-page.png}
 scripts/install-deps.sh chromium
 cargo build --locked --bin switchyard
 BIN=target/debug/switchyard
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill "${PIDS[$i]}" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-    for _ in $(seq 1 200); do
-        python3 -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "$1 did not come up" >&2
-    exit 1
-}
+source scripts/lib.sh
+port() { free_port; }
 EP=$(port); PP=$(port); PROXY=$(port); ADMIN=$(port); B1=$(port); B2=$(port)
 etcd --name shot --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EP" \
     --advertise-client-urls "http://127.0.0.1:$EP" --listen-peer-urls "http://127.0.0.1:$PP" \
     --initial-advertise-peer-urls "http://127.0.0.1:$PP" --initial-cluster "shot=http://127.0.0.1:$PP" \
     --log-level warn >"$WORK/etcd.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$EP/health"
+wait_http "http://127.0.0.1:$EP/health" etcd
 "$BIN" serve --listen "127.0.0.1:$PROXY" --admin-listen "127.0.0.1:$ADMIN" --etcd "http://127.0.0.1:$EP" \
     >"$WORK/switchyard.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$ADMIN/readyz"
+wait_http "http://127.0.0.1:$ADMIN/readyz" switchyard
 echo ok >"$WORK/health" # python's file server then answers the /health check with 200
 for p in "$B1" "$B2"; do
     python3 -m http.server "$p" --bind 127.0.0.1 --directory "$WORK" >/dev/null 2>&1 &
     PIDS+=($!)
-    wait_http "http://127.0.0.1:$p/"
+    wait_http "http://127.0.0.1:$p/" backend
 done
 "$BIN" register --service catalog --addr "127.0.0.1:$B1" --id web-1 --meta zone=a --meta version=1.4.2 \
     --etcd "http://127.0.0.1:$EP" >"$WORK/r1.log" 2>&1 &
