@@ -107,6 +107,10 @@ fn request_host(req: &RequestHeader) -> Option<&str> {
 impl ProxyHttp for SwitchyardProxy {
     type CTX = Ctx;
 
+    /// No downstream modules: pingora's default adds a (disabled) response compression module
+    /// whose per-request context and filter calls cost every request something.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         Ctx {
