@@ -308,3 +308,30 @@ async fn a_large_registry_is_listed_in_pages_at_one_revision() {
         .sum();
     assert_eq!((services.len(), instances), (50, N));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_resync_relists_without_disturbing_routing() {
+    let etcd = EtcdServer::start();
+    let b = Backend::start("b").await;
+    etcd.put("/services/r/1", b.addr_string()).await;
+    let proxy = Proxy::builder(&etcd)
+        .resync_ms(300)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    wait_keys(&proxy, "r", &["/services/r/1"]).await;
+    eventually(
+        PATIENCE,
+        "at least three re-lists from the resync timer",
+        || async {
+            let m = proxy.metrics().await;
+            let n = metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0);
+            (n >= 3.0).then_some(()).ok_or(format!("relists = {n}"))
+        },
+    )
+    .await;
+    // a resync is a diff, not a reset of state: the instance is still there, routed
+    wait_keys(&proxy, "r", &["/services/r/1"]).await;
+    let (status, body) = proxy.get_service("r", "/").await;
+    assert_eq!(status, 200, "{body}");
+}

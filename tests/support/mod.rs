@@ -266,6 +266,7 @@ pub struct ProxyBuilder {
     extra: String,
     prefix: Option<String>,
     wait_ready: bool,
+    resync_ms: Option<u64>,
 }
 
 impl ProxyBuilder {
@@ -278,6 +279,12 @@ impl ProxyBuilder {
 
     pub fn prefix(mut self, p: &str) -> Self {
         self.prefix = Some(p.to_string());
+        self
+    }
+
+    /// etcd.resync_interval_ms (periodic full re-list).
+    pub fn resync_ms(mut self, ms: u64) -> Self {
+        self.resync_ms = Some(ms);
         self
     }
 
@@ -305,6 +312,9 @@ impl ProxyBuilder {
         text.push_str(&format!(
             "\n[etcd]\nendpoints = [{etcd}]\nprefix = {prefix:?}\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\nrequest_timeout_ms = 1000\ndial_timeout_ms = 1000\n"
         ));
+        if let Some(ms) = self.resync_ms {
+            text.push_str(&format!("resync_interval_ms = {ms}\n"));
+        }
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, &text).expect("writing proxy config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("proxy log");
@@ -365,6 +375,7 @@ impl Proxy {
             extra: String::new(),
             prefix: None,
             wait_ready: true,
+            resync_ms: None,
         }
     }
 
@@ -374,6 +385,7 @@ impl Proxy {
             extra: String::new(),
             prefix: None,
             wait_ready: true,
+            resync_ms: None,
         }
     }
 
