@@ -25,10 +25,7 @@ pub struct RecentEvents {
 
 impl RecentEvents {
     pub fn record(&self, kind: &'static str, message: impl Into<String>) {
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at_ms = crate::routing::unix_ms(SystemTime::now());
         if let Ok(mut ring) = self.ring.lock() {
             if ring.len() == CAPACITY {
                 ring.pop_front();

@@ -42,11 +42,7 @@ async fn metrics_count_real_traffic_and_registry_state() {
     })
     .await;
     // wait until both are admitted (first health check passed), without sending traffic
-    eventually(PATIENCE, "both instances of m healthy", || async {
-        let v = proxy.admin_json("/api/services/m").await;
-        (v["usable"] == 2).then_some(()).ok_or(v.to_string())
-    })
-    .await;
+    proxy.wait_usable("m", 2).await;
     for _ in 0..10 {
         assert_eq!(proxy.get_service("m", "/").await.0, 200);
     }

@@ -100,14 +100,7 @@ async fn weights_are_respected_and_zero_drains() {
         format!(r#"{{"addr":"{}","weight":1}}"#, light.addr),
     )
     .await;
-    eventually(PATIENCE, "both instances in the snapshot", || async {
-        let v = proxy.admin_json("/api/services/w").await;
-        match v["usable"].as_u64() {
-            Some(2) => Ok(()),
-            other => Err(format!("usable = {other:?}")),
-        }
-    })
-    .await;
+    proxy.wait_usable("w", 2).await;
     let counts = backend_counts(&proxy, "w", 400).await;
     // smooth weighted round robin is exact over whole cycles
     assert_eq!(counts.get("heavy"), Some(&300), "{counts:?}");
@@ -119,14 +112,7 @@ async fn weights_are_respected_and_zero_drains() {
         format!(r#"{{"addr":"{}","weight":0}}"#, heavy.addr),
     )
     .await;
-    eventually(PATIENCE, "heavy to drain", || async {
-        let v = proxy.admin_json("/api/services/w").await;
-        match v["usable"].as_u64() {
-            Some(1) => Ok(()),
-            other => Err(format!("usable = {other:?}")),
-        }
-    })
-    .await;
+    proxy.wait_usable("w", 1).await;
     let counts = backend_counts(&proxy, "w", 20).await;
     assert_eq!(counts.get("light"), Some(&20), "{counts:?}");
 

@@ -79,15 +79,21 @@ PY
     die "$what did not come up ($url)"
 }
 
-# Builds (if needed) the release binary; SWITCHYARD_BIN overrides.
-switchyard_bin() {
-    if [[ -n "${SWITCHYARD_BIN:-}" ]]; then
-        echo "$SWITCHYARD_BIN"
+# release_bin OVERRIDE PATH CARGO_TARGET_ARGS...: prints OVERRIDE when set, else builds (if needed)
+# the release target and prints its PATH under the project root.
+release_bin() {
+    local override="$1" path="$2"
+    shift 2
+    if [[ -n "$override" ]]; then
+        echo "$override"
         return
     fi
-    (cd "$BENCH_ROOT" && cargo build --quiet --release --bin switchyard >&2)
-    echo "$BENCH_ROOT/target/release/switchyard"
+    (cd "$BENCH_ROOT" && cargo build --quiet --release "$@" >&2)
+    echo "$BENCH_ROOT/$path"
 }
+
+# The release binary; SWITCHYARD_BIN overrides.
+switchyard_bin() { release_bin "${SWITCHYARD_BIN:-}" target/release/switchyard --bin switchyard; }
 
 # start_etcd: starts a fresh etcd with a temporary data dir; sets ETCD_URL and ETCD_PID.
 # Optional $1: taskset cpu list (e.g. "1").
@@ -201,14 +207,9 @@ machine_line() {
     echo "nproc=$(nproc), CPU: ${model:-unknown}, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
-# Builds (if needed) the release harness example; BENCH_HARNESS overrides.
+# The release harness example; BENCH_HARNESS overrides.
 harness_bin() {
-    if [[ -n "${BENCH_HARNESS:-}" ]]; then
-        echo "$BENCH_HARNESS"
-        return
-    fi
-    (cd "$BENCH_ROOT" && cargo build --quiet --release --example bench_harness >&2)
-    echo "$BENCH_ROOT/target/release/examples/bench_harness"
+    release_bin "${BENCH_HARNESS:-}" target/release/examples/bench_harness --example bench_harness
 }
 
 # health_toml MODE: the [health] section for a bench config: "default" (nothing, the defaults

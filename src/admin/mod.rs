@@ -4,7 +4,7 @@
 mod page;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use http::Response;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::metrics::gather_text;
 use crate::registry::RegistryStatus;
-use crate::routing::{Instance, Service, SharedTable};
+use crate::routing::{unix_ms, Instance, Service, SharedTable};
 
 pub struct AdminApp {
     pub table: SharedTable,
@@ -22,12 +22,6 @@ pub struct AdminApp {
     pub started: Instant,
     pub etcd_endpoints: Vec<String>,
     pub prefix: String,
-}
-
-fn unix_secs(t: SystemTime) -> Option<u64> {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs())
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -53,11 +47,7 @@ fn json_reply(status: u16, v: &Value) -> Response<Vec<u8>> {
 }
 
 pub fn instance_json(i: &Instance) -> Value {
-    let state = if i.draining() {
-        "draining"
-    } else {
-        i.state.health().as_str()
-    };
+    let state = i.state_label();
     json!({
         "key": &*i.key,
         "id": &*i.id,
@@ -73,7 +63,7 @@ pub fn instance_json(i: &Instance) -> Value {
         "last_check": i.state.last_check().map(|c| json!({
             "ok": c.ok,
             "detail": c.detail,
-            "at_unix_ms": c.at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "at_unix_ms": unix_ms(c.at),
             "took_ms": c.took.as_secs_f64() * 1000.0,
         })),
     })
@@ -97,7 +87,7 @@ impl AdminApp {
             "endpoints": self.etcd_endpoints,
             "prefix": self.prefix,
             "last_error": self.status.last_error(),
-            "last_update_unix": self.status.last_update().and_then(unix_secs),
+            "last_update_unix": self.status.last_update().map(|t| unix_ms(t) / 1000),
             "relists": self.status.relists.load(std::sync::atomic::Ordering::Relaxed),
             "reconnects": self.status.reconnects.load(std::sync::atomic::Ordering::Relaxed),
             "invalid_registrations": self.status.invalid_entries().into_iter()

@@ -78,11 +78,7 @@ pub fn render(app: &AdminApp) -> String {
             s.instances.len()
         );
         for i in &s.instances {
-            let state = if i.draining() {
-                "draining"
-            } else {
-                i.state.health().as_str()
-            };
+            let state = i.state_label();
             let meta: Vec<String> = i
                 .metadata
                 .iter()
@@ -91,10 +87,7 @@ pub fn render(app: &AdminApp) -> String {
             let check = match i.state.last_check() {
                 None => "not yet".to_string(),
                 Some(c) => {
-                    let at =
-                        c.at.duration_since(std::time::SystemTime::UNIX_EPOCH)
-                            .map(|d| d.as_millis() as u64)
-                            .unwrap_or(0);
+                    let at = crate::routing::unix_ms(c.at);
                     let class = if c.ok { "ok" } else { "bad" };
                     format!(
                         "<span class=\"{class}\">{}</span> at {} ({:.1} ms)",

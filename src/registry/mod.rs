@@ -27,7 +27,7 @@ pub use catalog::{Catalog, Change, SystemResolver, Update};
 use crate::config::EtcdConfig;
 use crate::events::RECENT;
 use crate::metrics::METRICS;
-use crate::routing::{Health, RoutingTable, ServiceSettings, SharedTable};
+use crate::routing::{Health, RoutingTable, ServiceSettings, SharedTable, INSTANCE_STATES};
 
 /// Keys per page when listing the prefix.
 const LIST_PAGE: i64 = 2_000;
@@ -224,9 +224,9 @@ impl Registry {
             *g = invalid;
         }
         let now = SystemTime::now();
-        if let Ok(d) = now.duration_since(SystemTime::UNIX_EPOCH) {
-            METRICS.registry_last_update.set(d.as_secs() as i64);
-        }
+        METRICS
+            .registry_last_update
+            .set((crate::routing::unix_ms(now) / 1000) as i64);
         if let Ok(mut g) = self.status.last_update.lock() {
             *g = Some(now);
         }
@@ -514,7 +514,7 @@ pub fn update_instance_gauges(old: &RoutingTable, new: &RoutingTable) {
     }
     for name in old.services.keys() {
         if !new.services.contains_key(name) {
-            for state in ["healthy", "unhealthy", "pending", "draining"] {
+            for state in INSTANCE_STATES {
                 let _ = METRICS
                     .upstream_instances
                     .remove_label_values(&[name, state]);
@@ -525,24 +525,14 @@ pub fn update_instance_gauges(old: &RoutingTable, new: &RoutingTable) {
 
 /// Sets the per-state instance gauges of one service from its current instances.
 pub fn set_service_gauges(name: &str, svc: &crate::routing::Service) {
-    let (mut healthy, mut unhealthy, mut pending, mut draining) = (0, 0, 0, 0);
+    let mut counts = [0i64; INSTANCE_STATES.len()];
     for i in &svc.instances {
-        if i.draining() {
-            draining += 1;
-            continue;
-        }
-        match i.state.health() {
-            Health::Healthy => healthy += 1,
-            Health::Unhealthy => unhealthy += 1,
-            Health::Pending => pending += 1,
+        let label = i.state_label();
+        if let Some(n) = INSTANCE_STATES.iter().position(|s| *s == label) {
+            counts[n] += 1;
         }
     }
-    for (state, n) in [
-        ("healthy", healthy),
-        ("unhealthy", unhealthy),
-        ("pending", pending),
-        ("draining", draining),
-    ] {
+    for (state, n) in INSTANCE_STATES.iter().zip(counts) {
         METRICS
             .upstream_instances
             .with_label_values(&[name, state])

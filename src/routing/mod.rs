@@ -20,6 +20,16 @@ use crate::registry::codec::HostPort;
 pub use route::{RouteMatch, Router};
 pub use select::{Policy, Selector};
 
+/// Every value [`Instance::state_label`] takes (the `state` label of the instance gauges).
+pub const INSTANCE_STATES: [&str; 4] = ["healthy", "unhealthy", "pending", "draining"];
+
+/// Unix time in milliseconds (0 for times before the epoch).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Health of an instance, stored in an atomic inside [`InstanceState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -147,6 +157,15 @@ impl Instance {
 
     pub fn draining(&self) -> bool {
         self.weight == 0
+    }
+
+    /// The state operators see: "draining" (weight 0) before health, else the health.
+    pub fn state_label(&self) -> &'static str {
+        if self.draining() {
+            "draining"
+        } else {
+            self.state.health().as_str()
+        }
     }
 }
 

@@ -450,6 +450,22 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("admin {path} is not json ({e}): {text}"))
     }
 
+    /// Waits until `service` has exactly `n` usable instances in the proxy's snapshot.
+    pub async fn wait_usable(&self, service: &str, n: u64) {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{service} to have {n} usable instance(s)"),
+            || async {
+                let v = self.admin_json(&format!("/api/services/{service}")).await;
+                match v["usable"].as_u64() {
+                    Some(u) if u == n => Ok(()),
+                    other => Err(format!("usable = {other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+
     pub async fn metrics(&self) -> String {
         client()
             .get(self.admin_url("/metrics"))
