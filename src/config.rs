@@ -181,6 +181,8 @@ pub struct HealthSection {
     pub enabled: bool,
     pub admit_immediately: bool,
     pub max_concurrent: usize,
+    pub reuse_connection: bool,
+    pub max_idle_connections: Option<usize>,
     pub protocol: Protocol,
     pub path: String,
     pub port: Option<u16>,
@@ -201,6 +203,8 @@ impl Default for HealthSection {
             enabled: true,
             admit_immediately: false,
             max_concurrent: 256,
+            reuse_connection: true,
+            max_idle_connections: None,
             protocol: Protocol::Http,
             path: "/health".into(),
             port: None,
@@ -521,6 +525,12 @@ impl FileConfig {
                 format!("{} is outside 1-65536", h.max_concurrent),
             ));
         }
+        if h.max_idle_connections.is_some_and(|n| n > 1_000_000) {
+            return Err(invalid(
+                "health.max_idle_connections",
+                format!("{:?} is outside 0-1000000", h.max_idle_connections),
+            ));
+        }
         let global_check = check_spec("health", h, &ServiceHealthSection::default())?;
         // with checks disabled nothing would ever bring an ejected instance back
         let passive = |v: u64| if h.enabled { v } else { 0 };
@@ -556,6 +566,8 @@ impl FileConfig {
             enabled: h.enabled,
             admit_immediately: h.admit_immediately,
             max_concurrent: h.max_concurrent,
+            reuse_connection: h.reuse_connection,
+            max_idle_connections: h.max_idle_connections,
             default: global_check,
             services: service_checks,
         };

@@ -8,9 +8,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec,
 };
 
 /// Label used for requests that matched no known service.
@@ -24,6 +24,9 @@ pub struct Metrics {
     pub upstream_instances: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub health_transitions: IntCounterVec,
+    pub health_checks_running: IntGauge,
+    pub health_connections: IntGauge,
+    pub health_schedule_lag: Histogram,
     pub registry_connected: IntGauge,
     pub registry_revision: IntGauge,
     pub registry_events: IntCounter,
@@ -42,6 +45,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 const APPLY_BUCKETS: &[f64] = &[
     0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5,
+];
+
+const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
 // Registration fails only on a duplicate name or invalid label, both programming errors caught by
@@ -84,6 +91,19 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "switchyard_health_transitions_total",
             "Instance health changes, by service and new state.",
             &["service", "state"]
+        )?,
+        health_checks_running: register_int_gauge!(
+            "switchyard_health_checks_running",
+            "Active health checks in flight (at most health.max_concurrent)."
+        )?,
+        health_connections: register_int_gauge!(
+            "switchyard_health_connections",
+            "Kept-alive HTTP health check connections, idle or in use (at most health.max_idle_connections)."
+        )?,
+        health_schedule_lag: register_histogram!(
+            "switchyard_health_schedule_lag_seconds",
+            "How late steady health checks start after they are due (the checker cannot keep up when this grows).",
+            LAG_BUCKETS.to_vec()
         )?,
         registry_connected: register_int_gauge!(
             "switchyard_registry_connected",

@@ -470,6 +470,15 @@ async fn thousands_of_keys_are_probed_while_requests_stay_fast() {
     .await;
     assert_eq!(a.hits() + b.hits(), 200);
 
+    // the hanging ghosts fill every steady slot; a new instance is still checked at once
+    let late = Backend::start("late").await;
+    etcd.put("/services/real/late", late.addr_string()).await;
+    let took = wait_health(&proxy, "real", "/services/real/late", "healthy").await;
+    assert!(
+        took < Duration::from_secs(3),
+        "admitted after {took:?} behind the ghosts' checks"
+    );
+
     // deregistering stops their probes at once
     c.delete(
         "/services/ghost/",
@@ -503,4 +512,253 @@ async fn thousands_of_keys_are_probed_while_requests_stay_fast() {
         "deregistered keys are still probed"
     );
     drop(stuck);
+}
+
+/// A raw HTTP/1.1 keep-alive server on a thread of its own: answers every request with 200 and
+/// counts connections and requests; [`CountingServer::close_all`] closes the connections open at
+/// that moment from its side.
+struct CountingServer {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    /// Connections opened before the current epoch close.
+    epoch: Arc<AtomicU64>,
+}
+
+impl CountingServer {
+    fn start() -> CountingServer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (c, r, e) = (connections.clone(), requests.clone(), epoch.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { return };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, e) = (r.clone(), e.clone());
+                let born = e.load(Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        if e.load(Ordering::SeqCst) > born {
+                            return; // drops the socket: closed from our side
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) =>
+                            {
+                                continue
+                            }
+                            Err(_) => return,
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            r.fetch_add(1, Ordering::SeqCst);
+                            let body = "ok\n";
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if s.write_all(resp.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        CountingServer {
+            addr,
+            connections,
+            requests,
+            epoch,
+        }
+    }
+
+    fn close_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits until `server` has answered at least `n` requests.
+async fn wait_requests(server: &CountingServer, n: u64) {
+    eventually(PATIENCE, &format!("{n} health checks"), || async {
+        match server.requests() {
+            r if r >= n => Ok(()),
+            r => Err(format!("{r} requests")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_checks_keep_their_connection_and_reconnect_after_the_backend_closes_it() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\ninterval_ms = 100\njitter_ms = 0\n")
+        .start()
+        .await;
+    let server = CountingServer::start();
+    etcd.put("/services/ka/1", server.addr.to_string()).await;
+    wait_health(&proxy, "ka", "/services/ka/1", "healthy").await;
+    wait_requests(&server, 10).await;
+    assert_eq!(server.connections(), 1, "every check on one connection");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "switchyard_health_connections"),
+        Some(1.0),
+        "{m}"
+    );
+
+    // the backend closes it (a keep-alive timeout, a restart): the next check opens a new one
+    // and nothing fails
+    server.close_all();
+    let before = server.requests();
+    wait_requests(&server, before + 10).await;
+    assert_eq!(server.connections(), 2, "one reconnect");
+    assert_eq!(health_of(&proxy, "ka", "/services/ka/1").await, "healthy");
+    let failures = "switchyard_health_checks_total{result=\"failure\",service=\"ka\"}";
+    assert_eq!(metrics_value(&proxy, failures).await, 0.0);
+
+    // deregistered: its connection is closed with it
+    etcd.delete("/services/ka/1").await;
+    eventually(PATIENCE, "the kept connection to be dropped", || async {
+        match metric_value(&proxy.metrics().await, "switchyard_health_connections") {
+            Some(0.0) => Ok(()),
+            other => Err(format!("{other:?} connections")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_reuse_every_http_check_opens_a_connection() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\ninterval_ms = 100\njitter_ms = 0\nreuse_connection = false\n")
+        .start()
+        .await;
+    let server = CountingServer::start();
+    etcd.put("/services/once/1", server.addr.to_string()).await;
+    wait_health(&proxy, "once", "/services/once/1", "healthy").await;
+    wait_requests(&server, 5).await;
+    let (c, r) = (server.connections(), server.requests());
+    assert!(c >= r, "{c} connections for {r} checks");
+}
+
+/// A listener that accepts and never answers, on a thread of its own; records the most
+/// connections it ever held open at once.
+struct HangingServer {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+}
+
+impl HangingServer {
+    fn start() -> HangingServer {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (a, p) = (accepted.clone(), peak.clone());
+        std::thread::spawn(move || {
+            let mut open: Vec<std::net::TcpStream> = Vec::new();
+            for stream in listener.incoming() {
+                let Ok(s) = stream else { return };
+                let _ = s.set_nonblocking(true);
+                // the client closes a timed-out check before it opens the next connection, so
+                // its FIN is here by now: drop what is closed, then count
+                open.retain_mut(|o| {
+                    let mut b = [0u8; 512];
+                    loop {
+                        match o.read(&mut b) {
+                            Ok(0) => return false,
+                            Ok(_) => continue, // the request; keep reading
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                            Err(_) => return false,
+                        }
+                    }
+                });
+                open.push(s);
+                a.fetch_add(1, Ordering::SeqCst);
+                p.fetch_max(open.len() as u64, Ordering::SeqCst);
+            }
+        });
+        HangingServer {
+            addr,
+            accepted,
+            peak,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_in_flight_never_exceed_max_concurrent() {
+    const INSTANCES: usize = 100;
+    const MAX: u64 = 8;
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config(
+            "[health]\nmax_concurrent = 8\ninterval_ms = 300\ntimeout_ms = 200\njitter_ms = 0\n",
+        )
+        .start()
+        .await;
+    let hanging = HangingServer::start();
+    let mut c = etcd.client().await;
+    let ops: Vec<etcd_client::TxnOp> = (0..INSTANCES)
+        .map(|i| {
+            etcd_client::TxnOp::put(
+                format!("/services/slow/{i:03}"),
+                hanging.addr.to_string(),
+                None,
+            )
+        })
+        .collect();
+    c.txn(etcd_client::Txn::new().and_then(ops))
+        .await
+        .expect("etcd txn");
+    // two rounds' worth of checks, each holding its slot for the whole timeout
+    eventually(Duration::from_secs(30), "checks to go on", || async {
+        match hanging.accepted.load(Ordering::SeqCst) {
+            n if n >= 2 * INSTANCES as u64 => Ok(()),
+            n => Err(format!("{n} connections")),
+        }
+    })
+    .await;
+    let peak = hanging.peak.load(Ordering::SeqCst);
+    assert!(
+        peak <= MAX,
+        "{peak} checks ran at once, max_concurrent is {MAX}"
+    );
+    // 100 checks of 200 ms through 8 slots take 2.5 s, not 300 ms: the schedule runs late and
+    // says so
+    let m = proxy.metrics().await;
+    let running = metric_value(&m, "switchyard_health_checks_running").unwrap_or(-1.0);
+    assert!((0.0..=MAX as f64).contains(&running), "{m}");
+    let late = metric_value(
+        &m,
+        "switchyard_health_schedule_lag_seconds_bucket{le=\"0.5\"}",
+    )
+    .unwrap_or(0.0);
+    let all = metric_value(&m, "switchyard_health_schedule_lag_seconds_count").unwrap_or(0.0);
+    assert!(all > 0.0 && late < all, "lag not reported:\n{m}");
 }

@@ -131,7 +131,10 @@ root_user() { [[ $(id -u) -eq 0 ]] && echo "user root;" || true; }
 # start_nginx_backend PORT NAME [CPUS]: a single-process nginx (master_process off) answering every
 # request with a fixed 200 body. Sets BACKEND_PID.
 start_nginx_backend() {
-    local port="$1" name="$2" cpus="${3:-}" dir="$WORK/backend-$2"
+    local port="$1" name="$2" cpus="${3:-}" dir="$WORK/backend-$2" nofile
+    # health checks keep a connection per instance (up to half of switchyard's open-file limit)
+    nofile=$(ulimit -Hn)
+    [[ "$nofile" =~ ^[0-9]+$ ]] && ((nofile <= 65536)) || nofile=65536
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
 $(root_user)
@@ -140,7 +143,8 @@ master_process off;
 worker_processes 1;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile $nofile;
+events { worker_connections $((nofile - 512)); }
 http {
     access_log off;
     client_body_temp_path $dir/body;

@@ -9,7 +9,8 @@
 #
 # Health modes (BENCH_HEALTH, default "default off"): "default" = the embedded [health] defaults
 # (active HTTP checks; a new instance is admitted after its first passing check); "off" = no health
-# checking, so the time is registry watch + snapshot swap only.
+# checking, so the time is registry watch + snapshot swap only; "oneshot" = the defaults with
+# reuse_connection = false (a new connection for every HTTP check).
 #
 # Environment: BENCH_QUICK=1 (20 trials, 1,000 filler services), BENCH_TRIALS [200],
 # BENCH_FILLER [10000], BENCH_POLL_US [250], BENCH_HEALTH, SWITCHYARD_BIN, BENCH_HARNESS,
@@ -27,6 +28,15 @@ MODES="${BENCH_HEALTH:-default off}"
 ((TRIALS >= 1 && TRIALS <= 5000)) || die "BENCH_TRIALS must be 1..5000"
 
 "$BENCH_ROOT/scripts/install-deps.sh" nginx
+# Health modes: health_toml's ("default", "off") and "oneshot": the defaults with
+# reuse_connection = false, a new connection for every HTTP check.
+bench_health_toml() {
+    case "$1" in
+    oneshot) printf '\n[health]\nreuse_connection = false\n' ;;
+    *) health_toml "$1" ;;
+    esac
+}
+
 BIN=$(switchyard_bin)
 HARNESS=$(harness_bin)
 log "$(machine_line)"
@@ -42,7 +52,7 @@ for mode in $MODES; do
     SP=$(free_port)
     SA=$(free_port)
     cfg="$WORK/switchyard-$mode.toml"
-    write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(health_toml "$mode")"
+    write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(bench_health_toml "$mode")"
     start_switchyard "$BIN" "$cfg" "127.0.0.1:$SA"
     # let the checker's first round over the filler instances pass before measuring
     sleep 2

@@ -7,7 +7,7 @@
 # All instances point at one live nginx backend, so active health checks (when on) succeed.
 #
 # Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 50000 100000"],
-# BENCH_HEALTH ["default off"], BENCH_SETTLE_MS [5000], SWITCHYARD_BIN, BENCH_HARNESS, BENCH_OUT,
+# BENCH_HEALTH ["default off"; also "oneshot"], BENCH_SETTLE_MS [5000], SWITCHYARD_BIN, BENCH_HARNESS, BENCH_OUT,
 # BENCH_KEEP=1.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -21,6 +21,15 @@ PER="${BENCH_SCALE_PER_SERVICE:-10}"
 MODES="${BENCH_HEALTH:-default off}"
 
 "$BENCH_ROOT/scripts/install-deps.sh" nginx
+# Health modes: health_toml's ("default", "off") and "oneshot": the defaults with
+# reuse_connection = false, a new connection for every HTTP check.
+bench_health_toml() {
+    case "$1" in
+    oneshot) printf '\n[health]\nreuse_connection = false\n' ;;
+    *) health_toml "$1" ;;
+    esac
+}
+
 BIN=$(switchyard_bin)
 HARNESS=$(harness_bin)
 log "$(machine_line)"
@@ -41,7 +50,7 @@ for n in $SIZES; do
         SP=$(free_port)
         SA=$(free_port)
         cfg="$WORK/switchyard-$n-$mode.toml"
-        write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(health_toml "$mode")"
+        write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(bench_health_toml "$mode")"
         pidfile="$WORK/sy-$n-$mode.pid"
         "$HARNESS" scale-probe --admin "127.0.0.1:$SA" --pid-file "$pidfile" --settle-ms "$SETTLE_MS" \
             --label "$n/$mode" -- "$BIN" serve --config "$cfg" >"$WORK/scale-$n-$mode.txt" &

@@ -1,15 +1,21 @@
 //! Probes: one check of one instance, named for their mechanism.
 //!
-//! - [`HttpHealthCheck`]: `GET <path>` over a fresh HTTP/1.1 connection (`Connection: close`);
-//!   healthy when the status is in the expected set (default 200-299). Only the status line is
-//!   read: a probe must not depend on how large or slow the body is.
+//! - [`HttpHealthCheck`]: `GET <path>` over HTTP/1.1; healthy when the status is in the expected
+//!   set (default 200-299). The verdict comes from the status line alone: a probe must not depend
+//!   on how large or slow the body is. The scheduler's [`check`] keeps the connection for the
+//!   next check (`health.reuse_connection`) when the response allows it: HTTP/1.1, no
+//!   `Connection: close`, a body framed by `Content-Length` or chunked and at most
+//!   [`MAX_DRAIN`] bytes, drained within the check's timeout. Any error, timeout or other response
+//!   closes it. An idle connection the server closed in the meantime is replaced by a fresh one
+//!   within the same check, without counting a failure.
 //! - [`TcpHealthCheck`]: healthy when a TCP connection opens.
 //! - [`GrpcHealthCheck`]: `grpc.health.v1.Health/Check`; healthy on `SERVING`. The channel is kept
 //!   between checks (tonic reconnects it), so a check is one HTTP/2 request, not a handshake.
 //! - [`NoHealthCheck`]: always healthy (protocol `none`): admits without probing.
 //!
-//! A check does not bound its own time: the scheduler runs every check under the configured
-//! timeout, so a target that accepts and never answers fails with [`ProbeError::Timeout`].
+//! The [`HealthCheck`] implementations do not bound their own time; [`check`], which the
+//! scheduler runs, bounds everything by the target's timeout, so a target that accepts and never
+//! answers fails with [`ProbeError::Timeout`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,12 +23,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use super::StatusSet;
+use super::{Protocol, StatusSet, Target};
 
 /// Why a check failed; the text becomes the `reason` of a logged health flip.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +80,8 @@ impl HealthCheck for TcpHealthCheck {
     }
 }
 
-/// `GET path` with `Host: host`; healthy when the status is in `expected`.
+/// `GET path` with `Host: host` on a fresh connection (`Connection: close`); healthy when the
+/// status is in `expected`. The scheduler uses [`check`], which can keep the connection.
 #[derive(Debug, Clone)]
 pub struct HttpHealthCheck {
     pub addr: SocketAddr,
@@ -83,18 +91,19 @@ pub struct HttpHealthCheck {
     pub expected: StatusSet,
 }
 
-/// Longest status line we read before giving up.
-const MAX_STATUS_LINE: usize = 1024;
+/// Longest response head (status line and headers) read; a longer one still gives a verdict from
+/// its status line, but its connection is not kept.
+const MAX_HEAD: usize = 2048;
+/// Largest response body read to keep a connection; a larger one closes it (after the verdict).
+pub const MAX_DRAIN: u64 = 64 * 1024;
 
-impl HttpHealthCheck {
-    fn request(&self) -> String {
-        format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: switchyard-health/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-            self.path,
-            self.host,
-            env!("CARGO_PKG_VERSION")
-        )
-    }
+/// The request of an HTTP check; `keep_alive` false asks the server to close.
+fn http_request(path: &str, host: &dyn std::fmt::Display, keep_alive: bool) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: switchyard-health/{}\r\nAccept: */*\r\n{}\r\n",
+        env!("CARGO_PKG_VERSION"),
+        if keep_alive { "" } else { "Connection: close\r\n" }
+    )
 }
 
 /// Parses `HTTP/1.x NNN reason` into NNN.
@@ -114,6 +123,301 @@ pub fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
         .ok_or_else(|| ProbeError::Malformed(format!("status code {code:?}")))
 }
 
+/// How the rest of a response can be read so that its connection serves the next check.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    /// This many body bytes are still to come.
+    Length(u64),
+    /// A chunked body; the bytes of it already read.
+    Chunked(Vec<u8>),
+}
+
+/// A response head: the verdict, and how to finish the response if the connection can be kept.
+struct Head {
+    verdict: Result<(), ProbeError>,
+    keep: Option<Framing>,
+}
+
+/// Why an exchange produced no verdict.
+enum Failure {
+    /// Nothing was received (the write failed, or the connection closed or reset before the first
+    /// byte): on a reused connection, the server closed it while idle.
+    Stale(ProbeError),
+    Failed(ProbeError),
+}
+
+/// Sends `request` and reads the status line, and with `keep_alive` the rest of the head.
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    expected: &StatusSet,
+    keep_alive: bool,
+) -> Result<Head, Failure> {
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| Failure::Stale(ProbeError::Io(e)))?;
+    let mut buf = [0u8; MAX_HEAD];
+    let mut len = 0;
+    let mut line_end = None;
+    // (head end, complete): incomplete when the head was cut short by the buffer or the peer
+    let (head_end, complete) = loop {
+        if line_end.is_none() {
+            line_end = buf[..len].iter().position(|b| *b == b'\n');
+        }
+        if line_end.is_some() {
+            if !keep_alive {
+                break (len, false);
+            }
+            if let Some(end) = find_head_end(&buf[..len]) {
+                break (end, true);
+            }
+        }
+        if len == buf.len() {
+            if line_end.is_some() {
+                break (len, false);
+            }
+            return Err(Failure::Failed(ProbeError::Malformed(format!(
+                "no status line in the first {MAX_HEAD} bytes"
+            ))));
+        }
+        let n = match stream.read(&mut buf[len..]).await {
+            Ok(n) => n,
+            Err(e) if len == 0 => return Err(Failure::Stale(ProbeError::Io(e))),
+            Err(_) if line_end.is_some() => break (len, false),
+            Err(e) => return Err(Failure::Failed(ProbeError::Io(e))),
+        };
+        if n == 0 {
+            if line_end.is_some() {
+                break (len, false);
+            }
+            let e = ProbeError::Malformed("connection closed before the status line".into());
+            return Err(if len == 0 {
+                Failure::Stale(e)
+            } else {
+                Failure::Failed(e)
+            });
+        }
+        len += n;
+    };
+    let line_end = line_end.unwrap_or(0);
+    let line = buf[..line_end]
+        .strip_suffix(b"\r")
+        .unwrap_or(&buf[..line_end]);
+    let status = match parse_status_line(line) {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(Head {
+                verdict: Err(e),
+                keep: None,
+            })
+        }
+    };
+    let verdict = if expected.contains(status) {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status))
+    };
+    let keep = if complete {
+        framing(&buf[..head_end], status, &buf[head_end..len])
+    } else {
+        None
+    };
+    Ok(Head { verdict, keep })
+}
+
+/// End of the head (after its empty line) in `buf`, if it is all there.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// How to finish a response whose head is `head` so its connection can be kept; `None` when it
+/// cannot be (HTTP/1.0 without keep-alive, `Connection: close`, a body delimited by the close,
+/// an oversized or ambiguous body, an interim status, bytes beyond the body).
+fn framing(head: &[u8], status: u16, rest: &[u8]) -> Option<Framing> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split('\n');
+    let version = lines.next()?.split_ascii_whitespace().next()?;
+    let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, false, false);
+    for line in lines {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':')?;
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = value.rsplit(',').next().unwrap_or("").trim();
+            if !last.eq_ignore_ascii_case("chunked") {
+                return None;
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        }
+    }
+    let persistent = match version {
+        "HTTP/1.1" => !close,
+        "HTTP/1.0" => keep_alive && !close,
+        _ => false,
+    };
+    if !persistent || status < 200 {
+        return None;
+    }
+    if status == 204 || status == 304 {
+        return rest.is_empty().then_some(Framing::Length(0));
+    }
+    match (chunked, length) {
+        (true, None) => Some(Framing::Chunked(rest.to_vec())),
+        (false, Some(n)) if n <= MAX_DRAIN => {
+            let have = rest.len() as u64;
+            (have <= n).then(|| Framing::Length(n - have))
+        }
+        _ => None,
+    }
+}
+
+/// Reads the rest of a response; true when it ended exactly (the connection can be reused).
+async fn drain(stream: &mut TcpStream, framing: Framing) -> bool {
+    let mut scratch = [0u8; 2048];
+    match framing {
+        Framing::Length(mut remaining) => {
+            while remaining > 0 {
+                let want = remaining.min(scratch.len() as u64) as usize;
+                match stream.read(&mut scratch[..want]).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => remaining -= n as u64,
+                }
+            }
+            true
+        }
+        Framing::Chunked(already) => {
+            let mut body = ChunkedBody::default();
+            let mut done = match body.feed(&already) {
+                Ok(done) => done,
+                Err(()) => return false,
+            };
+            while !done {
+                match stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => match body.feed(&scratch[..n]) {
+                        Ok(d) => done = d,
+                        Err(()) => return false,
+                    },
+                }
+            }
+            true
+        }
+    }
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Before the first digit of a chunk size.
+    #[default]
+    SizeStart,
+    /// In a chunk-size line: the size so far, and whether in an extension (`;name=value`).
+    Size {
+        size: u64,
+        ext: bool,
+    },
+    SizeLf {
+        size: u64,
+    },
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    Trailer,
+    TrailerLine,
+    FinalLf,
+    Done,
+}
+
+/// A chunked body reader that only checks framing and counts bytes.
+#[derive(Debug, Default)]
+struct ChunkedBody {
+    state: ChunkState,
+    seen: u64,
+}
+
+impl ChunkedBody {
+    /// Consumes `bytes`; Ok(true) once the body ended exactly at the end of `bytes`.
+    fn feed(&mut self, bytes: &[u8]) -> Result<bool, ()> {
+        use ChunkState::*;
+        self.seen += bytes.len() as u64;
+        if self.seen > MAX_DRAIN + 1024 {
+            return Err(());
+        }
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self.state = match self.state {
+                SizeStart | Size { ext: false, .. } if b.is_ascii_hexdigit() => {
+                    let size = match self.state {
+                        Size { size, .. } => size,
+                        _ => 0,
+                    };
+                    let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+                    let size = size * 16 + digit;
+                    if size > MAX_DRAIN {
+                        return Err(());
+                    }
+                    Size { size, ext: false }
+                }
+                Size { size, .. } if b == b'\r' => SizeLf { size },
+                Size { size, .. } if b == b'\n' => after_size(size),
+                Size { size, .. } if b == b';' || b == b' ' || b == b'\t' => {
+                    Size { size, ext: true }
+                }
+                Size { size, ext: true } => Size { size, ext: true },
+                SizeLf { size } if b == b'\n' => after_size(size),
+                Data(n) => {
+                    let take = (n as usize).min(bytes.len() - i);
+                    i += take;
+                    let left = n - take as u64;
+                    self.state = if left == 0 { DataCr } else { Data(left) };
+                    continue;
+                }
+                DataCr if b == b'\r' => DataLf,
+                DataCr | DataLf if b == b'\n' => SizeStart,
+                Trailer if b == b'\r' => FinalLf,
+                Trailer if b == b'\n' => Done,
+                Trailer => TrailerLine,
+                TrailerLine if b == b'\n' => Trailer,
+                TrailerLine => TrailerLine,
+                FinalLf if b == b'\n' => Done,
+                _ => return Err(()),
+            };
+            i += 1;
+        }
+        Ok(self.state == Done)
+    }
+}
+
+fn after_size(size: u64) -> ChunkState {
+    if size == 0 {
+        ChunkState::Trailer
+    } else {
+        ChunkState::Data(size)
+    }
+}
+
 #[async_trait]
 impl HealthCheck for HttpHealthCheck {
     async fn check(&self) -> Result<(), ProbeError> {
@@ -125,36 +429,144 @@ impl HealthCheck for HttpHealthCheck {
                     source,
                 })?;
         let _ = stream.set_nodelay(true);
-        stream.write_all(self.request().as_bytes()).await?;
-        let mut buf = [0u8; MAX_STATUS_LINE];
-        let mut len = 0;
-        let line_end = loop {
-            if let Some(pos) = buf[..len].iter().position(|b| *b == b'\n') {
-                break pos;
-            }
-            if len == buf.len() {
-                return Err(ProbeError::Malformed(format!(
-                    "no status line in the first {MAX_STATUS_LINE} bytes"
-                )));
-            }
-            let n = stream.read(&mut buf[len..]).await?;
-            if n == 0 {
-                return Err(ProbeError::Malformed(
-                    "connection closed before the status line".into(),
-                ));
-            }
-            len += n;
-        };
-        let line = buf[..line_end]
-            .strip_suffix(b"\r")
-            .unwrap_or(&buf[..line_end]);
-        let status = parse_status_line(line)?;
-        if self.expected.contains(status) {
-            Ok(())
-        } else {
-            Err(ProbeError::Status(status))
+        let request = http_request(&self.path, &self.host, false);
+        match exchange(&mut stream, request.as_bytes(), &self.expected, false).await {
+            Ok(head) => head.verdict,
+            Err(Failure::Stale(e) | Failure::Failed(e)) => Err(e),
         }
     }
+}
+
+/// What a target keeps between two checks (boxed: most entries keep nothing, and an empty
+/// `Option<Conn>` then costs 16 bytes).
+pub enum Conn {
+    /// An idle HTTP/1.1 connection.
+    Http(Box<TcpStream>),
+    /// A gRPC channel (it reconnects by itself).
+    Grpc(Box<GrpcHealthCheck>),
+}
+
+/// One check of `target`, bounded by its timeout. `conn` is what the previous check kept;
+/// `keep_alive` says whether an HTTP check may keep its connection. Returns the result and what
+/// to keep for the next check.
+pub async fn check(
+    target: &Target,
+    conn: Option<Conn>,
+    keep_alive: bool,
+) -> (Result<(), ProbeError>, Option<Conn>) {
+    let spec = &target.spec;
+    let deadline = Instant::now() + spec.timeout;
+    let timed_out = || ProbeError::Timeout(spec.timeout);
+    match spec.protocol {
+        Protocol::None => (Ok(()), None),
+        Protocol::Tcp => {
+            match timeout_at(deadline, TcpHealthCheck { addr: target.addr }.check()).await {
+                Ok(r) => (r, None),
+                Err(_) => (Err(timed_out()), None),
+            }
+        }
+        Protocol::Grpc => {
+            let grpc = match conn {
+                Some(Conn::Grpc(g)) => g,
+                _ => {
+                    match GrpcHealthCheck::new(target.addr, spec.grpc_service.clone(), spec.timeout)
+                    {
+                        Ok(g) => Box::new(g),
+                        Err(e) => return (Err(e), None),
+                    }
+                }
+            };
+            let result = timeout_at(deadline, grpc.check())
+                .await
+                .unwrap_or_else(|_| Err(timed_out()));
+            (result, Some(Conn::Grpc(grpc)))
+        }
+        Protocol::Http => {
+            let reused = match conn {
+                Some(Conn::Http(s)) => Some(*s),
+                _ => None,
+            };
+            let (result, kept) = http(target, reused, keep_alive, deadline).await;
+            (result, kept.map(|s| Conn::Http(Box::new(s))))
+        }
+    }
+}
+
+/// An HTTP check on `reused` (if it is still open) or a fresh connection.
+async fn http(
+    target: &Target,
+    reused: Option<TcpStream>,
+    keep_alive: bool,
+    deadline: Instant,
+) -> (Result<(), ProbeError>, Option<TcpStream>) {
+    let spec = &target.spec;
+    let timed_out = || ProbeError::Timeout(spec.timeout);
+    let request = match &target.host {
+        Some(host) => http_request(&spec.path, host, keep_alive),
+        None => http_request(&spec.path, &target.addr, keep_alive),
+    };
+    if let Some(mut stream) = reused.filter(still_idle) {
+        match timeout_at(
+            deadline,
+            exchange(&mut stream, request.as_bytes(), &spec.expected, true),
+        )
+        .await
+        {
+            Err(_) => return (Err(timed_out()), None),
+            // closed by the server while idle (a keep-alive timeout): start over on a new one
+            Ok(Err(Failure::Stale(_))) => {}
+            Ok(Err(Failure::Failed(e))) => return (Err(e), None),
+            Ok(Ok(head)) => return finish(stream, head, deadline).await,
+        }
+    }
+    let mut stream = match timeout_at(deadline, TcpStream::connect(target.addr)).await {
+        Err(_) => return (Err(timed_out()), None),
+        Ok(Err(source)) => {
+            return (
+                Err(ProbeError::Connect {
+                    addr: target.addr,
+                    source,
+                }),
+                None,
+            )
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    match timeout_at(
+        deadline,
+        exchange(&mut stream, request.as_bytes(), &spec.expected, keep_alive),
+    )
+    .await
+    {
+        Err(_) => (Err(timed_out()), None),
+        Ok(Err(Failure::Stale(e) | Failure::Failed(e))) => (Err(e), None),
+        Ok(Ok(head)) if keep_alive => finish(stream, head, deadline).await,
+        Ok(Ok(head)) => (head.verdict, None),
+    }
+}
+
+/// Reads the rest of the response within the deadline and keeps the connection if it ended
+/// cleanly; the verdict stands either way.
+async fn finish(
+    mut stream: TcpStream,
+    head: Head,
+    deadline: Instant,
+) -> (Result<(), ProbeError>, Option<TcpStream>) {
+    let kept = match head.keep {
+        Some(framing) => timeout_at(deadline, drain(&mut stream, framing))
+            .await
+            .unwrap_or(false),
+        None => false,
+    };
+    (head.verdict, kept.then_some(stream))
+}
+
+/// An idle connection is usable when nothing arrived on it since the last response: no close,
+/// no unsolicited bytes (such as a server's 408 before it hangs up).
+fn still_idle(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// `grpc.health.v1.Health/Check` for `service` ("" = the whole server); healthy on SERVING.
@@ -214,6 +626,8 @@ impl HealthCheck for NoHealthCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use tokio::net::TcpListener;
 
     /// A one-shot HTTP server answering every connection with `response`.
@@ -276,5 +690,210 @@ mod tests {
             http(addr, "200").check().await,
             Err(ProbeError::Connect { .. })
         ));
+    }
+
+    #[test]
+    fn responses_that_allow_reuse_are_recognised() {
+        let f = |head: &str, rest: &str| {
+            let status = parse_status_line(head.lines().next().unwrap().as_bytes()).unwrap();
+            framing(head.as_bytes(), status, rest.as_bytes())
+        };
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(f(ok, ""), Some(Framing::Length(5)));
+        assert_eq!(f(ok, "hel"), Some(Framing::Length(2)));
+        assert_eq!(f(ok, "hello!"), None, "bytes beyond the body");
+        let chunked = "HTTP/1.1 503 Busy\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(f(chunked, "5"), Some(Framing::Chunked(b"5".to_vec())));
+        assert_eq!(
+            f("HTTP/1.1 204 No Content\r\n\r\n", ""),
+            Some(Framing::Length(0))
+        );
+        for head in [
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 100 Continue\r\n\r\n",
+        ] {
+            assert_eq!(f(head, ""), None, "{head:?}");
+        }
+        assert_eq!(
+            f(
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                ""
+            ),
+            Some(Framing::Length(0))
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_end_exactly() {
+        let body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n";
+        // any split into reads gives the same answer
+        for split in 0..body.len() {
+            let mut c = ChunkedBody::default();
+            let first = c.feed(&body[..split]).unwrap();
+            assert!(!first || split == body.len(), "ended early at {split}");
+            assert_eq!(c.feed(&body[split..]), Ok(true), "split at {split}");
+        }
+        let mut c = ChunkedBody::default();
+        assert_eq!(c.feed(b"0\r\n\r\n"), Ok(true));
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"0\r\n\r\nextra",
+            b"fffffff\r\n",
+        ] {
+            assert!(ChunkedBody::default().feed(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A keep-alive HTTP/1.1 server: answers every request on a connection with `response`;
+    /// closes after `per_connection` requests (0 = never). Returns (address, connections, requests).
+    async fn keep_alive_server(
+        response: &'static str,
+        per_connection: usize,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (conns, reqs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (c, r) = (conns.clone(), reqs.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut served = 0;
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = find_head_end(&buf) {
+                            buf.drain(..end);
+                            r.fetch_add(1, Ordering::SeqCst);
+                            if s.write_all(response.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            served += 1;
+                            if served == per_connection {
+                                return; // closes
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns, reqs)
+    }
+
+    fn target(addr: SocketAddr) -> Target {
+        Target {
+            spec: Arc::new(crate::health::CheckSpec {
+                protocol: Protocol::Http,
+                path: "/health".into(),
+                port: None,
+                expected: StatusSet::parse("200-299").unwrap(),
+                grpc_service: String::new(),
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(2000),
+                jitter: Duration::ZERO,
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+            }),
+            addr,
+            host: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn http_checks_reuse_their_connection_and_reconnect_when_it_closes() {
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        for response in ["HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", chunked] {
+            // the server closes every connection after 3 requests
+            let (addr, conns, reqs) = keep_alive_server(response, 3).await;
+            let t = target(addr);
+            let mut conn = None;
+            for i in 0..9 {
+                let (result, kept) = check(&t, conn.take(), true).await;
+                assert!(result.is_ok(), "check {i}: {result:?}");
+                assert!(kept.is_some(), "check {i} kept no connection");
+                conn = kept;
+                // let the close after every third answer arrive before the next check
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(reqs.load(Ordering::SeqCst), 9);
+            assert_eq!(conns.load(Ordering::SeqCst), 3, "{response:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_between_checks_is_replaced_without_a_failure() {
+        // answers once per connection and closes; our next check may find it closed at any point
+        let (addr, conns, _) =
+            keep_alive_server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 1).await;
+        let t = target(addr);
+        let mut conn = None;
+        for i in 0..20 {
+            let (result, kept) = check(&t, conn.take(), true).await;
+            assert!(result.is_ok(), "check {i}: {result:?}");
+            conn = kept;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn responses_that_end_the_connection_are_not_kept() {
+        for response in [
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\nbody until close",
+        ] {
+            let (addr, _, _) = keep_alive_server(response, 0).await;
+            let (result, kept) = check(&target(addr), None, true).await;
+            assert!(result.is_ok(), "{response:?}: {result:?}");
+            assert!(kept.is_none(), "{response:?} was kept");
+        }
+        // without keep-alive nothing is kept and the request asks to close
+        let (addr, _, _) =
+            keep_alive_server("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0).await;
+        let (result, kept) = check(&target(addr), None, false).await;
+        assert!(result.is_ok() && kept.is_none());
+        // a failing status keeps the connection too (it is the answer, not a broken connection)
+        let (addr, conns, _) =
+            keep_alive_server("HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy", 0).await;
+        let (result, kept) = check(&target(addr), None, true).await;
+        assert!(matches!(result, Err(ProbeError::Status(503))), "{result:?}");
+        let (result, kept) = check(&target(addr), kept, true).await;
+        assert!(matches!(result, Err(ProbeError::Status(503))) && kept.is_some());
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_connection_that_stops_answering_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // answers the first request, then never again
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            let _ = s.read(&mut buf).await;
+            std::future::pending::<()>().await;
+        });
+        let t = target(addr);
+        let (result, kept) = check(&t, None, true).await;
+        assert!(result.is_ok() && kept.is_some());
+        let (result, kept) = check(&t, kept, true).await;
+        assert!(matches!(result, Err(ProbeError::Timeout(_))), "{result:?}");
+        assert!(kept.is_none());
     }
 }

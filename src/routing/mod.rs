@@ -79,8 +79,8 @@ pub struct InstanceState {
 pub struct CheckRecord {
     pub at: std::time::SystemTime,
     pub ok: bool,
-    /// "ok" or why it failed.
-    pub detail: String,
+    /// "ok" or why it failed (borrowed for "ok": no allocation per passing check).
+    pub detail: std::borrow::Cow<'static, str>,
     pub took: std::time::Duration,
 }
 

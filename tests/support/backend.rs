@@ -52,6 +52,10 @@ fn query_num(uri: &hyper::Uri, key: &str) -> u64 {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if shared.hang.load(Ordering::Relaxed) {
+        // a hung instance answers on no connection, old or new (health checks keep theirs)
+        std::future::pending::<()>().await;
+    }
     let path = req.uri().path().to_string();
     if path != "/health" {
         shared.hits.fetch_add(1, Ordering::Relaxed);
@@ -199,7 +203,7 @@ impl Backend {
         self.health.store(status, Ordering::Relaxed);
     }
 
-    /// New connections are accepted and never answered.
+    /// Connections are accepted and no request is answered (on new and open connections).
     pub fn set_hang(&self, hang: bool) {
         self.hang.store(hang, Ordering::Relaxed);
     }
