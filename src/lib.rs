@@ -36,6 +36,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod events;
 pub mod health;
 pub mod metrics;

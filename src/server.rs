@@ -18,7 +18,8 @@ use pingora::services::listening::Service as ListeningService;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{Config, ProxyEngine};
+use crate::engine::Engine;
 use crate::health::HealthChecker;
 use crate::proxy::{SwitchyardProxy, IN_FLIGHT};
 use crate::registry::{Registry, RegistryStatus};
@@ -140,15 +141,35 @@ impl Switchyard {
             HealthChecker::new(table.clone(), config.health.clone(), registry.subscribe())
         });
 
-        let proxy = SwitchyardProxy {
-            table: table.clone(),
-            router: config.router.clone(),
-            cfg: config.proxy.clone(),
-            access_log: config.log.access_log,
-        };
-        let mut proxy_service =
-            pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "proxy");
-        proxy_service.add_tcp(&config.proxy.listen.to_string());
+        let listen = config.proxy.listen.to_string();
+        match config.proxy.engine {
+            ProxyEngine::Native => {
+                let engine = Engine {
+                    table: table.clone(),
+                    router: config.router.clone(),
+                    cfg: config.proxy.clone(),
+                    access_log: config.log.access_log,
+                };
+                let mut service = ListeningService::new("proxy".to_string(), engine);
+                service.add_tcp(&listen);
+                server.add_service(service);
+            }
+            ProxyEngine::Pingora => {
+                let proxy = SwitchyardProxy {
+                    table: table.clone(),
+                    router: config.router.clone(),
+                    cfg: config.proxy.clone(),
+                    access_log: config.log.access_log,
+                };
+                let mut service = pingora::proxy::http_proxy_service_with_name(
+                    &server.configuration,
+                    proxy,
+                    "proxy",
+                );
+                service.add_tcp(&listen);
+                server.add_service(service);
+            }
+        }
 
         let admin = AdminApp {
             table: table.clone(),
@@ -168,7 +189,6 @@ impl Switchyard {
         );
         registry_service.threads = Some(1);
 
-        server.add_service(proxy_service);
         server.add_service(admin_service);
         server.add_service(registry_service);
         if let Some(checker) = health {
