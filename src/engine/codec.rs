@@ -236,7 +236,7 @@ pub fn parse_request<'h, 'b: 'h>(
         let (authority, origin) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
         host = Some(authority);
         target = origin;
-    } else if !path.starts_with('/') && path != "*" {
+    } else if !path.starts_with('/') && path != "*" && method != "CONNECT" {
         return Err(HeadError::Invalid("request target is not a path"));
     }
     if version == 1 && host.is_none() {

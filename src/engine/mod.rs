@@ -194,13 +194,12 @@ impl Engine {
             }
             let read = if conn.client.len == 0 {
                 // between requests: idle keep-alive, ended early by shutdown
-                let mut shutdown = conn.shutdown.clone();
-                if *shutdown.borrow() {
+                if *conn.shutdown.borrow() {
                     return Step::Close;
                 }
                 tokio::select! {
                     r = timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)) => r,
-                    _ = shutdown.changed() => return Step::Close,
+                    _ = conn.shutdown.changed() => return Step::Close,
                 }
             } else {
                 timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await
@@ -288,6 +287,11 @@ impl Engine {
             }),
         };
         if req.method == "CONNECT" {
+            // whatever follows on the connection is not HTTP: answer and close
+            let head = Head {
+                keep_alive: false,
+                ..head
+            };
             return Ok(Some((
                 head,
                 Route::Own(
@@ -639,7 +643,7 @@ impl Engine {
             .feed(&conn.rbuf[resp.body_start..rlen], &mut conn.out)
             .map_err(|e| (UpstreamError::BadResponse(e), None))?;
         let mut extra = resp.body_start + used < rlen;
-        timed(cfg.write_timeout, conn.client.io.write_all(&conn.out))
+        timed(cfg.write_timeout, send(&mut conn.client.io, &conn.out))
             .await
             .map_err(|e| (UpstreamError::Client(e), sent))?;
         if resp.mode == ClientConnection::Upgrade {
@@ -661,11 +665,10 @@ impl Engine {
                 .feed(&conn.rbuf[..n], &mut conn.out)
                 .map_err(|e| (UpstreamError::BadResponse(e), sent))?;
             extra = used < n;
-            timed(cfg.write_timeout, conn.client.io.write_all(&conn.out))
+            timed(cfg.write_timeout, send(&mut conn.client.io, &conn.out))
                 .await
                 .map_err(|e| (UpstreamError::Client(e), sent))?;
         }
-        let _ = conn.client.io.flush().await;
         let complete = state.done() || resp.framing == Framing::UntilClose;
         // bytes after the end of the response mean the instance broke framing: do not reuse
         if resp.upstream_keep && !extra && state.done() {
@@ -723,7 +726,7 @@ impl Engine {
                 continue_sent = true;
                 timed(
                     cfg.write_timeout,
-                    conn.client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
+                    send(&mut conn.client.io, b"HTTP/1.1 100 Continue\r\n\r\n"),
                 )
                 .await
                 .map_err(UpstreamError::Client)?;
@@ -744,10 +747,7 @@ impl Engine {
     /// After 101 Switching Protocols: bytes both ways until either side closes.
     async fn tunnel(&self, conn: &mut Conn, mut up: TcpStream, from: usize, to: usize) {
         if to > from
-            && conn
-                .client
-                .io
-                .write_all(&conn.rbuf[from..to])
+            && send(&mut conn.client.io, &conn.rbuf[from..to])
                 .await
                 .is_err()
         {
@@ -995,9 +995,13 @@ async fn write_own(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ncache-control: no-store\r\n{connection}\r\n{body}",
         body.len()
     );
-    let ok = timed(limit, conn.client.io.write_all(&conn.out))
+    timed(limit, send(&mut conn.client.io, &conn.out))
         .await
-        .is_ok();
-    let _ = conn.client.io.flush().await;
-    ok
+        .is_ok()
+}
+
+/// Writes to the client and flushes: pingora's listener gives the stream a small write buffer.
+async fn send(io: &mut Stream, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
 }
