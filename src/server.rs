@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -151,7 +152,11 @@ impl Switchyard {
                     access_log: config.log.access_log,
                 };
                 let mut service = ListeningService::new("proxy".to_string(), engine);
-                service.add_tcp(&listen);
+                // The engine reads into its own buffer and writes whole heads: pingora's per-
+                // connection 64 KiB read buffer would only add a copy and memory per connection.
+                service.endpoints().add_listener(
+                    ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::new(0, 0)),
+                );
                 server.add_service(service);
             }
             ProxyEngine::Pingora => {

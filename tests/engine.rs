@@ -193,6 +193,16 @@ async fn pipelined_requests_and_http10_clients() {
         assert!(resp.contains("Connection: keep-alive\r\n"), "{resp}");
         assert!(resp.contains(&format!("/ka{i}")), "{resp}");
     }
+    // idle past the point where the connection gives its buffers back: still usable, also for a
+    // request that does not fit the first read
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let big = format!(
+        "GET /after-idle HTTP/1.0\r\nHost: echo\r\nConnection: keep-alive\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    let resp = read_response(&mut s).await;
+    assert!(resp.contains("/after-idle"), "{resp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,9 @@ use codec::{Chunked, ClientConnection, Framing, HeadError, MAX_HEAD, MAX_HEADERS
 const INLINE_BODY: usize = 16 * 1024;
 const CLIENT_BUF: usize = 8 * 1024;
 const UPSTREAM_BUF: usize = 16 * 1024;
+/// A client connection idle this long between requests gives its buffers back (an idle
+/// keep-alive connection then costs about 1 KiB besides the kernel's socket).
+const IDLE_TRIM: Duration = Duration::from_secs(1);
 
 /// The native engine, shared by all connections.
 pub struct Engine {
@@ -101,7 +104,8 @@ impl<S: tokio::io::AsyncRead + Unpin> Buffered<S> {
             if self.buf.len() >= max {
                 return Err(io::Error::other("buffer full"));
             }
-            self.buf.resize((self.buf.len() * 2).min(max), 0);
+            self.buf
+                .resize((self.buf.len() * 2).clamp(CLIENT_BUF, max), 0);
         }
         let n = self.io.read(&mut self.buf[self.len..]).await?;
         self.len += n;
@@ -123,6 +127,17 @@ struct Conn {
     rbuf: Vec<u8>,
     ip: String,
     shutdown: ShutdownWatch,
+}
+
+impl Conn {
+    /// Frees the buffers of an idle connection; they are allocated again on the next request.
+    fn trim(&mut self) {
+        if self.client.len == 0 {
+            self.client.buf = Vec::new();
+        }
+        self.rbuf = Vec::new();
+        self.out = Vec::new();
+    }
 }
 
 enum Step {
@@ -197,9 +212,22 @@ impl Engine {
                 if *conn.shutdown.borrow() {
                     return Step::Close;
                 }
-                tokio::select! {
-                    r = timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)) => r,
+                let limit = self.cfg.downstream_read_timeout;
+                let first = limit.min(IDLE_TRIM);
+                let r = tokio::select! {
+                    r = timed(first, conn.client.fill(MAX_HEAD)) => r,
                     _ = conn.shutdown.changed() => return Step::Close,
+                };
+                match r {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut && limit > first => {
+                        // idle for a while: give the buffers back until the next request
+                        conn.trim();
+                        tokio::select! {
+                            r = timed(limit - first, conn.client.fill(MAX_HEAD)) => r,
+                            _ = conn.shutdown.changed() => return Step::Close,
+                        }
+                    }
+                    r => r,
                 }
             } else {
                 timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await
@@ -508,6 +536,9 @@ impl Engine {
     ) -> Result<(u16, bool), (UpstreamError, Option<u16>)> {
         let cfg = &self.cfg;
         let mut body_sent = false;
+        if conn.rbuf.is_empty() {
+            conn.rbuf.resize(UPSTREAM_BUF, 0);
+        }
         let (mut up, rlen, upstream_start) = 'instances: loop {
             let Some(inst) = attempt.next(service) else {
                 let e = io::Error::new(
