@@ -389,3 +389,51 @@ async fn the_pingora_engine_still_routes() {
     assert_eq!(status, 404);
     assert!(body.contains("unknown service"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_to_a_silent_instance_go_to_another_one() {
+    let etcd = EtcdServer::start();
+    // active checks off, so the silent instance stays in rotation for the whole test
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nconnect_timeout_ms = 300\nread_timeout_ms = 400\nmax_tries = 2\n[health]\nenabled = false\n")
+        .start()
+        .await;
+    let live = Backend::start("live").await;
+    // accepts connections, reads, never answers
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _silent_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    etcd.put("/services/mixed/live", live.addr_string()).await;
+    etcd.put("/services/mixed/silent", silent_addr.to_string())
+        .await;
+    proxy.wait_usable("mixed", 2).await;
+    let c = client();
+    for i in 0..6 {
+        let r = c.get(proxy.url("/mixed/get")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET {i} is retried on the live instance");
+    }
+    // a POST is not retried after it was sent: the silent instance's share gets 504
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let r = c
+            .post(proxy.url("/mixed/post"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 504),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&504),
+        "some POST went to the silent instance: {statuses:?}"
+    );
+}

@@ -601,6 +601,17 @@ impl Engine {
                         }
                         return Err((UpstreamError::NoResponse(e), None));
                     }
+                    // no first byte within read_timeout: an idempotent request goes to another
+                    // instance (as nginx's proxy_next_upstream timeout); the silent one counts
+                    // towards passive ejection either way
+                    Err(UpstreamError::Timeout)
+                        if head.idempotent
+                            && (inline || !body_sent)
+                            && attempt.can_retry(service, cfg.max_tries) =>
+                    {
+                        crate::health::passive_failure(service, &inst, &"upstream read timed out");
+                        continue 'instances;
+                    }
                     Err(e) => return Err((e, None)),
                 }
             }
