@@ -70,9 +70,9 @@ impl ServerApp for Engine {
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
             .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
         let mut conn = Conn {
-            client: Buffered::new(io, CLIENT_BUF),
-            out: Vec::with_capacity(1024),
-            rbuf: vec![0; UPSTREAM_BUF],
+            client: Buffered::new(io),
+            out: Vec::new(),
+            rbuf: Vec::new(),
             ip,
             shutdown: shutdown.clone(),
         };
@@ -82,41 +82,52 @@ impl ServerApp for Engine {
     }
 }
 
-/// A stream with a read buffer holding `buf[..len]`.
+/// A stream with a read buffer: `buf` holds the unread bytes, its spare capacity is where the
+/// next read lands (never zero-filled: an idle or small request touches only the memory it uses).
 struct Buffered<S> {
     io: S,
     buf: Vec<u8>,
-    len: usize,
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> Buffered<S> {
-    fn new(io: S, size: usize) -> Self {
+    fn new(io: S) -> Self {
         Buffered {
             io,
-            buf: vec![0; size],
-            len: 0,
+            buf: Vec::new(),
         }
     }
 
-    /// Reads more bytes after `len`, growing the buffer up to `max`. `Ok(0)`: end of stream.
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Reads more bytes, growing the buffer up to `max`. `Ok(0)`: end of stream.
     async fn fill(&mut self, max: usize) -> io::Result<usize> {
-        if self.len == self.buf.len() {
-            if self.buf.len() >= max {
-                return Err(io::Error::other("buffer full"));
-            }
-            self.buf
-                .resize((self.buf.len() * 2).clamp(CLIENT_BUF, max), 0);
-        }
-        let n = self.io.read(&mut self.buf[self.len..]).await?;
-        self.len += n;
-        Ok(n)
+        read_more(&mut self.io, &mut self.buf, CLIENT_BUF, max).await
     }
 
     /// Drops the first `n` buffered bytes.
     fn consume(&mut self, n: usize) {
-        self.buf.copy_within(n..self.len, 0);
-        self.len -= n;
+        self.buf.drain(..n);
     }
+}
+
+/// Reads into the spare capacity of `buf` (at least `min` bytes of capacity, doubling when full,
+/// at most `max`). `Ok(0)`: end of stream.
+async fn read_more<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    min: usize,
+    max: usize,
+) -> io::Result<usize> {
+    if buf.len() == buf.capacity() {
+        if buf.len() >= max {
+            return Err(io::Error::other("buffer full"));
+        }
+        let want = (buf.capacity() * 2).clamp(min, max);
+        buf.reserve_exact(want - buf.len());
+    }
+    io.read_buf(buf).await
 }
 
 struct Conn {
@@ -132,7 +143,7 @@ struct Conn {
 impl Conn {
     /// Frees the buffers of an idle connection; they are allocated again on the next request.
     fn trim(&mut self) {
-        if self.client.len == 0 {
+        if self.client.len() == 0 {
             self.client.buf = Vec::new();
         }
         self.rbuf = Vec::new();
@@ -197,7 +208,7 @@ impl Engine {
     async fn one_request(&self, conn: &mut Conn) -> Step {
         // 1. the request head
         let (head, route) = loop {
-            if conn.client.len > 0 {
+            if conn.client.len() > 0 {
                 match self.parse_head(conn) {
                     Ok(Some(parsed)) => break parsed,
                     Ok(None) => {}
@@ -207,7 +218,7 @@ impl Engine {
                     }
                 }
             }
-            let read = if conn.client.len == 0 {
+            let read = if conn.client.len() == 0 {
                 // between requests: idle keep-alive, ended early by shutdown
                 if *conn.shutdown.borrow() {
                     return Step::Close;
@@ -233,7 +244,7 @@ impl Engine {
                 timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await
             };
             match read {
-                Ok(0) | Err(_) if conn.client.len == 0 => return Step::Close,
+                Ok(0) | Err(_) if conn.client.len() == 0 => return Step::Close,
                 Ok(0) => return Step::Close,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
@@ -248,7 +259,7 @@ impl Engine {
                     return Step::Close;
                 }
                 Err(_) => {
-                    if conn.client.len >= MAX_HEAD {
+                    if conn.client.len() >= MAX_HEAD {
                         self.reject_head(conn, HeadError::TooLarge).await;
                     }
                     return Step::Close;
@@ -261,7 +272,7 @@ impl Engine {
             Route::Own(status, body, label, service) => {
                 // an unread request body stays on the connection: close it after answering
                 let keep = head.keep_alive && head.framing.is_empty() && !*conn.shutdown.borrow();
-                conn.client.consume(head.head_len.min(conn.client.len));
+                conn.client.consume(head.head_len.min(conn.client.len()));
                 let written = write_own(
                     conn,
                     status,
@@ -294,8 +305,7 @@ impl Engine {
     /// Parses the buffered head and routes it; the upstream head is written into `conn.out`.
     fn parse_head(&self, conn: &mut Conn) -> Result<Option<(Head, Route)>, HeadError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let Some(req) = codec::parse_request(&conn.client.buf[..conn.client.len], &mut headers)?
-        else {
+        let Some(req) = codec::parse_request(&conn.client.buf[..], &mut headers)? else {
             return Ok(None);
         };
         let head = Head {
@@ -394,7 +404,7 @@ impl Engine {
             inflight: None,
         };
         // A body that came with the head goes out in the same write and can be replayed.
-        let buffered_body = conn.client.len - head.head_len;
+        let buffered_body = conn.client.len() - head.head_len;
         let inline = match head.framing {
             Framing::Empty => true,
             Framing::Length(n) => n as usize <= INLINE_BODY && (n as usize) <= buffered_body,
@@ -536,8 +546,8 @@ impl Engine {
     ) -> Result<(u16, bool), (UpstreamError, Option<u16>)> {
         let cfg = &self.cfg;
         let mut body_sent = false;
-        if conn.rbuf.is_empty() {
-            conn.rbuf.resize(UPSTREAM_BUF, 0);
+        if conn.rbuf.capacity() < UPSTREAM_BUF {
+            conn.rbuf.reserve_exact(UPSTREAM_BUF);
         }
         let (mut up, rlen, upstream_start) = 'instances: loop {
             let Some(inst) = attempt.next(service) else {
@@ -648,23 +658,20 @@ impl Engine {
                 }
             }
             // more bytes needed for the head
-            conn.rbuf.copy_within(start_at..rlen, 0);
-            rlen -= start_at;
+            conn.rbuf.drain(..start_at);
             start_at = 0;
-            if rlen == conn.rbuf.len() {
-                if conn.rbuf.len() >= MAX_HEAD {
-                    return Err((UpstreamError::BadResponse(HeadError::TooLarge), None));
-                }
-                conn.rbuf.resize((conn.rbuf.len() * 2).min(MAX_HEAD), 0);
-            }
-            match timed(cfg.read_timeout, up.read(&mut conn.rbuf[rlen..])).await {
+            let more = read_more(&mut up, &mut conn.rbuf, UPSTREAM_BUF, MAX_HEAD);
+            match timed(cfg.read_timeout, more).await {
                 Ok(0) => {
                     let e = HeadError::Invalid("connection closed inside the response head");
                     return Err((UpstreamError::BadResponse(e), None));
                 }
-                Ok(n) => rlen += n,
+                Ok(_) => rlen = conn.rbuf.len(),
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return Err((UpstreamError::Timeout, None))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Other && conn.rbuf.len() >= MAX_HEAD => {
+                    return Err((UpstreamError::BadResponse(HeadError::TooLarge), None))
                 }
                 Err(e) => return Err((UpstreamError::NoResponse(e), None)),
             }
@@ -693,7 +700,8 @@ impl Engine {
             return Ok((status, false));
         }
         while !state.done() && !extra {
-            let n = match timed(cfg.read_timeout, up.read(&mut conn.rbuf)).await {
+            conn.rbuf.clear();
+            let n = match timed(cfg.read_timeout, up.read_buf(&mut conn.rbuf)).await {
                 Ok(0) if resp.framing == Framing::UntilClose => break,
                 Ok(0) => {
                     let e = io::Error::new(io::ErrorKind::UnexpectedEof, "response body cut short");
@@ -741,7 +749,7 @@ impl Engine {
         };
         loop {
             // forward what is buffered
-            let avail = &conn.client.buf[..conn.client.len];
+            let avail = &conn.client.buf[..];
             let used = match head.framing {
                 Framing::Chunked => chunked.feed(avail, None).map_err(|e| {
                     UpstreamError::Client(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
@@ -795,9 +803,8 @@ impl Engine {
         {
             return;
         }
-        if conn.client.len > 0 {
-            let pending = conn.client.buf[..conn.client.len].to_vec();
-            conn.client.len = 0;
+        if conn.client.len() > 0 {
+            let pending = std::mem::take(&mut conn.client.buf);
             if up.write_all(&pending).await.is_err() {
                 return;
             }
@@ -941,10 +948,11 @@ async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
 /// Reads until at least one byte of the response arrived. Returns the bytes buffered.
 async fn read_head(
     up: &mut TcpStream,
-    rbuf: &mut [u8],
+    rbuf: &mut Vec<u8>,
     limit: Duration,
 ) -> Result<usize, UpstreamError> {
-    match timed(limit, up.read(rbuf)).await {
+    rbuf.clear();
+    match timed(limit, up.read_buf(rbuf)).await {
         Ok(0) => Err(UpstreamError::NoResponse(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "closed before responding",
