@@ -278,7 +278,7 @@ impl Engine {
                     status,
                     &body,
                     keep,
-                    head.http10,
+                    Some(&head),
                     self.cfg.write_timeout,
                 )
                 .await;
@@ -376,7 +376,7 @@ impl Engine {
     ) {
         let start = Instant::now();
         let body = format!("switchyard: {why}\n");
-        write_own(conn, status, &body, false, false, self.cfg.write_timeout).await;
+        write_own(conn, status, &body, false, None, self.cfg.write_timeout).await;
         let head = Head {
             head_len: 0,
             framing: Framing::Empty,
@@ -474,7 +474,7 @@ impl Engine {
                             status,
                             &body,
                             false,
-                            head.http10,
+                            Some(&head),
                             self.cfg.write_timeout,
                         )
                         .await;
@@ -1020,15 +1020,23 @@ impl BodyState {
     }
 }
 
-/// Writes one of our own answers. Returns whether it was written.
+/// Writes one of our own answers (`request`: the request it answers, if its head was read).
+/// Returns whether it was written.
 async fn write_own(
     conn: &mut Conn,
     status: u16,
     body: &str,
     keep: bool,
-    http10: bool,
+    request: Option<&Head>,
     limit: Duration,
 ) -> bool {
+    let http10 = request.is_some_and(|h| h.http10);
+    // a HEAD request gets the head only
+    let shown = if request.is_some_and(|h| h.head_request) {
+        ""
+    } else {
+        body
+    };
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
@@ -1042,7 +1050,7 @@ async fn write_own(
     use std::io::Write;
     let _ = write!(
         conn.out,
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ncache-control: no-store\r\n{connection}\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ncache-control: no-store\r\n{connection}\r\n{shown}",
         body.len()
     );
     timed(limit, send(&mut conn.client.io, &conn.out))
