@@ -3,7 +3,10 @@
 //! - `route_lookup/<N>`: route one request (Host header) against a snapshot of N services;
 //! - `select/<policy>`: pick an instance of a 10-instance service;
 //! - `apply_one_change/100000`: apply one registration change to a catalog of 100,000 instances
-//!   (in 1,000 services) and build the new snapshot.
+//!   (in 1,000 services) and build the new snapshot;
+//! - `head/request` and `head/response`: the native engine's per-request head work: parse a
+//!   typical browser-sized request head and write the head sent upstream (hop-by-hop stripping,
+//!   X-Forwarded-*), and parse a response head and write the one sent to the client.
 //!
 //! Run: `cargo bench --bench routing`. Results and how they compare: BENCHMARKS.md.
 
@@ -122,5 +125,34 @@ fn apply_one_change(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route_lookup, select, apply_one_change);
+fn heads(c: &mut Criterion) {
+    use switchyard::engine::codec::{parse_request, parse_response, ClientConnection, MAX_HEADERS};
+    let request = b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: items.svc.local\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate\r\nAccept-Language: en-GB,en;q=0.9\r\nCookie: session=0123456789abcdef; theme=dark\r\nConnection: keep-alive\r\nX-Request-Id: 7f9c2ba4-e88f-11ee-9d3f-0242ac120002\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\nServer: backend\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\n\r\n{\"items\": []}\n";
+    let mut out = Vec::with_capacity(1024);
+    let mut g = c.benchmark_group("head");
+    g.bench_function("request", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let req = parse_request(black_box(request), &mut headers)
+                .expect("valid")
+                .expect("complete");
+            req.write_upstream_head(&mut out, req.target, "10.1.2.3");
+            black_box(out.len())
+        })
+    });
+    g.bench_function("response", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let resp = parse_response(black_box(response), &mut headers, false)
+                .expect("valid")
+                .expect("complete");
+            resp.write_client_head(&mut out, ClientConnection::KeepAlive11, false);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, route_lookup, select, apply_one_change, heads);
 criterion_main!(benches);

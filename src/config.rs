@@ -68,6 +68,7 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySection {
     pub listen: String,
+    pub engine: ProxyEngine,
     pub threads: usize,
     pub work_stealing: bool,
     pub connect_timeout_ms: u64,
@@ -85,6 +86,7 @@ impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
             listen: "0.0.0.0:8080".into(),
+            engine: ProxyEngine::Native,
             threads: 2,
             work_stealing: false,
             connect_timeout_ms: 1_000,
@@ -98,6 +100,17 @@ impl Default for ProxySection {
             shutdown_timeout_seconds: 10,
         }
     }
+}
+
+/// Which request path proxies client traffic (`proxy.engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyEngine {
+    /// switchyard's own HTTP/1.1 path on pingora's listeners ([`crate::engine`]).
+    #[default]
+    Native,
+    /// pingora-proxy's `ProxyHttp` path ([`crate::proxy`]).
+    Pingora,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +311,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    pub engine: ProxyEngine,
     pub threads: usize,
     pub work_stealing: bool,
     pub connect_timeout: Duration,
@@ -391,6 +405,7 @@ impl FileConfig {
         }
         let proxy = ProxyConfig {
             listen: parse_addr("proxy.listen", &p.listen)?,
+            engine: p.engine,
             threads: p.threads,
             work_stealing: p.work_stealing,
             connect_timeout: ms("proxy.connect_timeout_ms", p.connect_timeout_ms)?,

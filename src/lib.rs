@@ -12,7 +12,7 @@
 //!                                                    catalog: services → instances (owned by that task)
 //!                                                                       │ build
 //!                                                                       ▼
-//!  client ──HTTP──▶ pingora ProxyHttp ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
+//!  client ──HTTP──▶ switchyard engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
 //!                     │ route: request → service name          │
 //!                     │ select: service → instance ◀───────────┘  Arc<Instance> { addr, weight, meta, state }
 //!                     ▼                                                       ▲
@@ -26,7 +26,10 @@
 //! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot, route matching and selection policies.
 //! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler.
-//! - [`proxy`]: the pingora `ProxyHttp` implementation.
+//! - [`engine`]: the native HTTP/1.1 request path (default): a pingora `ServerApp` that parses,
+//!   routes and relays requests itself, with a per-thread upstream connection pool.
+//! - [`proxy`]: what both engines share (routing decision, in-flight count, request metrics) and
+//!   the pingora-proxy `ProxyHttp` implementation (`proxy.engine = "pingora"`).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
 //! - [`metrics`]: every Prometheus metric family.
 //! - [`events`]: a small ring of recent notable events for the status page.
@@ -36,6 +39,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod events;
 pub mod health;
 pub mod metrics;

@@ -27,11 +27,132 @@ use tracing::info;
 use crate::config::ProxyConfig;
 use crate::metrics::{code_class, METRICS, UNKNOWN_METRICS, UNKNOWN_SERVICE};
 use crate::routing::route::strip_path;
-use crate::routing::{Instance, InstanceState, RouteMatch, Router, Service, SharedTable};
+use crate::routing::{
+    Instance, InstanceState, RouteMatch, Router, RoutingTable, Service, SharedTable,
+};
 
 /// Requests currently being handled by the proxy (from context creation to its drop); the
 /// shutdown drain waits for this to reach zero.
 pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one request in [`IN_FLIGHT`] while it lives.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn new() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        InFlight(())
+    }
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::new()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What to do with a request, decided from the snapshot (shared by both engines).
+pub enum Outcome {
+    /// Proxy to an instance of `service`; `rewrite` is the new path and query when a prefix was
+    /// stripped.
+    Proxy {
+        service: Arc<Service>,
+        rewrite: Option<String>,
+    },
+    /// Answer ourselves (404, 503). `label`/`service`: what the request is counted under.
+    Answer {
+        status: u16,
+        body: String,
+        label: Option<Arc<str>>,
+        service: Option<Arc<Service>>,
+    },
+}
+
+/// Routes a request: 404 for no matching service, 503 for a service without a usable instance.
+pub fn route_request(
+    router: &Router,
+    table: &RoutingTable,
+    host: Option<&str>,
+    path: &str,
+) -> Outcome {
+    let (name, strip, explicit) = match router.route(table, host, path) {
+        RouteMatch::Explicit { service, strip } => (service, strip, true),
+        RouteMatch::Implicit { service, strip } => (service, strip, false),
+        RouteMatch::Unknown { name } => {
+            let shown: String = name.chars().take(64).collect();
+            let body = if shown.is_empty() {
+                "switchyard: no service matches this request (use Host: <service> or /<service>/...)\n".to_string()
+            } else {
+                format!("switchyard: unknown service {shown:?}\n")
+            };
+            return Outcome::Answer {
+                status: 404,
+                body,
+                label: None,
+                service: None,
+            };
+        }
+    };
+    let Some(service) = table.service(&name).cloned() else {
+        // only explicit routes can name a service the table lacks
+        debug_assert!(explicit);
+        return Outcome::Answer {
+            status: 503,
+            body: format!("switchyard: service {name:?} has no instance registered\n"),
+            label: Some(name),
+            service: None,
+        };
+    };
+    if !service.routable() {
+        let reason = service.unavailable_reason();
+        return Outcome::Answer {
+            status: 503,
+            body: format!("switchyard: service {name:?}: {reason}\n"),
+            label: Some(name),
+            service: Some(service),
+        };
+    }
+    let rewrite = (strip > 0).then(|| strip_path(path, strip));
+    Outcome::Proxy { service, rewrite }
+}
+
+/// Counts a finished request in the metrics: under its service, the label of an explicit route
+/// to a service with nothing registered, or the unknown-service label.
+pub fn record_request(
+    service: Option<&Arc<Service>>,
+    label: Option<&str>,
+    status: u16,
+    elapsed: std::time::Duration,
+) {
+    match (service, label) {
+        (Some(svc), _) => {
+            let m = svc.metrics();
+            m.request(status).inc();
+            m.duration.observe(elapsed.as_secs_f64());
+        }
+        // rare: resolve the labels
+        (None, Some(label)) => {
+            METRICS
+                .requests
+                .with_label_values(&[label, code_class(status)])
+                .inc();
+            METRICS
+                .request_duration
+                .with_label_values(&[label])
+                .observe(elapsed.as_secs_f64());
+        }
+        (None, None) => {
+            UNKNOWN_METRICS.request(status).inc();
+            UNKNOWN_METRICS.duration.observe(elapsed.as_secs_f64());
+        }
+    }
+}
 
 /// Everything the proxy needs, shared by all requests.
 pub struct SwitchyardProxy {
@@ -59,6 +180,7 @@ pub struct Ctx {
     own_status: Option<u16>,
     /// The client's IP address, looked up once per downstream connection.
     client_ip: Option<Arc<str>>,
+    _in_flight: InFlight,
 }
 
 impl Ctx {
@@ -75,7 +197,6 @@ impl Ctx {
 
 impl Drop for Ctx {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
         self.release_inflight();
     }
 }
@@ -112,7 +233,6 @@ impl ProxyHttp for SwitchyardProxy {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
-        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
         Ctx {
             start: Instant::now(),
             service: None,
@@ -124,6 +244,7 @@ impl ProxyHttp for SwitchyardProxy {
             upstream_start: None,
             own_status: None,
             client_ip: None,
+            _in_flight: InFlight::new(),
         }
     }
 
@@ -153,52 +274,26 @@ impl ProxyHttp for SwitchyardProxy {
         let table = self.table.load();
         let req = session.req_header();
         let path = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let matched = self.router.route(&table, request_host(req), path);
-        let (name, strip, explicit) = match matched {
-            RouteMatch::Explicit { service, strip } => (service, strip, true),
-            RouteMatch::Implicit { service, strip } => (service, strip, false),
-            RouteMatch::Unknown { name } => {
-                ctx.own_status = Some(404);
-                let shown: String = name.chars().take(64).collect();
-                let body = if shown.is_empty() {
-                    "switchyard: no service matches this request (use Host: <service> or /<service>/...)\n".to_string()
-                } else {
-                    format!("switchyard: unknown service {shown:?}\n")
-                };
-                respond(session, 404, body).await?;
-                return Ok(true);
+        match route_request(&self.router, &table, request_host(req), path) {
+            Outcome::Proxy { service, rewrite } => {
+                ctx.rewrite = rewrite;
+                ctx.label = Some(service.name.clone());
+                ctx.service = Some(service);
+                Ok(false)
             }
-        };
-        if strip > 0 {
-            ctx.rewrite = Some(strip_path(path, strip));
+            Outcome::Answer {
+                status,
+                body,
+                label,
+                service,
+            } => {
+                ctx.own_status = Some(status);
+                ctx.label = label;
+                ctx.service = service;
+                respond(session, status, body).await?;
+                Ok(true)
+            }
         }
-        ctx.label = Some(name.clone());
-        let Some(service) = table.service(&name).cloned() else {
-            // only explicit routes can name a service the table lacks
-            debug_assert!(explicit);
-            ctx.own_status = Some(503);
-            respond(
-                session,
-                503,
-                format!("switchyard: service {name:?} has no instance registered\n"),
-            )
-            .await?;
-            return Ok(true);
-        };
-        // set before the check: the 503 below is counted with the service's metric handles
-        ctx.service = Some(service.clone());
-        if !service.routable() {
-            ctx.own_status = Some(503);
-            let reason = service.unavailable_reason();
-            respond(
-                session,
-                503,
-                format!("switchyard: service {name:?}: {reason}\n"),
-            )
-            .await?;
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -428,28 +523,7 @@ impl ProxyHttp for SwitchyardProxy {
             .or(ctx.own_status)
             .unwrap_or(0);
         let elapsed = ctx.start.elapsed();
-        match (&ctx.service, &ctx.label) {
-            (Some(svc), _) => {
-                let m = svc.metrics();
-                m.request(status).inc();
-                m.duration.observe(elapsed.as_secs_f64());
-            }
-            // an explicit route to a service with nothing registered: rare, resolve the labels
-            (None, Some(label)) => {
-                METRICS
-                    .requests
-                    .with_label_values(&[label, code_class(status)])
-                    .inc();
-                METRICS
-                    .request_duration
-                    .with_label_values(&[label])
-                    .observe(elapsed.as_secs_f64());
-            }
-            (None, None) => {
-                UNKNOWN_METRICS.request(status).inc();
-                UNKNOWN_METRICS.duration.observe(elapsed.as_secs_f64());
-            }
-        }
+        record_request(ctx.service.as_ref(), ctx.label.as_deref(), status, elapsed);
         if self.access_log {
             let label = ctx.service_name();
             let req = session.req_header();

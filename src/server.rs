@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -18,7 +19,8 @@ use pingora::services::listening::Service as ListeningService;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminApp;
-use crate::config::Config;
+use crate::config::{Config, ProxyEngine};
+use crate::engine::Engine;
 use crate::health::HealthChecker;
 use crate::proxy::{SwitchyardProxy, IN_FLIGHT};
 use crate::registry::{Registry, RegistryStatus};
@@ -140,15 +142,39 @@ impl Switchyard {
             HealthChecker::new(table.clone(), config.health.clone(), registry.subscribe())
         });
 
-        let proxy = SwitchyardProxy {
-            table: table.clone(),
-            router: config.router.clone(),
-            cfg: config.proxy.clone(),
-            access_log: config.log.access_log,
-        };
-        let mut proxy_service =
-            pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "proxy");
-        proxy_service.add_tcp(&config.proxy.listen.to_string());
+        let listen = config.proxy.listen.to_string();
+        match config.proxy.engine {
+            ProxyEngine::Native => {
+                let engine = Engine {
+                    table: table.clone(),
+                    router: config.router.clone(),
+                    cfg: config.proxy.clone(),
+                    access_log: config.log.access_log,
+                };
+                let mut service = ListeningService::new("proxy".to_string(), engine);
+                // The engine reads into its own buffer and writes whole heads: pingora's per-
+                // connection 64 KiB read buffer would only add a copy and memory per connection.
+                service.endpoints().add_listener(
+                    ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::new(0, 0)),
+                );
+                server.add_service(service);
+            }
+            ProxyEngine::Pingora => {
+                let proxy = SwitchyardProxy {
+                    table: table.clone(),
+                    router: config.router.clone(),
+                    cfg: config.proxy.clone(),
+                    access_log: config.log.access_log,
+                };
+                let mut service = pingora::proxy::http_proxy_service_with_name(
+                    &server.configuration,
+                    proxy,
+                    "proxy",
+                );
+                service.add_tcp(&listen);
+                server.add_service(service);
+            }
+        }
 
         let admin = AdminApp {
             table: table.clone(),
@@ -168,7 +194,6 @@ impl Switchyard {
         );
         registry_service.threads = Some(1);
 
-        server.add_service(proxy_service);
         server.add_service(admin_service);
         server.add_service(registry_service);
         if let Some(checker) = health {

@@ -2,6 +2,10 @@
 # Throughput and latency: the same two loopback backends served directly, through nginx, through
 # HAProxy and through switchyard (backends registered in a real etcd), loaded with wrk.
 #
+# Targets: direct, nginx, haproxy, switchyard (the native engine, the default) and, unless
+# BENCH_PINGORA=0, switchyard-pingora: the same binary with `proxy.engine = "pingora"` (pingora-
+# proxy's request path), the baseline the native engine replaced, measured in the same rounds.
+#
 # Two variants:
 #   pinned    proxy on core 0 (1 worker / 1 thread); backends, wrk and etcd on core 1
 #   unpinned  proxy with 2 workers / 2 threads; nothing pinned
@@ -15,11 +19,12 @@
 #   BENCH_DURATION [10]  seconds per measurement;  BENCH_WARMUP [2] seconds of warm-up before each
 #   BENCH_CONNS [50]     wrk connections;          BENCH_WRK_THREADS [1]
 #   BENCH_VARIANTS ["pinned unpinned"]
+#   BENCH_PINGORA [1]    also measure switchyard with engine = "pingora" (target switchyard-pingora)
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
 #   BENCH_SWITCHYARD_PROXY_TOML  extra lines for switchyard's [proxy] section (e.g. "work_stealing = false")
 #   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw wrk output)
-# Default runtime: about 2 variants x 3 rounds x 4 targets x 12 s = 5 minutes.
+# Default runtime: about 2 variants x 3 rounds x 5 targets x 12 s = 6 minutes.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -31,6 +36,7 @@ fi
 CONNS="${BENCH_CONNS:-50}"
 WRK_THREADS="${BENCH_WRK_THREADS:-1}"
 VARIANTS="${BENCH_VARIANTS:-pinned unpinned}"
+PINGORA="${BENCH_PINGORA:-1}"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "BENCH_ROUNDS must be 1..20"
 ((DURATION >= 1 && DURATION <= 120)) || die "BENCH_DURATION must be 1..120"
 
@@ -88,7 +94,7 @@ m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (
 if m: errs += sum(int(x) for x in m.groups())
 print(f"{variant}\t{rnd}\t{target}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errs}")
 PY
-    tail -n1 "$RESULTS" | awk -F'\t' '{printf "bench: %-8s round %s %-10s %8s rps  p50 %7s ms  p99 %7s ms  errors %s\n", $1, $2, $3, $4, $5, $6, $7}' >&2
+    tail -n1 "$RESULTS" | awk -F'\t' '{printf "bench: %-8s round %s %-18s %8s rps  p50 %7s ms  p99 %7s ms  errors %s\n", $1, $2, $3, $4, $5, $6, $7}' >&2
 }
 
 log "$(machine_line)"
@@ -121,6 +127,17 @@ for variant in $VARIANTS; do
     write_switchyard_config "$WORK/switchyard-$variant.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$WORKERS"
     start_switchyard "$BIN" "$WORK/switchyard-$variant.toml" "127.0.0.1:$SA" "$PROXY_CPUS"
     wait_routes_both "127.0.0.1:$SP"
+    SYN_PID=$SY_PID
+    if [[ "$PINGORA" == 1 ]]; then
+        PP=$(free_port)
+        PA=$(free_port)
+        BENCH_SWITCHYARD_PROXY_TOML="engine = \"pingora\"
+${BENCH_SWITCHYARD_PROXY_TOML:-}" write_switchyard_config "$WORK/switchyard-pingora-$variant.toml" \
+            "127.0.0.1:$PP" "127.0.0.1:$PA" "$WORKERS"
+        start_switchyard "$BIN" "$WORK/switchyard-pingora-$variant.toml" "127.0.0.1:$PA" "$PROXY_CPUS"
+        wait_routes_both "127.0.0.1:$PP"
+        SYP_PID=$SY_PID
+    fi
 
     declare -A URL=(
         [direct]="http://127.0.0.1:$B1/"
@@ -129,14 +146,22 @@ for variant in $VARIANTS; do
         [switchyard]="http://127.0.0.1:$SP/"
     )
     targets=(direct nginx haproxy switchyard)
+    if [[ "$PINGORA" == 1 ]]; then
+        URL[switchyard-pingora]="http://127.0.0.1:$PP/"
+        targets+=(switchyard-pingora)
+    fi
     for ((r = 1; r <= ROUNDS; r++)); do
         for ((k = 0; k < ${#targets[@]}; k++)); do
             t="${targets[$(((k + r - 1) % ${#targets[@]}))]}"
             run_wrk "$variant" "$r" "$t" "${URL[$t]}" "$SIDE_CPUS"
         done
     done
-    log "switchyard RSS after the $variant runs: $(rss_kib "$SY_PID") KiB"
-    stop_pid "$SY_PID"
+    log "switchyard RSS after the $variant runs: $(rss_kib "$SYN_PID") KiB"
+    stop_pid "$SYN_PID"
+    if [[ "$PINGORA" == 1 ]]; then
+        log "switchyard-pingora RSS after the $variant runs: $(rss_kib "$SYP_PID") KiB"
+        stop_pid "$SYP_PID"
+    fi
     stop_pid "$HAPROXY_PID"
     stop_pid "$NGINX_PID"
     stop_pid "$ETCD_PID"
@@ -158,7 +183,7 @@ print(f"wrk -t{wt} -c{conns} -d{dur}s, median of {rounds} round(s); load average
 print("| variant | target | rps | p50 ms | p99 ms | errors | rps per round |")
 print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
 for v, ts in by.items():
-    for t in ["direct", "nginx", "haproxy", "switchyard"]:
+    for t in ["direct", "nginx", "haproxy", "switchyard", "switchyard-pingora"]:
         if t not in ts: continue
         xs = ts[t]
         print(f"| {v} | {t} | {med(x[0] for x in xs):.0f} | {med(x[1] for x in xs):.3f} | "
@@ -171,7 +196,8 @@ print("| --- | --- | ---: | ---: | ---: | ---: |")
 for v, ts in by.items():
     m = {t: (med(x[0] for x in xs), med(x[1] for x in xs), med(x[2] for x in xs)) for t, xs in ts.items()}
     pairs = [("switchyard", "nginx"), ("switchyard", "haproxy"), ("nginx", "direct"),
-             ("haproxy", "direct"), ("switchyard", "direct")]
+             ("haproxy", "direct"), ("switchyard", "direct"), ("switchyard", "switchyard-pingora"),
+             ("switchyard-pingora", "nginx")]
     for a, b in pairs:
         if a in m and b in m:
             per_round = med(x[0] / y[0] for x, y in zip(ts[a], ts[b]))
