@@ -294,6 +294,7 @@ impl Request<'_> {
     /// (possibly rewritten), the end-to-end headers, and X-Forwarded-For/-Proto/-Host.
     pub fn write_upstream_head(&self, out: &mut Vec<u8>, target: &str, client_ip: &str) {
         out.clear();
+        out.reserve(self.head_len + 192);
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(target.as_bytes());
@@ -424,6 +425,7 @@ impl Response<'_> {
     /// sent de-chunked and close-delimited (an HTTP/1.0 client cannot read chunked).
     pub fn write_client_head(&self, out: &mut Vec<u8>, conn: ClientConnection, dechunk: bool) {
         out.clear();
+        out.reserve(self.head_len + 32);
         out.extend_from_slice(b"HTTP/1.1 ");
         let s = self.status;
         out.extend_from_slice(&[

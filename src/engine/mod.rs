@@ -50,9 +50,6 @@ use codec::{Chunked, ClientConnection, Framing, HeadError, MAX_HEAD, MAX_HEADERS
 const INLINE_BODY: usize = 16 * 1024;
 const CLIENT_BUF: usize = 8 * 1024;
 const UPSTREAM_BUF: usize = 16 * 1024;
-/// A client connection idle this long between requests gives its buffers back (an idle
-/// keep-alive connection then costs about 1 KiB besides the kernel's socket).
-const IDLE_TRIM: Duration = Duration::from_secs(1);
 
 /// The native engine, shared by all connections.
 pub struct Engine {
@@ -223,22 +220,12 @@ impl Engine {
                 if *conn.shutdown.borrow() {
                     return Step::Close;
                 }
-                let limit = self.cfg.downstream_read_timeout;
-                let first = limit.min(IDLE_TRIM);
-                let r = tokio::select! {
-                    r = timed(first, conn.client.fill(MAX_HEAD)) => r,
+                // an idle connection holds no buffers (taken again from the allocator's
+                // thread-local free lists, uninitialised, when the next request arrives)
+                conn.trim();
+                tokio::select! {
+                    r = timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)) => r,
                     _ = conn.shutdown.changed() => return Step::Close,
-                };
-                match r {
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut && limit > first => {
-                        // idle for a while: give the buffers back until the next request
-                        conn.trim();
-                        tokio::select! {
-                            r = timed(limit - first, conn.client.fill(MAX_HEAD)) => r,
-                            _ = conn.shutdown.changed() => return Step::Close,
-                        }
-                    }
-                    r => r,
                 }
             } else {
                 timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await
@@ -426,24 +413,8 @@ impl Engine {
         let result = self
             .exchange(conn, &head, &service, inline, &mut attempt)
             .await;
-        match result {
-            Ok((status, keep)) => {
-                self.finish(
-                    &head,
-                    Some(&service),
-                    None,
-                    attempt.instance.as_deref(),
-                    status,
-                    start,
-                    attempt.tried.len(),
-                    None,
-                );
-                if keep {
-                    Step::Next
-                } else {
-                    Step::Close
-                }
-            }
+        let (status, keep, error) = match result {
+            Ok((status, keep)) => (status, keep, None),
             Err((e, sent)) => {
                 let (mut status, reason) = self.error_status(&e, &attempt);
                 if status == 504 {
@@ -469,35 +440,35 @@ impl Engine {
                     Some(s) => status = s,
                     None if status > 0 => {
                         let body = format!("switchyard: service {:?}: {reason}\n", service.name);
-                        write_own(
-                            conn,
-                            status,
-                            &body,
-                            false,
-                            Some(&head),
-                            self.cfg.write_timeout,
-                        )
-                        .await;
+                        let limit = self.cfg.write_timeout;
+                        write_own(conn, status, &body, false, Some(&head), limit).await;
                     }
                     None => {}
                 }
-                let err = match &e {
+                let error = match &e {
                     UpstreamError::Client(_) => "downstream",
                     UpstreamError::Timeout => "timeout",
                     _ => "upstream",
                 };
-                self.finish(
-                    &head,
-                    Some(&service),
-                    None,
-                    attempt.instance.as_deref(),
-                    status,
-                    start,
-                    attempt.tried.len(),
-                    Some(err),
-                );
-                Step::Close
+                (status, false, Some(error))
             }
+        };
+        let tries = attempt.tried.len();
+        let instance = attempt.instance.as_deref();
+        self.finish(
+            &head,
+            Some(&service),
+            None,
+            instance,
+            status,
+            start,
+            tries,
+            error,
+        );
+        if keep {
+            Step::Next
+        } else {
+            Step::Close
         }
     }
 
@@ -688,6 +659,7 @@ impl Engine {
 
         // 3. the body: whatever is buffered goes out in the same write as the head
         let mut state = BodyState::new(resp.framing, resp.dechunk);
+        conn.out.reserve(rlen - resp.body_start);
         let used = state
             .feed(&conn.rbuf[resp.body_start..rlen], &mut conn.out)
             .map_err(|e| (UpstreamError::BadResponse(e), None))?;
@@ -1042,6 +1014,7 @@ async fn write_own(
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
     conn.out.clear();
+    conn.out.reserve(192 + shown.len());
     let connection = match (keep, http10) {
         (false, _) => "Connection: close\r\n",
         (true, true) => "Connection: keep-alive\r\n",
