@@ -490,6 +490,15 @@ impl Chunked {
         self.state == ChunkState::Done
     }
 
+    /// Bytes of the current chunk still to come (0 outside chunk data).
+    pub fn chunk_left(&self) -> u64 {
+        if self.state == ChunkState::Data {
+            self.size
+        } else {
+            0
+        }
+    }
+
     /// Consumes framing from `input`, stopping at the end of the body. Returns how many bytes of
     /// `input` belong to the body; with `decoded`, the chunk data is appended to it.
     pub fn feed(

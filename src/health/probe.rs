@@ -30,6 +30,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::{Protocol, StatusSet, Target};
+use crate::engine::codec::Chunked;
+use crate::engine::pool::still_open;
 
 /// Why a check failed; the text becomes the `reason` of a logged health flip.
 #[derive(Debug, thiserror::Error)]
@@ -325,96 +327,27 @@ async fn drain(stream: &mut TcpStream, framing: Framing) -> bool {
     }
 }
 
-/// Where a chunked body's reader is.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    /// Before the first digit of a chunk size.
-    #[default]
-    SizeStart,
-    /// In a chunk-size line: the size so far, and whether in an extension (`;name=value`).
-    Size {
-        size: u64,
-        ext: bool,
-    },
-    SizeLf {
-        size: u64,
-    },
-    Data(u64),
-    DataCr,
-    DataLf,
-    /// At the start of a trailer line (or the final empty line).
-    Trailer,
-    TrailerLine,
-    FinalLf,
-    Done,
-}
-
-/// A chunked body reader that only checks framing and counts bytes.
+/// A chunked body that is read only to keep the connection: the framing is the engine's
+/// ([`Chunked`]); a chunk larger than [`MAX_DRAIN`], more than that in total, or bytes beyond the
+/// body end it.
 #[derive(Debug, Default)]
 struct ChunkedBody {
-    state: ChunkState,
+    framing: Chunked,
     seen: u64,
 }
 
 impl ChunkedBody {
     /// Consumes `bytes`; Ok(true) once the body ended exactly at the end of `bytes`.
     fn feed(&mut self, bytes: &[u8]) -> Result<bool, ()> {
-        use ChunkState::*;
         self.seen += bytes.len() as u64;
         if self.seen > MAX_DRAIN + 1024 {
             return Err(());
         }
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            self.state = match self.state {
-                SizeStart | Size { ext: false, .. } if b.is_ascii_hexdigit() => {
-                    let size = match self.state {
-                        Size { size, .. } => size,
-                        _ => 0,
-                    };
-                    let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
-                    let size = size * 16 + digit;
-                    if size > MAX_DRAIN {
-                        return Err(());
-                    }
-                    Size { size, ext: false }
-                }
-                Size { size, .. } if b == b'\r' => SizeLf { size },
-                Size { size, .. } if b == b'\n' => after_size(size),
-                Size { size, .. } if b == b';' || b == b' ' || b == b'\t' => {
-                    Size { size, ext: true }
-                }
-                Size { size, ext: true } => Size { size, ext: true },
-                SizeLf { size } if b == b'\n' => after_size(size),
-                Data(n) => {
-                    let take = (n as usize).min(bytes.len() - i);
-                    i += take;
-                    let left = n - take as u64;
-                    self.state = if left == 0 { DataCr } else { Data(left) };
-                    continue;
-                }
-                DataCr if b == b'\r' => DataLf,
-                DataCr | DataLf if b == b'\n' => SizeStart,
-                Trailer if b == b'\r' => FinalLf,
-                Trailer if b == b'\n' => Done,
-                Trailer => TrailerLine,
-                TrailerLine if b == b'\n' => Trailer,
-                TrailerLine => TrailerLine,
-                FinalLf if b == b'\n' => Done,
-                _ => return Err(()),
-            };
-            i += 1;
+        let used = self.framing.feed(bytes, None).map_err(|_| ())?;
+        if used < bytes.len() || self.framing.chunk_left() > MAX_DRAIN {
+            return Err(());
         }
-        Ok(self.state == Done)
-    }
-}
-
-fn after_size(size: u64) -> ChunkState {
-    if size == 0 {
-        ChunkState::Trailer
-    } else {
-        ChunkState::Data(size)
+        Ok(self.framing.is_done())
     }
 }
 
@@ -505,7 +438,7 @@ async fn http(
         Some(host) => http_request(&spec.path, host, keep_alive),
         None => http_request(&spec.path, &target.addr, keep_alive),
     };
-    if let Some(mut stream) = reused.filter(still_idle) {
+    if let Some(mut stream) = reused.filter(still_open) {
         match timeout_at(
             deadline,
             exchange(&mut stream, request.as_bytes(), &spec.expected, true),
@@ -560,13 +493,6 @@ async fn finish(
         None => false,
     };
     (head.verdict, kept.then_some(stream))
-}
-
-/// An idle connection is usable when nothing arrived on it since the last response: no close,
-/// no unsolicited bytes (such as a server's 408 before it hangs up).
-fn still_idle(stream: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// `grpc.health.v1.Health/Check` for `service` ("" = the whole server); healthy on SERVING.
