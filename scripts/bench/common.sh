@@ -126,6 +126,20 @@ urllib.request.urlopen(req, timeout=5).read()
 PY
 }
 
+# nginx_http_common DIR: the http-block lines every bench nginx shares (no access log, temp files
+# under DIR, unlimited keep-alive requests).
+nginx_http_common() {
+    cat <<EOF
+    access_log off;
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+    keepalive_requests 1000000;
+EOF
+}
+
 root_user() { [[ $(id -u) -eq 0 ]] && echo "user root;" || true; }
 
 # start_nginx_backend PORT NAME [CPUS]: a single-process nginx (master_process off) answering every
@@ -146,13 +160,7 @@ error_log $dir/error.log warn;
 worker_rlimit_nofile $nofile;
 events { worker_connections $((nofile - 512)); }
 http {
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    keepalive_requests 1000000;
+$(nginx_http_common "$dir")
     keepalive_timeout 300s;
     server {
         listen 127.0.0.1:$port reuseport;
@@ -239,13 +247,7 @@ pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    keepalive_requests 1000000;
+$(nginx_http_common "$dir")
     upstream backends {
         server 127.0.0.1:$B1;
         server 127.0.0.1:$B2;
