@@ -122,6 +122,34 @@ pub fn route_request(
     Outcome::Proxy { service, rewrite }
 }
 
+/// One finished request, as the access log shows it (shared by both engines).
+pub struct AccessLine<'a> {
+    pub service: &'a str,
+    pub instance: Option<&'a Instance>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub elapsed: std::time::Duration,
+    pub tries: usize,
+    pub error: &'a str,
+}
+
+/// Writes one access-log line (target `switchyard::access`).
+pub fn access_line(a: &AccessLine<'_>) {
+    info!(
+        target: "switchyard::access",
+        service = %a.service,
+        instance = a.instance.map(|i| i.addr.to_string()).unwrap_or_default(),
+        method = %a.method,
+        path = %a.path,
+        status = a.status,
+        duration_ms = a.elapsed.as_secs_f64() * 1000.0,
+        tries = a.tries,
+        error = a.error,
+        "request"
+    );
+}
+
 /// Counts a finished request in the metrics: under its service, the label of an explicit route
 /// to a service with nothing registered, or the unknown-service label.
 pub fn record_request(
@@ -525,20 +553,17 @@ impl ProxyHttp for SwitchyardProxy {
         let elapsed = ctx.start.elapsed();
         record_request(ctx.service.as_ref(), ctx.label.as_deref(), status, elapsed);
         if self.access_log {
-            let label = ctx.service_name();
             let req = session.req_header();
-            info!(
-                target: "switchyard::access",
-                service = %label,
-                instance = ctx.instance.as_ref().map(|i| i.addr.to_string()).unwrap_or_default(),
-                method = %req.method,
-                path = %req.uri.path(),
+            access_line(&AccessLine {
+                service: ctx.service_name(),
+                instance: ctx.instance.as_deref(),
+                method: req.method.as_str(),
+                path: req.uri.path(),
                 status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                tries = ctx.tried.len(),
-                error = e.map(|e| e.etype().as_str()).unwrap_or(""),
-                "request"
-            );
+                elapsed,
+                tries: ctx.tried.len(),
+                error: e.map(|e| e.etype().as_str()).unwrap_or(""),
+            });
         }
     }
 }

@@ -38,10 +38,10 @@ use pingora::server::ShutdownWatch;
 use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::config::ProxyConfig;
-use crate::proxy::{record_request, InFlight, Outcome};
+use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
 use crate::routing::{Instance, InstanceState, Router, Service, SharedTable};
 use codec::{Chunked, ClientConnection, Framing, HeadError, MAX_HEAD, MAX_HEADERS};
 
@@ -803,18 +803,16 @@ impl Engine {
                 .map(|s| &*s.name)
                 .or(label)
                 .unwrap_or(crate::metrics::UNKNOWN_SERVICE);
-            info!(
-                target: "switchyard::access",
-                service = %name,
-                instance = instance.map(|i| i.addr.to_string()).unwrap_or_default(),
-                method = %method,
-                path = %path,
+            access_line(&AccessLine {
+                service: name,
+                instance,
+                method,
+                path,
                 status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                elapsed,
                 tries,
-                error = error.unwrap_or(""),
-                "request"
-            );
+                error: error.unwrap_or(""),
+            });
         }
     }
 }
