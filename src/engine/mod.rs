@@ -235,14 +235,8 @@ impl Engine {
                 Ok(0) => return Step::Close,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    self.own_answer(
-                        conn,
-                        408,
-                        "request head not received in time".into(),
-                        None,
-                        None,
-                    )
-                    .await;
+                    self.own_answer(conn, 408, "request head not received in time".into())
+                        .await;
                     return Step::Close;
                 }
                 Err(_) => {
@@ -270,7 +264,7 @@ impl Engine {
                 )
                 .await;
                 self.finish(
-                    &head,
+                    head.log.as_ref(),
                     service.as_ref(),
                     label.as_deref(),
                     None,
@@ -348,34 +342,15 @@ impl Engine {
     async fn reject_head(&self, conn: &mut Conn, e: HeadError) {
         debug!(error = %e, client = %conn.ip, "refused request head");
         let status = e.status();
-        self.own_answer(conn, status, format!("{e}"), None, None)
-            .await;
+        self.own_answer(conn, status, format!("{e}")).await;
     }
 
     /// Answers without a routed request (bad head, read timeout) and closes.
-    async fn own_answer(
-        &self,
-        conn: &mut Conn,
-        status: u16,
-        why: String,
-        label: Option<&str>,
-        svc: Option<&Arc<Service>>,
-    ) {
+    async fn own_answer(&self, conn: &mut Conn, status: u16, why: String) {
         let start = Instant::now();
         let body = format!("switchyard: {why}\n");
         write_own(conn, status, &body, false, None, self.cfg.write_timeout).await;
-        let head = Head {
-            head_len: 0,
-            framing: Framing::Empty,
-            keep_alive: false,
-            idempotent: false,
-            head_request: false,
-            upgrade: false,
-            expect_continue: false,
-            http10: false,
-            log: None,
-        };
-        self.finish(&head, svc, label, None, status, start, 0, None);
+        self.finish(None, None, None, None, status, start, 0, None);
     }
 
     async fn proxy(
@@ -456,7 +431,7 @@ impl Engine {
         let tries = attempt.tried.len();
         let instance = attempt.instance.as_deref();
         self.finish(
-            &head,
+            head.log.as_ref(),
             Some(&service),
             None,
             instance,
@@ -787,7 +762,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
-        head: &Head,
+        log: Option<&(String, String)>,
         service: Option<&Arc<Service>>,
         label: Option<&str>,
         instance: Option<&Instance>,
@@ -798,7 +773,7 @@ impl Engine {
     ) {
         let elapsed = start.elapsed();
         record_request(service, label, status, elapsed);
-        if let Some((method, path)) = &head.log {
+        if let Some((method, path)) = log {
             let name = service
                 .map(|s| &*s.name)
                 .or(label)
