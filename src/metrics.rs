@@ -21,6 +21,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_response: HistogramVec,
     pub retries: IntCounterVec,
+    pub client_connections: IntGaugeVec,
     pub upstream_instances: IntGaugeVec,
     pub health_checks: IntCounterVec,
     pub health_transitions: IntCounterVec,
@@ -76,6 +77,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "switchyard_retries_total",
             "Requests tried again on another instance after a connection failure, by service.",
             &["service"]
+        )?,
+        client_connections: register_int_gauge_vec!(
+            "switchyard_client_connections",
+            "Open client connections, by proxy thread (native engine; threads are numbered in the order they got their first connection).",
+            &["thread"]
         )?,
         upstream_instances: register_int_gauge_vec!(
             "switchyard_upstream_instances",

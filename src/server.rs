@@ -150,6 +150,7 @@ impl Switchyard {
                     router: config.router.clone(),
                     cfg: config.proxy.clone(),
                     access_log: config.log.access_log,
+                    workers: Default::default(),
                 };
                 let mut service = ListeningService::new("proxy".to_string(), engine);
                 // The engine reads into its own buffer and writes whole heads: pingora's per-

@@ -448,3 +448,67 @@ async fn idempotent_requests_to_a_silent_instance_go_to_another_one() {
         "some POST went to the silent instance: {statuses:?}"
     );
 }
+
+/// Client connections are placed on the least loaded proxy thread (pingora alone picks one at
+/// random), counted per thread in `switchyard_client_connections`, and uncounted when they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_evenly_over_the_proxy_threads() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nthreads = 2\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n")
+        .start()
+        .await;
+    let b = Backend::start("spread").await;
+    etcd.put("/services/spread/1", b.addr_string()).await;
+    proxy.wait_usable("spread", 1).await;
+
+    let per_thread = |text: &str| -> Vec<f64> {
+        (0..4)
+            .filter_map(|t| {
+                support::metric_value(
+                    text,
+                    &format!("switchyard_client_connections{{thread=\"{t}\"}}"),
+                )
+            })
+            .collect()
+    };
+    // one at a time, each answered before the next opens: placement sees every earlier one
+    let mut conns = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: spread\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "connection {i}: {resp}");
+        conns.push(s);
+    }
+    let text = proxy.metrics().await;
+    let counts = per_thread(&text);
+    assert_eq!(
+        counts.len(),
+        2,
+        "both threads serve connections: {counts:?}"
+    );
+    assert_eq!(counts.iter().sum::<f64>(), 20.0, "{counts:?}");
+    assert!((counts[0] - counts[1]).abs() <= 1.0, "uneven: {counts:?}");
+
+    // every connection still works where it was placed
+    for s in &mut conns {
+        s.write_all(b"GET /y HTTP/1.1\r\nHost: spread\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(s).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    drop(conns);
+    support::eventually(Duration::from_secs(5), "connections uncounted", || async {
+        let counts = per_thread(&proxy.metrics().await);
+        if counts.iter().sum::<f64>() == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{counts:?}"))
+        }
+    })
+    .await;
+}

@@ -4,21 +4,32 @@
 # BENCH_DURATION [3] seconds of keep-alive load. strace slows the proxy down a lot; only the
 # per-request counts mean anything, not the rates.
 #
-# Environment: BENCH_DURATION [3], BENCH_CONNS [50], SWITCHYARD_BIN, BENCH_OUT, BENCH_KEEP=1.
+# With BENCH_THREADS=2 each proxy gets 2 workers/threads and nothing is pinned (the unpinned
+# variant of throughput.sh); every worker process is traced.
+#
+# Environment: BENCH_DURATION [3], BENCH_CONNS [50], BENCH_THREADS [1], SWITCHYARD_BIN, BENCH_OUT,
+# BENCH_KEEP=1.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 DURATION="${BENCH_DURATION:-3}"
 CONNS="${BENCH_CONNS:-50}"
+THREADS="${BENCH_THREADS:-1}"
 ((DURATION >= 1 && DURATION <= 60)) || die "BENCH_DURATION must be 1..60"
+((THREADS >= 1 && THREADS <= 2)) || die "BENCH_THREADS must be 1 or 2"
+if ((THREADS == 1)); then
+    PROXY_CPUS=0 LOAD=(taskset -c 1)
+else
+    PROXY_CPUS="" LOAD=()
+fi
 "$BENCH_ROOT/scripts/install-deps.sh" wrk nginx haproxy strace util-linux
 BIN=$(switchyard_bin)
 log "$(machine_line)"
 
 B1=$(free_port)
 B2=$(free_port)
-start_nginx_backend "$B1" b1 1
-start_nginx_backend "$B2" b2 1
+start_nginx_backend "$B1" b1 "${PROXY_CPUS:+1}"
+start_nginx_backend "$B2" b2 "${PROXY_CPUS:+1}"
 start_etcd 1
 etcd_put /services/bench/b1 "127.0.0.1:$B1"
 etcd_put /services/bench/b2 "127.0.0.1:$B2"
@@ -26,23 +37,25 @@ NP=$(free_port)
 HP=$(free_port)
 SP=$(free_port)
 SA=$(free_port)
-start_nginx_proxy "$NP" 1 0
-start_haproxy "$HP" 1 0
-write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" 1
-start_switchyard "$BIN" "$WORK/switchyard.toml" "127.0.0.1:$SA" 0
-# nginx's worker, not its master, does the proxying
-NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -1)
+start_nginx_proxy "$NP" "$THREADS" "$PROXY_CPUS"
+start_haproxy "$HP" "$THREADS" "$PROXY_CPUS"
+write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$THREADS"
+start_switchyard "$BIN" "$WORK/switchyard.toml" "127.0.0.1:$SA" "$PROXY_CPUS"
+# nginx's workers, not its master, do the proxying
+NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | paste -sd,)
 
 ROWS="$WORK/rows.tsv"
 : >"$ROWS"
-for target in nginx:"$NGINX_WORKER":"$NP" haproxy:"$HAPROXY_PID":"$HP" switchyard:"$SY_PID":"$SP"; do
-    IFS=: read -r name pid port <<<"$target"
-    taskset -c 1 wrk -t1 -c"$CONNS" -d1s -H 'Host: bench' "http://127.0.0.1:$port/" >/dev/null
-    strace -c -f -q -o "$WORK/strace-$name.txt" -p "$pid" &
+for target in nginx:"$NGINX_WORKERS":"$NP" haproxy:"$HAPROXY_PID":"$HP" switchyard:"$SY_PID":"$SP"; do
+    IFS=: read -r name pids port <<<"$target"
+    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d1s -H 'Host: bench' "http://127.0.0.1:$port/" >/dev/null
+    traced=()
+    for pid in ${pids//,/ }; do traced+=(-p "$pid"); done
+    strace -c -f -q -o "$WORK/strace-$name.txt" "${traced[@]}" &
     st=$!
     PIDS+=("$st")
     sleep 0.5
-    taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" -H 'Host: bench' "http://127.0.0.1:$port/" >"$WORK/wrk-$name.txt"
+    "${LOAD[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" -H 'Host: bench' "http://127.0.0.1:$port/" >"$WORK/wrk-$name.txt"
     sleep 0.2
     kill -INT "$st" 2>/dev/null || true
     wait "$st" 2>/dev/null || true

@@ -24,6 +24,7 @@
 
 pub mod codec;
 pub mod pool;
+pub mod threads;
 
 use std::io;
 use std::net::SocketAddr;
@@ -44,6 +45,7 @@ use crate::config::ProxyConfig;
 use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
 use crate::routing::{Instance, InstanceState, Router, Service, SharedTable};
 use codec::{Chunked, ClientConnection, Framing, HeadError, MAX_HEAD, MAX_HEADERS};
+use threads::{Serving, Workers};
 
 /// Request bodies up to this size that arrived with the head are sent with it in one write (and
 /// can be replayed on another instance).
@@ -57,6 +59,7 @@ pub struct Engine {
     pub router: Router,
     pub cfg: ProxyConfig,
     pub access_log: bool,
+    pub workers: Workers,
 }
 
 #[async_trait]
@@ -66,16 +69,66 @@ impl ServerApp for Engine {
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
             .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        // the socket leaves pingora's stream and the accepting thread's epoll (threads.rs)
+        let socket = match take_socket(&io) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("client connection from {ip} dropped: {e}");
+                return None;
+            }
+        };
+        drop(io);
+        let here = self.workers.local();
+        let (there, serving) = self.workers.place(here.clone());
+        let shutdown = shutdown.clone();
+        if Arc::ptr_eq(&here, &there) {
+            self.serve(socket, ip, shutdown, serving).await;
+        } else {
+            let engine = self.clone();
+            there.handle().spawn(async move {
+                engine.serve(socket, ip, shutdown, serving).await;
+            });
+        }
+        None
+    }
+}
+
+/// A duplicate of the client socket behind pingora's stream, not yet registered with any runtime.
+fn take_socket(io: &Stream) -> io::Result<std::net::TcpStream> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: the proxy listener is TCP (`proxy.listen` is a socket address), so pingora's stream
+    // id is its socket's descriptor, open for as long as `io` lives; the duplicate is our own.
+    let fd = unsafe { BorrowedFd::borrow_raw(io.id()) };
+    Ok(std::net::TcpStream::from(fd.try_clone_to_owned()?))
+}
+
+impl Engine {
+    /// Serves one client connection on the calling thread, request after request.
+    async fn serve(
+        &self,
+        socket: std::net::TcpStream,
+        ip: String,
+        shutdown: ShutdownWatch,
+        _serving: Serving,
+    ) {
+        // registers the socket with this thread's runtime (it is already non-blocking: the flag
+        // belongs to the socket, shared with pingora's closed descriptor)
+        let io = match TcpStream::from_std(socket) {
+            Ok(io) => io,
+            Err(e) => {
+                debug!("client connection from {ip} dropped: {e}");
+                return;
+            }
+        };
         let mut conn = Conn {
             client: Buffered::new(io),
             out: Vec::new(),
             rbuf: Vec::new(),
             ip,
-            shutdown: shutdown.clone(),
+            shutdown,
         };
         while let Step::Next = self.one_request(&mut conn).await {}
         let _ = conn.client.io.shutdown().await;
-        None
     }
 }
 
@@ -128,7 +181,7 @@ async fn read_more<R: tokio::io::AsyncRead + Unpin>(
 }
 
 struct Conn {
-    client: Buffered<Stream>,
+    client: Buffered<TcpStream>,
     /// Outgoing head (+ inline body), reused by every request on the connection.
     out: Vec<u8>,
     /// Upstream read buffer.
@@ -1004,8 +1057,7 @@ async fn write_own(
         .is_ok()
 }
 
-/// Writes to the client and flushes: pingora's listener gives the stream a small write buffer.
-async fn send(io: &mut Stream, bytes: &[u8]) -> io::Result<()> {
-    io.write_all(bytes).await?;
-    io.flush().await
+/// Writes to the client (unbuffered: each call is one `write` when the socket takes it all).
+async fn send(io: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await
 }
