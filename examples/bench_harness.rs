@@ -984,6 +984,15 @@ fn scale_probe(
     let rss_settled = rss_kib(pid).unwrap_or(0);
     let ticks1 = cpu_ticks(pid).unwrap_or(0);
     let cpu = (ticks1.saturating_sub(ticks0)) as f64 / 100.0 / s0.elapsed().as_secs_f64();
+    // what one Prometheus scrape costs: its time, its size, and the resident memory after it
+    let t_scrape = Instant::now();
+    let scrape_kib = match conn.get(&admin.to_string(), "/metrics") {
+        Ok(r) if r.status == 200 => r.body.len() as f64 / 1024.0,
+        _ => f64::NAN,
+    };
+    let scrape_ms = t_scrape.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_scraped = rss_kib(pid).unwrap_or(0);
     // how many services/instances does it report?
     let (mut services, mut instances) = (0usize, 0usize);
     if let Ok(r) = conn.get(&admin.to_string(), "/api/services") {
@@ -1000,20 +1009,22 @@ fn scale_probe(
     }
     stop_child(&mut child);
     println!(
-        "scale {label}: ready after {:.0} ms; RSS at ready {:.1} MiB, after {:.1} s {:.1} MiB (peak {:.1} MiB); CPU while settling {:.2} cores; API lists {services} services / {instances} instances",
+        "scale {label}: ready after {:.0} ms; RSS at ready {:.1} MiB, after {:.1} s {:.1} MiB (peak {:.1} MiB); CPU while settling {:.2} cores; /metrics {scrape_kib:.0} KiB in {scrape_ms:.1} ms, RSS after it {:.1} MiB; API lists {services} services / {instances} instances",
         ready.as_secs_f64() * 1e3,
         rss_ready as f64 / 1024.0,
         settle.as_secs_f64(),
         rss_settled as f64 / 1024.0,
         peak as f64 / 1024.0,
-        cpu
+        cpu,
+        rss_scraped as f64 / 1024.0,
     );
     println!(
-        "ROW\t{label}\t{:.0}\t{:.1}\t{:.1}\t{:.1}\t{cpu:.2}\t{services}\t{instances}",
+        "ROW\t{label}\t{:.0}\t{:.1}\t{:.1}\t{:.1}\t{cpu:.2}\t{scrape_kib:.0} KiB, {scrape_ms:.0} ms\t{:.1}\t{services}\t{instances}",
         ready.as_secs_f64() * 1e3,
         rss_ready as f64 / 1024.0,
         rss_settled as f64 / 1024.0,
         peak as f64 / 1024.0,
+        rss_scraped as f64 / 1024.0,
     );
     Ok(())
 }

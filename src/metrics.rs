@@ -4,8 +4,22 @@
 //! Label values come only from the registry (service names) and fixed sets (code classes, states):
 //! requests for services that do not exist are counted under `service="(unknown)"`, never under a
 //! name the client sent.
+//!
+//! Three per-service families are not `prometheus` children but written at scrape time
+//! ([`gather_text`]): a child costs about 520 bytes (it carries its own copy of the family's
+//! description and its label pairs), so 10,000 services × 4 instance states × … cost 30 MiB.
+//! - `switchyard_upstream_instances{service,state}` is counted from the routing snapshot being
+//!   served, so it is never stale and costs nothing between scrapes;
+//! - `switchyard_health_checks_total{service,result}` and
+//!   `switchyard_health_transitions_total{service,state}` are atomics in a [`HealthCounters`] per
+//!   service (48 bytes), kept for the life of the process like the other per-service counters.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use crate::routing::{Health, RoutingTable, INSTANCE_STATES};
 
 use prometheus::{
     register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
@@ -22,9 +36,6 @@ pub struct Metrics {
     pub upstream_response: HistogramVec,
     pub retries: IntCounterVec,
     pub client_connections: IntGaugeVec,
-    pub upstream_instances: IntGaugeVec,
-    pub health_checks: IntCounterVec,
-    pub health_transitions: IntCounterVec,
     pub health_checks_running: IntGauge,
     pub health_connections: IntGauge,
     pub health_schedule_lag: Histogram,
@@ -82,21 +93,6 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "switchyard_client_connections",
             "Open client connections, by proxy thread (native engine; threads are numbered in the order they got their first connection).",
             &["thread"]
-        )?,
-        upstream_instances: register_int_gauge_vec!(
-            "switchyard_upstream_instances",
-            "Registered instances by service and state (healthy, unhealthy, pending, draining).",
-            &["service", "state"]
-        )?,
-        health_checks: register_int_counter_vec!(
-            "switchyard_health_checks_total",
-            "Active health check results, by service and result (success, failure).",
-            &["service", "result"]
-        )?,
-        health_transitions: register_int_counter_vec!(
-            "switchyard_health_transitions_total",
-            "Instance health changes, by service and new state.",
-            &["service", "state"]
         )?,
         health_checks_running: register_int_gauge!(
             "switchyard_health_checks_running",
@@ -221,8 +217,47 @@ pub fn code_class(status: u16) -> &'static str {
     }
 }
 
-/// Prometheus text exposition of everything in the default registry.
-pub fn gather_text() -> Vec<u8> {
+/// One service's health check results and health flips.
+#[derive(Debug, Default)]
+pub struct HealthCounters {
+    passed: AtomicU64,
+    failed: AtomicU64,
+    /// By the new state, in [`HEALTH_STATES`] order.
+    became: [AtomicU64; 3],
+}
+
+const HEALTH_STATES: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::Pending];
+
+impl HealthCounters {
+    pub fn check(&self, ok: bool) {
+        let c = if ok { &self.passed } else { &self.failed };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn transition(&self, to: Health) {
+        if let Some(i) = HEALTH_STATES.iter().position(|s| *s == to) {
+            self.became[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+static HEALTH_COUNTERS: LazyLock<Mutex<HashMap<Arc<str>, Arc<HealthCounters>>>> =
+    LazyLock::new(Default::default);
+
+/// The health counters of `service` (made on first use; callers keep the `Arc`).
+pub fn health_counters(service: &str) -> Arc<HealthCounters> {
+    let mut all = HEALTH_COUNTERS.lock().unwrap();
+    if let Some(c) = all.get(service) {
+        return c.clone();
+    }
+    let c = Arc::new(HealthCounters::default());
+    all.insert(service.into(), c.clone());
+    c
+}
+
+/// Prometheus text exposition: everything in the default registry, then the per-service
+/// families written from `table` and the health counters (see the module comment).
+pub fn gather_text(table: &RoutingTable) -> Vec<u8> {
     use prometheus::Encoder;
     LazyLock::force(&METRICS);
     let mut buf = Vec::new();
@@ -230,18 +265,149 @@ pub fn gather_text() -> Vec<u8> {
     if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
         tracing::warn!(error = %e, "encoding metrics failed");
     }
-    buf
+    let mut text = String::from_utf8(buf).unwrap_or_default();
+    write_service_families(&mut text, table);
+    text.into_bytes()
+}
+
+fn write_service_families(out: &mut String, table: &RoutingTable) {
+    let mut services: Vec<_> = table.services.iter().collect();
+    services.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    family(
+        out,
+        "switchyard_upstream_instances",
+        "gauge",
+        "Registered instances by service and state (healthy, unhealthy, pending, draining).",
+    );
+    for (name, svc) in &services {
+        let mut counts = [0u64; INSTANCE_STATES.len()];
+        for i in &svc.instances {
+            let label = i.state_label();
+            if let Some(n) = INSTANCE_STATES.iter().position(|s| *s == label) {
+                counts[n] += 1;
+            }
+        }
+        for (state, n) in INSTANCE_STATES.iter().zip(counts) {
+            sample(
+                out,
+                "switchyard_upstream_instances",
+                name,
+                "state",
+                state,
+                n,
+            );
+        }
+    }
+
+    let counters = HEALTH_COUNTERS.lock().unwrap();
+    let mut health: Vec<_> = counters.iter().collect();
+    health.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let checks = "switchyard_health_checks_total";
+    family(
+        out,
+        checks,
+        "counter",
+        "Active health check results, by service and result (success, failure).",
+    );
+    for (name, c) in &health {
+        for (result, n) in [("success", &c.passed), ("failure", &c.failed)] {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                sample(out, checks, name, "result", result, n);
+            }
+        }
+    }
+    let flips = "switchyard_health_transitions_total";
+    family(
+        out,
+        flips,
+        "counter",
+        "Instance health changes, by service and new state.",
+    );
+    for (name, c) in &health {
+        for (state, n) in HEALTH_STATES.iter().zip(&c.became) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                sample(out, flips, name, "state", state.as_str(), n);
+            }
+        }
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+}
+
+/// One sample with labels `service` and `label`, in name order as `prometheus` writes them.
+/// Service names are `[A-Za-z0-9._-]+` (the registry rejects others), so they need no escaping;
+/// this escapes anyway, as the format says.
+fn sample(out: &mut String, family: &str, service: &str, label: &str, value: &str, n: u64) {
+    out.push_str(family);
+    out.push('{');
+    if label < "service" {
+        let _ = write!(out, "{label}=\"{value}\",");
+    }
+    out.push_str("service=\"");
+    for ch in service.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    if label > "service" {
+        let _ = write!(out, ",{label}=\"{value}\"");
+    }
+    let _ = writeln!(out, "}} {n}");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::routing::{Instance, Service, ServiceSettings};
+
+    fn instance(key: &str, weight: u32, health: Health) -> Arc<Instance> {
+        Instance::for_test(key, weight, health)
+    }
+
     #[test]
     fn metrics_register_and_render() {
         METRICS.requests.with_label_values(&["svc", "2xx"]).inc();
-        let text = String::from_utf8(gather_text()).unwrap();
+        let instances = vec![
+            instance("a", 1, Health::Healthy),
+            instance("b", 1, Health::Healthy),
+            instance("c", 1, Health::Pending),
+            instance("d", 0, Health::Healthy),
+        ];
+        let mut table = RoutingTable::default();
+        let svc = Service::new("m-svc".into(), instances, 0, &ServiceSettings::default());
+        table.services.insert("m-svc".into(), Arc::new(svc));
+        let c = health_counters("m-svc");
+        assert!(Arc::ptr_eq(&c, &health_counters("m-svc")));
+        c.check(true);
+        c.check(true);
+        c.transition(Health::Unhealthy);
+
+        let text = String::from_utf8(gather_text(&table)).unwrap();
         assert!(text.contains("switchyard_requests_total{code=\"2xx\",service=\"svc\"} 1"));
+        for line in [
+            "switchyard_upstream_instances{service=\"m-svc\",state=\"healthy\"} 2\n",
+            "switchyard_upstream_instances{service=\"m-svc\",state=\"unhealthy\"} 0\n",
+            "switchyard_upstream_instances{service=\"m-svc\",state=\"pending\"} 1\n",
+            "switchyard_upstream_instances{service=\"m-svc\",state=\"draining\"} 1\n",
+            "switchyard_health_checks_total{result=\"success\",service=\"m-svc\"} 2\n",
+            "switchyard_health_transitions_total{service=\"m-svc\",state=\"unhealthy\"} 1\n",
+            "# TYPE switchyard_upstream_instances gauge\n",
+            "# TYPE switchyard_health_checks_total counter\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // no series for counts that never happened
+        assert!(!text.contains("result=\"failure\",service=\"m-svc\""));
+        assert!(!text.contains("service=\"m-svc\",state=\"healthy\"} 0"));
         assert!(text.contains("switchyard_registry_connected"));
         assert_eq!(code_class(503), "5xx");
         for status in [0, 99, 100, 204, 302, 404, 503, 599, 600, 999] {

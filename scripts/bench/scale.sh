@@ -3,7 +3,8 @@
 # 100,000 instances registered (BENCH_SCALE_PER_SERVICE [10] instances per service). For each size a fresh
 # etcd is bulk-loaded (examples/bench_harness.rs `bulk-load`: 128-put txns, 16 in flight), then
 # `scale-probe` starts the release switchyard, polls /readyz every 2 ms, reads VmRSS at ready and
-# again after BENCH_SETTLE_MS (with the peak in between) and the CPU used while settling.
+# again after BENCH_SETTLE_MS (with the peak in between), the CPU used while settling, then the
+# time and size of one /metrics scrape and VmRSS after it.
 # All instances point at one live nginx backend, so active health checks (when on) succeed.
 #
 # Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 50000 100000"],
@@ -72,9 +73,12 @@ python3 - "$ROWS" "$PER" "$SETTLE_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' 
 import sys
 rows, per, settle, load = sys.argv[1:]
 print(f"{per} instances per service; RSS sampled at ready and {int(settle)/1000:g} s later; load average after: {load}\n")
-print("| instances / health | ready ms | RSS at ready MiB | RSS settled MiB | peak MiB | CPU while settling (cores) | services / instances seen |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+print("| instances / health | ready ms | RSS at ready MiB | RSS settled MiB | peak MiB | CPU while settling (cores) | one /metrics scrape | RSS after it MiB | services / instances seen |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 for line in open(rows):
-    _, label, ready, r0, r1, peak, cpu, s, i = line.rstrip("\n").split("\t")
-    print(f"| {label} | {ready} | {r0} | {r1} | {peak} | {cpu} | {s} / {i} |")
+    f = line.rstrip("\n").split("\t")
+    if len(f) == 9:  # not ready: no scrape columns
+        f[7:7] = ["-", "-"]
+    _, label, ready, r0, r1, peak, cpu, scrape, r2, s, i = f
+    print(f"| {label} | {ready} | {r0} | {r1} | {peak} | {cpu} | {scrape} | {r2} | {s} / {i} |")
 PY

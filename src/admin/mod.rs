@@ -121,7 +121,11 @@ impl AdminApp {
                     reply(503, "text/plain", why.into_bytes())
                 }
             }
-            "/metrics" => reply(200, "text/plain; version=0.0.4", gather_text()),
+            "/metrics" => reply(
+                200,
+                "text/plain; version=0.0.4",
+                gather_text(&self.table.load()),
+            ),
             "/api/services" => json_reply(200, &self.services_json()),
             "/api/registry" => json_reply(200, &self.registry_json()),
             "/api/events" => json_reply(200, &json!(crate::events::RECENT.snapshot())),

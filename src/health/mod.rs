@@ -30,18 +30,17 @@ pub mod schedule;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use prometheus::IntCounter;
 use rand::Rng;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::metrics::METRICS;
+use crate::metrics::{HealthCounters, METRICS};
 use crate::registry::codec::HostPort;
 use crate::routing::{Health, Instance, InstanceState, RoutingTable, Service, SharedTable};
 pub use probe::{
@@ -318,15 +317,8 @@ impl Tracker {
     }
 }
 
-/// Logs a health flip once, counts it and refreshes the service's per-state gauges.
-pub fn report_transition(
-    service: &str,
-    svc: Option<&Service>,
-    key: &str,
-    from: Health,
-    to: Health,
-    reason: &str,
-) {
+/// Logs a health flip once and counts it.
+pub fn report_transition(service: &str, key: &str, from: Health, to: Health, reason: &str) {
     match (from, to) {
         (Health::Healthy, Health::Unhealthy) => warn!(
             service = %service, instance = %key, from = from.as_str(), to = to.as_str(),
@@ -352,13 +344,7 @@ pub fn report_transition(
             ),
         );
     }
-    METRICS
-        .health_transitions
-        .with_label_values(&[service, to.as_str()])
-        .inc();
-    if let Some(svc) = svc {
-        crate::registry::set_service_gauges(service, svc);
-    }
+    crate::metrics::health_counters(service).transition(to);
 }
 
 /// Passive detection, called by the proxy when connecting to `inst` failed: after
@@ -376,7 +362,6 @@ pub fn passive_failure(svc: &Service, inst: &Instance, error: &dyn std::fmt::Dis
     {
         report_transition(
             &svc.name,
-            Some(svc),
             &inst.key,
             Health::Healthy,
             Health::Unhealthy,
@@ -434,30 +419,11 @@ pub fn idle_connection_cap(config: &HealthConfig) -> usize {
         .unwrap_or_else(|| open_file_limit() / 2)
 }
 
-/// A service's check spec and result counters, shared by its instances. A counter's series is
-/// made on its first use (each costs several hundred bytes; 10,000 services that never fail
-/// need no failure series).
+/// A service's check spec and result counters, shared by its instances.
 struct ServiceChecks {
     name: Arc<str>,
     spec: Arc<CheckSpec>,
-    passed: OnceLock<IntCounter>,
-    failed: OnceLock<IntCounter>,
-}
-
-impl ServiceChecks {
-    fn count(&self, ok: bool) {
-        let (cell, result) = if ok {
-            (&self.passed, "success")
-        } else {
-            (&self.failed, "failure")
-        };
-        cell.get_or_init(|| {
-            METRICS
-                .health_checks
-                .with_label_values(&[&self.name, result])
-        })
-        .inc();
-    }
+    counters: Arc<HealthCounters>,
 }
 
 /// One registered instance in the schedule: at most 128 bytes (a unit test checks), plus a slot
@@ -675,7 +641,7 @@ impl HealthChecker {
         }
         let spec = &p.target.spec;
         let ok = done.result.is_ok();
-        p.service.count(ok);
+        p.service.counters.check(ok);
         p.state.record_check(crate::routing::CheckRecord {
             at: std::time::SystemTime::now(),
             ok,
@@ -697,16 +663,7 @@ impl HealthChecker {
                     Ok(()) => format!("{:?} check passed", spec.protocol).to_lowercase(),
                     Err(e) => e.to_string(),
                 };
-                let snapshot = self.table.load();
-                let name = &p.service.name;
-                report_transition(
-                    name,
-                    snapshot.service(name).map(|s| &**s),
-                    &p.key,
-                    current,
-                    next,
-                    &reason,
-                );
+                report_transition(&p.service.name, &p.key, current, next, &reason);
             }
         }
         let due = done.started + spec.interval.saturating_sub(jitter(spec, done.first));
@@ -786,8 +743,7 @@ impl HealthChecker {
                 Arc::new(ServiceChecks {
                     name: name.clone(),
                     spec: Arc::new(config.spec_for(name).clone()),
-                    passed: OnceLock::new(),
-                    failed: OnceLock::new(),
+                    counters: crate::metrics::health_counters(name),
                 })
             })
             .clone()

@@ -27,7 +27,7 @@ pub use catalog::{Catalog, Change, SystemResolver, Update};
 use crate::config::EtcdConfig;
 use crate::events::RECENT;
 use crate::metrics::METRICS;
-use crate::routing::{Health, RoutingTable, ServiceSettings, SharedTable, INSTANCE_STATES};
+use crate::routing::{Health, ServiceSettings, SharedTable};
 
 /// Keys per page when listing the prefix.
 const LIST_PAGE: i64 = 2_000;
@@ -204,7 +204,6 @@ impl Registry {
         let (table, stats) = self.catalog.apply(&current, update);
         let revision = table.revision;
         let table = Arc::new(table);
-        update_instance_gauges(&current, &table);
         self.table.store(table);
         let elapsed = started.elapsed();
         METRICS
@@ -501,42 +500,6 @@ impl Registry {
                 }
             }
         }
-    }
-}
-
-/// Recomputes `switchyard_upstream_instances` for services that changed between two snapshots.
-pub fn update_instance_gauges(old: &RoutingTable, new: &RoutingTable) {
-    for (name, svc) in &new.services {
-        if old.services.get(name).is_some_and(|o| Arc::ptr_eq(o, svc)) {
-            continue;
-        }
-        set_service_gauges(name, svc);
-    }
-    for name in old.services.keys() {
-        if !new.services.contains_key(name) {
-            for state in INSTANCE_STATES {
-                let _ = METRICS
-                    .upstream_instances
-                    .remove_label_values(&[name, state]);
-            }
-        }
-    }
-}
-
-/// Sets the per-state instance gauges of one service from its current instances.
-pub fn set_service_gauges(name: &str, svc: &crate::routing::Service) {
-    let mut counts = [0i64; INSTANCE_STATES.len()];
-    for i in &svc.instances {
-        let label = i.state_label();
-        if let Some(n) = INSTANCE_STATES.iter().position(|s| *s == label) {
-            counts[n] += 1;
-        }
-    }
-    for (state, n) in INSTANCE_STATES.iter().zip(counts) {
-        METRICS
-            .upstream_instances
-            .with_label_values(&[name, state])
-            .set(n);
     }
 }
 

@@ -169,6 +169,25 @@ impl Instance {
     }
 }
 
+#[cfg(test)]
+impl Instance {
+    /// An instance at 127.0.0.1:1, for unit tests.
+    pub fn for_test(key: &str, weight: u32, health: Health) -> Arc<Instance> {
+        Arc::new(Instance {
+            key: key.into(),
+            id: key.into(),
+            registered: crate::registry::codec::HostPort {
+                host: "127.0.0.1".into(),
+                port: 1,
+            },
+            addr: "127.0.0.1:1".parse().unwrap(),
+            weight,
+            metadata: Default::default(),
+            state: Arc::new(InstanceState::new(health)),
+        })
+    }
+}
+
 /// What a service does when none of its (non-draining) instances is healthy
 /// (config key `health.all_unhealthy`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

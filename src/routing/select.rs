@@ -129,23 +129,11 @@ impl Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::codec::HostPort;
-    use crate::routing::{Health, InstanceState};
+    use crate::routing::Health;
     use std::collections::HashMap;
 
     fn inst(key: &str, weight: u32) -> Arc<Instance> {
-        Arc::new(Instance {
-            key: key.into(),
-            id: key.into(),
-            registered: HostPort {
-                host: "127.0.0.1".into(),
-                port: 1,
-            },
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight,
-            metadata: Default::default(),
-            state: Arc::new(InstanceState::new(Health::Healthy)),
-        })
+        Instance::for_test(key, weight, Health::Healthy)
     }
 
     fn counts(sel: &Selector, insts: &[Arc<Instance>], n: usize) -> HashMap<String, usize> {
