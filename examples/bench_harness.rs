@@ -995,7 +995,12 @@ fn scale_probe(
     let rss_scraped = rss_kib(pid).unwrap_or(0);
     // how many services/instances does it report?
     let (mut services, mut instances) = (0usize, 0usize);
-    if let Ok(r) = conn.get(&admin.to_string(), "/api/services") {
+    let t_api = Instant::now();
+    let api = conn.get(&admin.to_string(), "/api/services");
+    let api_ms = t_api.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_api = rss_kib(pid).unwrap_or(0);
+    if let Ok(r) = api {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
             if let Some(a) = v.get("services").and_then(|s| s.as_array()) {
                 services = a.len();
@@ -1009,7 +1014,7 @@ fn scale_probe(
     }
     stop_child(&mut child);
     println!(
-        "scale {label}: ready after {:.0} ms; RSS at ready {:.1} MiB, after {:.1} s {:.1} MiB (peak {:.1} MiB); CPU while settling {:.2} cores; /metrics {scrape_kib:.0} KiB in {scrape_ms:.1} ms, RSS after it {:.1} MiB; API lists {services} services / {instances} instances",
+        "scale {label}: ready after {:.0} ms; RSS at ready {:.1} MiB, after {:.1} s {:.1} MiB (peak {:.1} MiB); CPU while settling {:.2} cores; /metrics {scrape_kib:.0} KiB in {scrape_ms:.1} ms, RSS after it {:.1} MiB; /api/services in {api_ms:.0} ms lists {services} services / {instances} instances, RSS after it {:.1} MiB",
         ready.as_secs_f64() * 1e3,
         rss_ready as f64 / 1024.0,
         settle.as_secs_f64(),
@@ -1017,14 +1022,16 @@ fn scale_probe(
         peak as f64 / 1024.0,
         cpu,
         rss_scraped as f64 / 1024.0,
+        rss_api as f64 / 1024.0,
     );
     println!(
-        "ROW\t{label}\t{:.0}\t{:.1}\t{:.1}\t{:.1}\t{cpu:.2}\t{scrape_kib:.0} KiB, {scrape_ms:.0} ms\t{:.1}\t{services}\t{instances}",
+        "ROW\t{label}\t{:.0}\t{:.1}\t{:.1}\t{:.1}\t{cpu:.2}\t{scrape_kib:.0} KiB, {scrape_ms:.0} ms\t{:.1}\t{services} / {instances} in {api_ms:.0} ms\t{:.1}",
         ready.as_secs_f64() * 1e3,
         rss_ready as f64 / 1024.0,
         rss_settled as f64 / 1024.0,
         peak as f64 / 1024.0,
         rss_scraped as f64 / 1024.0,
+        rss_api as f64 / 1024.0,
     );
     Ok(())
 }

@@ -3,7 +3,10 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
 use super::AdminApp;
+use crate::routing::{Service, INSTANCE_STATES};
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(s: &str) -> String {
@@ -26,7 +29,14 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 th{background:#f3f3f3}.healthy{color:#176117}.unhealthy{color:#b00020;font-weight:bold}\
 .pending{color:#8a6d00}.draining{color:#666}.bad{color:#b00020}.ok{color:#176117}code{font-size:13px}";
 
-pub fn render(app: &AdminApp) -> String {
+/// Up to this many instances the page lists every one; above it, one summary row per service,
+/// the instances of services that have any not healthy (up to about this many rows), and every
+/// instance of one service with `/?service=<name>`. (At 100,000 instances the full page would be
+/// tens of megabytes, rebuilt on every 2 s refresh.)
+pub const FULL_LIST: usize = 500;
+
+/// The page; `only`: the `service` query parameter, to show that service alone.
+pub fn render(app: &AdminApp, only: Option<&str>) -> String {
     let table = app.table.load();
     let st = &app.status;
     let mut h = String::with_capacity(8192);
@@ -63,60 +73,24 @@ pub fn render(app: &AdminApp) -> String {
 
     let mut services: Vec<_> = table.services.values().collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    let _ = write!(h, "<h2>Services ({})</h2>", services.len());
-    if services.is_empty() {
-        h.push_str("<p>No service registered.</p>");
-    }
-    for s in services {
-        let _ = write!(
-            h,
-            "<h3 id=\"svc-{0}\">{0} <small>{1} of {2} usable</small></h3>\
-             <table><tr><th>instance</th><th>address</th><th>weight</th><th>state</th>\
-             <th>last check</th><th>in flight</th><th>requests</th><th>metadata</th></tr>",
-            escape(&s.name),
-            s.usable_count(),
-            s.instances.len()
-        );
-        for i in &s.instances {
-            let state = i.state_label();
-            let meta: Vec<String> = i
-                .metadata
-                .iter()
-                .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
-                .collect();
-            let check = match i.state.last_check() {
-                None => "not yet".to_string(),
-                Some(c) => {
-                    let at = crate::routing::unix_ms(c.at);
-                    let class = if c.ok { "ok" } else { "bad" };
-                    format!(
-                        "<span class=\"{class}\">{}</span> at {} ({:.1} ms)",
-                        escape(&c.detail),
-                        format_utc(at),
-                        c.took.as_secs_f64() * 1000.0
-                    )
-                }
-            };
-            let _ = write!(
-                h,
-                "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td>\
-                 <td>{check}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&i.id),
-                escape(&i.addr.to_string()),
-                i.weight,
-                i.state.inflight.load(Ordering::Relaxed),
-                i.state.requests.load(Ordering::Relaxed),
-                meta.join(", ")
-            );
+    let instances: usize = services.iter().map(|s| s.instances.len()).sum();
+    if let Some(name) = only {
+        let _ = write!(h, "<h2>Service {}</h2>", escape(name));
+        match table.service(name) {
+            Some(s) => service_table(&mut h, s),
+            None => h.push_str("<p class=\"bad\">No such service.</p>"),
         }
-        h.push_str("</table>");
-        if s.invalid > 0 {
-            let _ = write!(
-                h,
-                "<p class=\"bad\">{} invalid registration(s) skipped</p>",
-                s.invalid
-            );
+        h.push_str("<p><a href=\"/\">All services</a></p>");
+    } else if instances <= FULL_LIST {
+        let _ = write!(h, "<h2>Services ({})</h2>", services.len());
+        if services.is_empty() {
+            h.push_str("<p>No service registered.</p>");
         }
+        for s in services {
+            service_table(&mut h, s);
+        }
+    } else {
+        summary(&mut h, &services, instances);
     }
     let invalid = st.invalid_entries();
     if !invalid.is_empty() {
@@ -152,6 +126,112 @@ pub fn render(app: &AdminApp) -> String {
     h
 }
 
+/// One service's heading and instance table.
+fn service_table(h: &mut String, s: &Service) {
+    let _ = write!(
+        h,
+        "<h3 id=\"svc-{0}\">{0} <small>{1} of {2} usable</small></h3>\
+         <table><tr><th>instance</th><th>address</th><th>weight</th><th>state</th>\
+         <th>last check</th><th>in flight</th><th>requests</th><th>metadata</th></tr>",
+        escape(&s.name),
+        s.usable_count(),
+        s.instances.len()
+    );
+    for i in &s.instances {
+        let state = i.state_label();
+        let meta: Vec<String> = i
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+            .collect();
+        let check = match i.state.last_check() {
+            None => "not yet".to_string(),
+            Some(c) => {
+                let at = crate::routing::unix_ms(c.at);
+                let class = if c.ok { "ok" } else { "bad" };
+                format!(
+                    "<span class=\"{class}\">{}</span> at {} ({:.1} ms)",
+                    escape(&c.detail),
+                    format_utc(at),
+                    c.took.as_secs_f64() * 1000.0
+                )
+            }
+        };
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td>\
+             <td>{check}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&i.id),
+            escape(&i.addr.to_string()),
+            i.weight,
+            i.state.inflight.load(Ordering::Relaxed),
+            i.state.requests.load(Ordering::Relaxed),
+            meta.join(", ")
+        );
+    }
+    h.push_str("</table>");
+    if s.invalid > 0 {
+        let _ = write!(
+            h,
+            "<p class=\"bad\">{} invalid registration(s) skipped</p>",
+            s.invalid
+        );
+    }
+}
+
+/// The page body for large registries: a row per service, then the services needing attention.
+fn summary(h: &mut String, services: &[&Arc<Service>], instances: usize) {
+    let _ = write!(
+        h,
+        "<h2>Services ({}, {instances} instances)</h2><p>One row per service; open one to see its \
+         instances.</p><table><tr><th>service</th><th>usable</th><th>healthy</th><th>unhealthy</th>\
+         <th>pending</th><th>draining</th><th>invalid registrations</th></tr>",
+        services.len()
+    );
+    let mut attention = Vec::new();
+    for s in services {
+        let mut counts = [0usize; INSTANCE_STATES.len()];
+        for i in &s.instances {
+            if let Some(n) = INSTANCE_STATES.iter().position(|st| *st == i.state_label()) {
+                counts[n] += 1;
+            }
+        }
+        let name = escape(&s.name);
+        let _ = write!(
+            h,
+            "<tr><td><a href=\"/?service={name}\">{name}</a></td><td>{} of {}</td>",
+            s.usable_count(),
+            s.instances.len()
+        );
+        for (state, n) in INSTANCE_STATES.iter().zip(counts) {
+            let class = if n > 0 { state } else { "" };
+            let _ = write!(h, "<td class=\"{class}\">{n}</td>");
+        }
+        let _ = write!(h, "<td>{}</td></tr>", s.invalid);
+        if counts[0] < s.instances.len() || s.invalid > 0 {
+            attention.push(*s);
+        }
+    }
+    h.push_str("</table>");
+    let _ = write!(h, "<h2>Needing attention ({})</h2>", attention.len());
+    if attention.is_empty() {
+        h.push_str("<p>Every instance of every service is healthy.</p>");
+    }
+    let mut rows = 0;
+    for (n, s) in attention.iter().enumerate() {
+        if rows >= FULL_LIST {
+            let _ = write!(
+                h,
+                "<p>{} more: open them from the table above.</p>",
+                attention.len() - n
+            );
+            break;
+        }
+        rows += s.instances.len();
+        service_table(h, s);
+    }
+}
+
 /// `HH:MM:SS.mmm` of a unix time in milliseconds (UTC; the page needs no date library).
 fn format_utc(at_ms: u64) -> String {
     let secs = at_ms / 1000;
@@ -166,7 +246,77 @@ fn format_utc(at_ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{escape, format_utc};
+    use super::*;
+    use crate::routing::{new_shared_table, Health, Instance, RoutingTable, ServiceSettings};
+
+    /// 60 services of 10 instances (over FULL_LIST); in svc-07 one instance is unhealthy.
+    fn large_registry() -> AdminApp {
+        let mut t = RoutingTable::default();
+        for n in 0..60 {
+            let name = format!("svc-{n:02}");
+            let instances = (0..10)
+                .map(|i| {
+                    let health = if n == 7 && i == 3 {
+                        Health::Unhealthy
+                    } else {
+                        Health::Healthy
+                    };
+                    Instance::for_test(&format!("{name}-inst-{i}"), 1, health)
+                })
+                .collect();
+            let svc = Service::new(
+                name.as_str().into(),
+                instances,
+                0,
+                &ServiceSettings::default(),
+            );
+            t.services.insert(name.as_str().into(), Arc::new(svc));
+        }
+        let table = new_shared_table();
+        table.store(Arc::new(t));
+        AdminApp {
+            table,
+            status: Default::default(),
+            started: std::time::Instant::now(),
+            etcd_endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "/services/".into(),
+        }
+    }
+
+    #[test]
+    fn a_large_registry_gets_a_summary_and_the_services_needing_attention() {
+        let app = large_registry();
+        let page = render(&app, None);
+        assert!(page.contains("Services (60, 600 instances)"), "{page}");
+        assert!(page.contains("<a href=\"/?service=svc-42\">svc-42</a>"));
+        assert!(page.contains("Needing attention (1)"));
+        // the unhealthy instance's service is listed in full, the healthy ones are not
+        assert!(page.contains("<code>svc-07-inst-3</code>"));
+        assert!(page.contains("<code>svc-07-inst-4</code>"));
+        assert!(!page.contains("<code>svc-42-inst-0</code>"));
+        assert!(page.len() < 64 * 1024, "{} bytes", page.len());
+
+        let one = render(&app, Some("svc-42"));
+        assert!(one.contains("<h2>Service svc-42</h2>"));
+        for i in 0..10 {
+            assert!(one.contains(&format!("<code>svc-42-inst-{i}</code>")));
+        }
+        assert!(!one.contains("svc-07-inst"));
+        assert!(render(&app, Some("nope")).contains("No such service."));
+    }
+
+    #[test]
+    fn a_small_registry_lists_every_instance() {
+        let app = large_registry();
+        let mut t = RoutingTable::default();
+        for (name, svc) in app.table.load().services.iter().take(3) {
+            t.services.insert(name.clone(), svc.clone());
+        }
+        app.table.store(Arc::new(t));
+        let page = render(&app, None);
+        assert!(page.contains("<h2>Services (3)</h2>"), "{page}");
+        assert_eq!(page.matches("-inst-").count(), 30);
+    }
 
     #[test]
     fn formats_time_of_day() {
