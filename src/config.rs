@@ -207,6 +207,7 @@ pub struct HealthSection {
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
     pub passive_failures: u64,
+    pub passive_cooldown_ms: u64,
     pub all_unhealthy: AllUnhealthy,
 }
 
@@ -229,6 +230,7 @@ impl Default for HealthSection {
             healthy_threshold: 1,
             unhealthy_threshold: 2,
             passive_failures: 2,
+            passive_cooldown_ms: 10_000,
             all_unhealthy: AllUnhealthy::Fail,
         }
     }
@@ -249,6 +251,7 @@ pub struct ServiceHealthSection {
     pub healthy_threshold: Option<u32>,
     pub unhealthy_threshold: Option<u32>,
     pub passive_failures: Option<u64>,
+    pub passive_cooldown_ms: Option<u64>,
     pub all_unhealthy: Option<AllUnhealthy>,
 }
 
@@ -547,12 +550,21 @@ impl FileConfig {
             ));
         }
         let global_check = check_spec("health", h, &ServiceHealthSection::default())?;
-        // with checks disabled nothing would ever bring an ejected instance back
-        let passive = |v: u64| if h.enabled { v } else { 0 };
+        // with active checks, a check brings an ejected instance back; without, the cool-down does
+        let cooldown = |section: &str, v: u64| -> Result<Option<Duration>, ConfigError> {
+            if v == 0 || v > 3_600_000 {
+                return Err(invalid(
+                    format!("{section}.passive_cooldown_ms"),
+                    format!("{v} is outside 1-3600000"),
+                ));
+            }
+            Ok((!h.enabled).then(|| Duration::from_millis(v)))
+        };
         let default_service = ServiceSettings {
             policy: Policy::default(),
             all_unhealthy: h.all_unhealthy,
-            passive_failures: passive(h.passive_failures),
+            passive_failures: h.passive_failures,
+            passive_cooldown: cooldown("health", h.passive_cooldown_ms)?,
         };
         let mut services = BTreeMap::new();
         let mut service_checks = BTreeMap::new();
@@ -569,7 +581,11 @@ impl FileConfig {
                 ServiceSettings {
                     policy: s.policy,
                     all_unhealthy: sh.all_unhealthy.unwrap_or(h.all_unhealthy),
-                    passive_failures: passive(sh.passive_failures.unwrap_or(h.passive_failures)),
+                    passive_failures: sh.passive_failures.unwrap_or(h.passive_failures),
+                    passive_cooldown: cooldown(
+                        &format!("services.{name}.health"),
+                        sh.passive_cooldown_ms.unwrap_or(h.passive_cooldown_ms),
+                    )?,
                 },
             );
             let spec = check_spec(&format!("services.{name}.health"), h, sh)?;
@@ -804,7 +820,20 @@ mod tests {
         assert_eq!(c.health.initial_health(), crate::routing::Health::Pending);
         let off = check("[health]\nenabled = false").unwrap();
         assert_eq!(off.health.initial_health(), crate::routing::Health::Healthy);
-        assert_eq!(off.service_settings("x").passive_failures, 0);
+        // without checks, passive ejection lasts the cool-down (nginx's max_fails / fail_timeout)
+        assert_eq!(off.service_settings("x").passive_failures, 2);
+        assert_eq!(
+            off.service_settings("x").passive_cooldown,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(sa.passive_cooldown, None);
+        let short =
+            check("[health]\nenabled = false\n[services.s.health]\npassive_cooldown_ms = 500")
+                .unwrap();
+        assert_eq!(
+            short.service_settings("s").passive_cooldown,
+            Some(Duration::from_millis(500))
+        );
     }
 
     #[test]

@@ -458,8 +458,8 @@ impl ProxyHttp for SwitchyardProxy {
         _upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(inst) = &ctx.instance {
-            crate::health::passive_success(&inst.state);
+        if let (Some(inst), Some(svc)) = (&ctx.instance, &ctx.service) {
+            crate::health::passive_success(svc, inst);
         }
         if let (Some(start), Some(svc)) = (ctx.upstream_start.take(), ctx.service.as_ref()) {
             svc.metrics()

@@ -404,9 +404,9 @@ async fn the_pingora_engine_still_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_requests_to_a_silent_instance_go_to_another_one() {
     let etcd = EtcdServer::start();
-    // active checks off, so the silent instance stays in rotation for the whole test
+    // active checks and passive ejection off, so the silent instance stays in rotation
     let proxy = Proxy::builder(&etcd)
-        .config("[proxy]\nconnect_timeout_ms = 300\nread_timeout_ms = 400\nmax_tries = 2\n[health]\nenabled = false\n")
+        .config("[proxy]\nconnect_timeout_ms = 300\nread_timeout_ms = 400\nmax_tries = 2\n[health]\nenabled = false\npassive_failures = 0\n")
         .start()
         .await;
     let live = Backend::start("live").await;

@@ -762,3 +762,72 @@ async fn checks_in_flight_never_exceed_max_concurrent() {
     let all = metric_value(&m, "switchyard_health_schedule_lag_seconds_count").unwrap_or(0.0);
     assert!(all > 0.0 && late < all, "lag not reported:\n{m}");
 }
+
+/// With active checks off, an instance that stops answering is ejected by passive detection for
+/// `passive_cooldown_ms` (requests meanwhile go straight to the other instance, none waits on it),
+/// then tried again, and re-admitted by its first answer: nginx's max_fails / fail_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_checks_a_silent_instance_sits_out_its_cool_down_then_is_tried_again() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config(
+            "[proxy]\nconnect_timeout_ms = 300\nread_timeout_ms = 300\nmax_tries = 2\n\
+             [health]\nenabled = false\npassive_failures = 1\npassive_cooldown_ms = 2000\n",
+        )
+        .start()
+        .await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/cool/a", a.addr_string()).await;
+    etcd.put("/services/cool/b", b.addr_string()).await;
+    proxy.wait_usable("cool", 2).await;
+    let retries = "switchyard_retries_total{service=\"cool\"}";
+    let ejected = "switchyard_health_transitions_total{service=\"cool\",state=\"unhealthy\"}";
+    let readmitted = "switchyard_health_transitions_total{service=\"cool\",state=\"healthy\"}";
+
+    b.set_hang(true);
+    // round robin sends one of the first two requests to b: it times out and is retried on a
+    let counts = answered_by(&proxy, "cool", 2).await;
+    assert_eq!(counts.get("a"), Some(&2), "{counts:?}");
+    let ejected_at = Instant::now();
+    assert_eq!(metrics_value(&proxy, ejected).await, 1.0);
+    assert_eq!(
+        health_of(&proxy, "cool", "/services/cool/b").await,
+        "unhealthy"
+    );
+    let retried = metrics_value(&proxy, retries).await;
+    assert_eq!(retried, 1.0);
+
+    // during the cool-down nothing is sent to b: no request waits for it, none is retried
+    let counts = answered_by(&proxy, "cool", 20).await;
+    assert!(
+        ejected_at.elapsed() < Duration::from_millis(1500),
+        "too slow to test the cool-down"
+    );
+    assert_eq!(counts.get("a"), Some(&20), "{counts:?}");
+    assert_eq!(metrics_value(&proxy, retries).await, retried);
+
+    // b answers again; once the cool-down is over a request tries it, and its answer re-admits it
+    b.set_hang(false);
+    tokio::time::sleep(Duration::from_millis(2000).saturating_sub(ejected_at.elapsed())).await;
+    eventually(PATIENCE, "b to be tried again and answer", || async {
+        let counts = answered_by(&proxy, "cool", 2).await;
+        if counts.contains_key("b") {
+            Ok(())
+        } else {
+            Err(format!("{counts:?}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        health_of(&proxy, "cool", "/services/cool/b").await,
+        "healthy"
+    );
+    assert_eq!(metrics_value(&proxy, readmitted).await, 1.0);
+    let log = proxy.log();
+    assert!(log.contains("out for 2000 ms"), "{log}");
+    assert!(
+        log.contains("answered after its passive cool-down"),
+        "{log}"
+    );
+}

@@ -676,7 +676,7 @@ impl Engine {
             }
         };
         if let Some(inst) = &inst {
-            crate::health::passive_success(&inst.state);
+            crate::health::passive_success(service, inst);
         }
         service
             .metrics()

@@ -72,6 +72,16 @@ pub struct InstanceState {
     /// Result of the most recent active health check (None before the first). Written by the
     /// health checker, read by the admin API; never touched on the request path.
     pub last_check: std::sync::Mutex<Option<CheckRecord>>,
+    /// Passively ejected with no active check to bring it back: from this time on ([`clock_ms`])
+    /// it takes requests again, on trial. 0: not ejected that way.
+    readmit_at: AtomicU64,
+}
+
+/// Milliseconds on a process-local monotonic clock, never 0.
+pub fn clock_ms() -> u64 {
+    static EPOCH: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    EPOCH.elapsed().as_millis() as u64 + 1
 }
 
 /// One active health check result, for operators.
@@ -92,7 +102,26 @@ impl InstanceState {
             requests: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             last_check: std::sync::Mutex::new(None),
+            readmit_at: AtomicU64::new(0),
         }
+    }
+
+    /// Ejected passively and its cool-down is over: requests may try it again.
+    #[inline]
+    pub fn cooled_down(&self) -> bool {
+        let at = self.readmit_at.load(Ordering::Relaxed);
+        at != 0 && clock_ms() >= at
+    }
+
+    /// Keeps a passively ejected instance out for `cooldown` from now.
+    pub fn cool_down(&self, cooldown: std::time::Duration) {
+        let until = clock_ms().saturating_add(cooldown.as_millis() as u64);
+        self.readmit_at.store(until, Ordering::Relaxed);
+    }
+
+    /// Ends a cool-down; true if there was one.
+    pub fn end_cool_down(&self) -> bool {
+        self.readmit_at.swap(0, Ordering::Relaxed) != 0
     }
 
     pub fn record_check(&self, record: CheckRecord) {
@@ -149,10 +178,16 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Can this instance take a new request?
+    /// Can this instance take a new request? Healthy, or (without active checks) passively
+    /// ejected and past its cool-down.
     #[inline]
     pub fn usable(&self) -> bool {
-        self.weight > 0 && self.state.health() == Health::Healthy
+        self.weight > 0
+            && match self.state.health() {
+                Health::Healthy => true,
+                Health::Unhealthy => self.state.cooled_down(),
+                Health::Pending => false,
+            }
     }
 
     pub fn draining(&self) -> bool {
@@ -208,6 +243,8 @@ pub struct ServiceSettings {
     pub all_unhealthy: AllUnhealthy,
     /// Consecutive connection failures that mark an instance unhealthy at once (0 = never).
     pub passive_failures: u64,
+    /// Without active checks: how long a passive ejection lasts. None: until a check passes.
+    pub passive_cooldown: Option<std::time::Duration>,
 }
 
 /// One service in one snapshot: its instances and selection state.
@@ -222,6 +259,8 @@ pub struct Service {
     pub all_unhealthy: AllUnhealthy,
     /// Consecutive connection failures that mark an instance unhealthy (0 = never).
     pub passive_failures: u64,
+    /// How long a passive ejection lasts when no active check will end it.
+    pub passive_cooldown: Option<std::time::Duration>,
     /// Request metric handles, resolved on the first request (not at snapshot build, which
     /// would cost every service of a large registry a few label lookups up front).
     metrics: std::sync::OnceLock<crate::metrics::ServiceMetrics>,
@@ -243,6 +282,7 @@ impl Service {
             selector,
             all_unhealthy: settings.all_unhealthy,
             passive_failures: settings.passive_failures,
+            passive_cooldown: settings.passive_cooldown,
             metrics: std::sync::OnceLock::new(),
         }
     }
