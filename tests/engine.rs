@@ -512,3 +512,29 @@ async fn connections_are_spread_evenly_over_the_proxy_threads() {
     })
     .await;
 }
+
+/// A client that stops sending in the middle of its request head gets 408 after
+/// `downstream_read_timeout_ms`, and the connection is closed; one idle between requests is just
+/// closed. (Timeouts are pingora's 10 ms fast timers, not a tokio timer per read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_head_gets_408_and_an_idle_connection_is_closed() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\ndownstream_read_timeout_ms = 300\n")
+        .start()
+        .await;
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: some").await.unwrap();
+    let answer = read_to_close(&mut s).await;
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    let mut idle = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let answer = read_to_close(&mut idle).await;
+    assert_eq!(answer, "", "an idle connection is closed without an answer");
+}

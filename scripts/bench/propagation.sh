@@ -10,7 +10,9 @@
 # Health modes (BENCH_HEALTH, default "default off"): "default" = the embedded [health] defaults
 # (active HTTP checks; a new instance is admitted after its first passing check); "off" = no health
 # checking, so the time is registry watch + snapshot swap only; "oneshot" = the defaults with
-# reuse_connection = false (a new connection for every HTTP check).
+# reuse_connection = false (a new connection for every HTTP check); "admit" = the defaults with
+# admit_immediately = true (checks run, but a new instance takes traffic before its first one,
+# as Traefik and APISIX do).
 #
 # Environment: BENCH_QUICK=1 (20 trials, 1,000 filler services), BENCH_TRIALS [200],
 # BENCH_FILLER [10000], BENCH_POLL_US [250], BENCH_HEALTH, SWITCHYARD_BIN, BENCH_HARNESS,
@@ -28,11 +30,11 @@ MODES="${BENCH_HEALTH:-default off}"
 ((TRIALS >= 1 && TRIALS <= 5000)) || die "BENCH_TRIALS must be 1..5000"
 
 "$BENCH_ROOT/scripts/install-deps.sh" nginx
-# Health modes: health_toml's ("default", "off") and "oneshot": the defaults with
-# reuse_connection = false, a new connection for every HTTP check.
+# Health modes: health_toml's ("default", "off"), "oneshot" and "admit" (see above).
 bench_health_toml() {
     case "$1" in
     oneshot) printf '\n[health]\nreuse_connection = false\n' ;;
+    admit) printf '\n[health]\nadmit_immediately = true\n' ;;
     *) health_toml "$1" ;;
     esac
 }

@@ -243,11 +243,16 @@ fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "timed out")
 }
 
+/// `f` with a time limit, on pingora's fast timeouts: armed only if `f` does not finish at once,
+/// rounded to 10 ms and shared by every timeout with the same deadline, kept by pingora's timer
+/// thread. A tokio timer per read or write also worked, but each one that became the earliest
+/// pending deadline woke the runtime through its eventfd: up to one `write` system call per
+/// request (BENCHMARKS.md).
 async fn timed<T>(
     limit: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
-    match tokio::time::timeout(limit, f).await {
+    match pingora::time::fast_timeout::fast_timeout(limit, f).await {
         Ok(r) => r,
         Err(_) => Err(timed_out()),
     }
