@@ -210,6 +210,36 @@ start_switchyard() {
     wait_http "http://$admin/readyz" "switchyard"
 }
 
+# start_bench_backends CPUS: nginx backends b1 and b2 and an etcd, with both registered as service
+# "bench", on CPUS ("" = unpinned). Sets B1, B2, BE1_PID, BE2_PID.
+start_bench_backends() {
+    local cpus="$1"
+    B1=$(free_port)
+    B2=$(free_port)
+    start_nginx_backend "$B1" b1 "$cpus"
+    BE1_PID=$BACKEND_PID
+    start_nginx_backend "$B2" b2 "$cpus"
+    BE2_PID=$BACKEND_PID
+    start_etcd "$cpus"
+    etcd_put /services/bench/b1 "127.0.0.1:$B1"
+    etcd_put /services/bench/b2 "127.0.0.1:$B2"
+}
+
+# start_bench_proxies THREADS CPUS CONFIG: nginx, HAProxy and switchyard ($BIN, config written to
+# CONFIG) in front of the bench backends, THREADS workers/threads each, on CPUS ("" = unpinned).
+# Sets NP, HP, SP (proxy ports) and SA (switchyard's admin port).
+start_bench_proxies() {
+    local threads="$1" cpus="$2" cfg="$3"
+    NP=$(free_port)
+    HP=$(free_port)
+    SP=$(free_port)
+    SA=$(free_port)
+    start_nginx_proxy "$NP" "$threads" "$cpus"
+    start_haproxy "$HP" "$threads" "$cpus"
+    write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" "$threads"
+    start_switchyard "$BIN" "$cfg" "127.0.0.1:$SA" "$cpus"
+}
+
 # Resident set size of a pid in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 

@@ -19,21 +19,8 @@ WAIT="${BENCH_IDLE_WAIT:-3}"
 BIN=$(switchyard_bin)
 log "$(machine_line)"
 
-B1=$(free_port)
-B2=$(free_port)
-start_nginx_backend "$B1" b1
-start_nginx_backend "$B2" b2
-start_etcd
-etcd_put /services/bench/b1 "127.0.0.1:$B1"
-etcd_put /services/bench/b2 "127.0.0.1:$B2"
-NP=$(free_port)
-HP=$(free_port)
-SP=$(free_port)
-SA=$(free_port)
-start_nginx_proxy "$NP" 1 ""
-start_haproxy "$HP" 1 ""
-write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" 1
-start_switchyard "$BIN" "$WORK/switchyard.toml" "127.0.0.1:$SA"
+start_bench_backends ""
+start_bench_proxies 1 "" "$WORK/switchyard.toml"
 # nginx's master process does not serve: measure its worker
 NGINX_WORKER=$(awk -v p="$NGINX_PID" '$4 == p {print $1; exit}' /proc/[0-9]*/stat 2>/dev/null || true)
 [[ -n "$NGINX_WORKER" ]] || die "no nginx worker found"

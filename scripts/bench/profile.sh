@@ -19,13 +19,7 @@ command -v perf >/dev/null || "$BENCH_ROOT/scripts/install-deps.sh" linux-perf
 BIN=$(switchyard_bin)
 log "$(machine_line)"
 
-B1=$(free_port)
-B2=$(free_port)
-start_nginx_backend "$B1" b1 1
-start_nginx_backend "$B2" b2 1
-start_etcd 1
-etcd_put /services/bench/b1 "127.0.0.1:$B1"
-etcd_put /services/bench/b2 "127.0.0.1:$B2"
+start_bench_backends 1
 SP=$(free_port)
 SA=$(free_port)
 write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" 1

@@ -26,21 +26,8 @@ fi
 BIN=$(switchyard_bin)
 log "$(machine_line)"
 
-B1=$(free_port)
-B2=$(free_port)
-start_nginx_backend "$B1" b1 "${PROXY_CPUS:+1}"
-start_nginx_backend "$B2" b2 "${PROXY_CPUS:+1}"
-start_etcd 1
-etcd_put /services/bench/b1 "127.0.0.1:$B1"
-etcd_put /services/bench/b2 "127.0.0.1:$B2"
-NP=$(free_port)
-HP=$(free_port)
-SP=$(free_port)
-SA=$(free_port)
-start_nginx_proxy "$NP" "$THREADS" "$PROXY_CPUS"
-start_haproxy "$HP" "$THREADS" "$PROXY_CPUS"
-write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$THREADS"
-start_switchyard "$BIN" "$WORK/switchyard.toml" "127.0.0.1:$SA" "$PROXY_CPUS"
+start_bench_backends "${PROXY_CPUS:+1}"
+start_bench_proxies "$THREADS" "$PROXY_CPUS" "$WORK/switchyard.toml"
 # nginx's workers, not its master, do the proxying
 NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | paste -sd,)
 

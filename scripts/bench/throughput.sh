@@ -108,24 +108,8 @@ for variant in $VARIANTS; do
     *) die "unknown variant $variant" ;;
     esac
     log "== variant $variant (proxy cpus: ${PROXY_CPUS:-any}, workers/threads: $WORKERS)"
-    B1=$(free_port)
-    B2=$(free_port)
-    start_nginx_backend "$B1" b1 "$SIDE_CPUS"
-    BE1_PID=$BACKEND_PID
-    start_nginx_backend "$B2" b2 "$SIDE_CPUS"
-    BE2_PID=$BACKEND_PID
-    start_etcd "$SIDE_CPUS"
-    etcd_put "/services/bench/b1" "127.0.0.1:$B1"
-    etcd_put "/services/bench/b2" "127.0.0.1:$B2"
-
-    NP=$(free_port)
-    HP=$(free_port)
-    SP=$(free_port)
-    SA=$(free_port)
-    start_nginx_proxy "$NP" "$WORKERS" "$PROXY_CPUS"
-    start_haproxy "$HP" "$WORKERS" "$PROXY_CPUS"
-    write_switchyard_config "$WORK/switchyard-$variant.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$WORKERS"
-    start_switchyard "$BIN" "$WORK/switchyard-$variant.toml" "127.0.0.1:$SA" "$PROXY_CPUS"
+    start_bench_backends "$SIDE_CPUS"
+    start_bench_proxies "$WORKERS" "$PROXY_CPUS" "$WORK/switchyard-$variant.toml"
     wait_routes_both "127.0.0.1:$SP"
     SYN_PID=$SY_PID
     if [[ "$PINGORA" == 1 ]]; then
