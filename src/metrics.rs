@@ -280,21 +280,14 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
         "Registered instances by service and state (healthy, unhealthy, pending, draining).",
     );
     for (name, svc) in &services {
-        let mut counts = [0u64; INSTANCE_STATES.len()];
-        for i in &svc.instances {
-            let label = i.state_label();
-            if let Some(n) = INSTANCE_STATES.iter().position(|s| *s == label) {
-                counts[n] += 1;
-            }
-        }
-        for (state, n) in INSTANCE_STATES.iter().zip(counts) {
+        for (state, n) in INSTANCE_STATES.iter().zip(svc.state_counts()) {
             sample(
                 out,
                 "switchyard_upstream_instances",
                 name,
                 "state",
                 state,
-                n,
+                n as u64,
             );
         }
     }

@@ -192,10 +192,7 @@ impl AdminApp {
     }
 
     fn route(&self, path: &str, query: Option<&str>) -> Response<Vec<u8>> {
-        let pretty = query.is_some_and(|q| {
-            q.split('&')
-                .any(|kv| kv.split('=').next() == Some("pretty"))
-        });
+        let pretty = query_pairs(query).any(|(k, _)| k == "pretty");
         match path {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
@@ -253,11 +250,21 @@ impl ServeHttp for AdminApp {
     }
 }
 
-/// The value of `name` in a query string (taken as is: service names need no decoding).
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
+/// A query string's `key=value` pairs, taken as they are (the admin API's values, service names,
+/// need no decoding); a key without `=` has no value.
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, Option<&str>)> {
+    query
+        .unwrap_or("")
         .split('&')
-        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (kv, None),
+        })
+}
+
+/// The value of `name` in a query string.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query_pairs(query).find_map(|(k, v)| if k == name { v } else { None })
 }
 
 #[cfg(test)]

@@ -190,12 +190,7 @@ fn summary(h: &mut String, services: &[&Arc<Service>], instances: usize) {
     );
     let mut attention = Vec::new();
     for s in services {
-        let mut counts = [0usize; INSTANCE_STATES.len()];
-        for i in &s.instances {
-            if let Some(n) = INSTANCE_STATES.iter().position(|st| *st == i.state_label()) {
-                counts[n] += 1;
-            }
-        }
+        let counts = s.state_counts();
         let name = escape(&s.name);
         let _ = write!(
             h,

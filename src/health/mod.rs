@@ -1021,16 +1021,20 @@ mod tests {
         assert_eq!(t.host(), "localhost:8000");
     }
 
+    /// A healthy instance alone in service `name` (for the passive-detection tests).
+    fn alone(name: &str, key: &str, settings: &ServiceSettings) -> (Arc<Instance>, Service) {
+        let i = Instance::for_test(key, 1, Health::Healthy);
+        let svc = Service::new(name.into(), vec![i.clone()], 0, settings);
+        (i, svc)
+    }
+
     #[test]
     fn passive_failures_eject_and_success_resets() {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let i = inst("/s/p/1", addr, &[]);
-        i.state.set_health(Health::Healthy);
         let settings = ServiceSettings {
             passive_failures: 2,
             ..Default::default()
         };
-        let svc = Service::new("p".into(), vec![i.clone()], 0, &settings);
+        let (i, svc) = alone("p", "/s/p/1", &settings);
         passive_failure(&svc, &i, &"refused");
         passive_success(&svc, &i);
         passive_failure(&svc, &i, &"refused");
@@ -1038,9 +1042,7 @@ mod tests {
         passive_failure(&svc, &i, &"refused");
         assert_eq!(i.state.health(), Health::Unhealthy);
         // disabled
-        let j = inst("/s/p/2", addr, &[]);
-        j.state.set_health(Health::Healthy);
-        let svc = Service::new("p".into(), vec![j.clone()], 0, &ServiceSettings::default());
+        let (j, svc) = alone("p", "/s/p/2", &ServiceSettings::default());
         for _ in 0..10 {
             passive_failure(&svc, &j, &"refused");
         }
@@ -1049,15 +1051,12 @@ mod tests {
 
     #[test]
     fn without_checks_a_passive_ejection_lasts_the_cool_down() {
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let i = inst("/s/c/1", addr, &[]);
-        i.state.set_health(Health::Healthy);
         let settings = ServiceSettings {
             passive_failures: 1,
             passive_cooldown: Some(Duration::from_millis(50)),
             ..Default::default()
         };
-        let svc = Service::new("c".into(), vec![i.clone()], 0, &settings);
+        let (i, svc) = alone("c", "/s/c/1", &settings);
         passive_failure(&svc, &i, &"timed out");
         assert_eq!(i.state.health(), Health::Unhealthy);
         assert!(!i.usable(), "out during the cool-down");
@@ -1082,13 +1081,11 @@ mod tests {
         );
 
         // with active checks (no cool-down) only a check re-admits
-        let j = inst("/s/c/2", addr, &[]);
-        j.state.set_health(Health::Healthy);
         let checked = ServiceSettings {
             passive_failures: 1,
             ..Default::default()
         };
-        let svc = Service::new("c".into(), vec![j.clone()], 0, &checked);
+        let (j, svc) = alone("c", "/s/c/2", &checked);
         passive_failure(&svc, &j, &"refused");
         passive_success(&svc, &j);
         assert_eq!(j.state.health(), Health::Unhealthy);

@@ -321,6 +321,18 @@ impl Service {
             .any(|i| (if open { !i.draining() } else { i.usable() }) && !exclude.contains(&i.key))
     }
 
+    /// Instances by [`Instance::state_label`], in [`INSTANCE_STATES`] order.
+    pub fn state_counts(&self) -> [usize; INSTANCE_STATES.len()] {
+        let mut counts = [0; INSTANCE_STATES.len()];
+        for i in &self.instances {
+            let label = i.state_label();
+            if let Some(n) = INSTANCE_STATES.iter().position(|s| *s == label) {
+                counts[n] += 1;
+            }
+        }
+        counts
+    }
+
     pub fn usable_count(&self) -> usize {
         self.instances.iter().filter(|i| i.usable()).count()
     }
