@@ -2,8 +2,9 @@
 //!
 //! - `route_lookup/<N>`: route one request (Host header) against a snapshot of N services;
 //! - `select/<policy>`: pick an instance of a 10-instance service;
-//! - `apply_one_change/100000`: apply one registration change to a catalog of 100,000 instances
-//!   (in 1,000 services) and build the new snapshot;
+//! - `apply_one_change/<instances>x<per service>`: apply one registration change and build the new
+//!   snapshot, for 100,000 instances in 1,000 services, and 10,000 and 100,000 services of one
+//!   instance each;
 //! - `head/request` and `head/response`: the native engine's per-request head work: parse a
 //!   typical browser-sized request head and write the head sent upstream (hop-by-hop stripping,
 //!   X-Forwarded-*), and parse a response head and write the one sent to the client.
@@ -99,30 +100,39 @@ fn select(c: &mut Criterion) {
 }
 
 fn apply_one_change(c: &mut Criterion) {
-    let (mut cat, t) = table(1_000, 100);
-    let mut current = Arc::new(t);
-    let mut flip = false;
-    c.bench_function("apply_one_change/100000", |b| {
-        b.iter(|| {
-            flip = !flip;
-            let value = if flip {
-                "127.0.0.1:7000"
-            } else {
-                "127.0.0.1:7001"
-            };
-            let (next, _) = cat.apply(
-                &current,
-                Update::Batch {
-                    revision: 2,
-                    changes: vec![Change::Put {
-                        key: b"/services/svc-500/42".to_vec(),
-                        value: value.as_bytes().to_vec(),
-                    }],
-                },
-            );
-            current = Arc::new(next);
-        })
-    });
+    // (services, instances per service): 100,000 instances in 1,000 services, and the shape where
+    // every instance is its own service (the propagation benchmark's 10,000 filler services)
+    let mut g = c.benchmark_group("apply_one_change");
+    for (services, per_service) in [(1_000usize, 100usize), (10_000, 1), (100_000, 1)] {
+        let (mut cat, t) = table(services, per_service);
+        let mut current = Arc::new(t);
+        let key = format!("/services/svc-{}/0", services / 2).into_bytes();
+        let mut flip = false;
+        let id = format!("{}x{per_service}", services * per_service);
+        g.bench_function(BenchmarkId::from_parameter(id), |b| {
+            b.iter(|| {
+                flip = !flip;
+                let value = if flip {
+                    "127.0.0.1:7000"
+                } else {
+                    "127.0.0.1:7001"
+                };
+                let (next, _) = cat.apply(
+                    &current,
+                    Update::Batch {
+                        revision: 2,
+                        changes: vec![Change::Put {
+                            key: key.clone(),
+                            value: value.as_bytes().to_vec(),
+                        }],
+                    },
+                );
+                // the old snapshot is dropped here, as in the registry
+                current = Arc::new(next);
+            })
+        });
+    }
+    g.finish();
 }
 
 fn heads(c: &mut Criterion) {

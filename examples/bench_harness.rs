@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use etcd_client::{Client, Txn, TxnOp};
+use etcd_client::{Client, EventType, Txn, TxnOp, WatchOptions};
 
 #[derive(Parser)]
 #[command(about = "switchyard benchmark harness (driven by scripts/bench/*.sh)")]
@@ -507,6 +507,63 @@ fn poll_until(
     None
 }
 
+/// When the harness's own watch of `prefix` received each event: (key, put?) → time.
+type Seen = Arc<Mutex<std::collections::HashMap<(Vec<u8>, bool), Instant>>>;
+
+/// Watches `prefix` from now on in the background and records when each event arrives: the
+/// time from a write to its watch event is etcd's part of propagation (switchyard's watch gets
+/// the same events from the same server).
+async fn watch_events(client: &mut Client, prefix: &str) -> Result<Seen> {
+    let mut stream = client
+        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+        .await
+        .context("watching the prefix")?;
+    let seen: Seen = Arc::default();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(resp)) = stream.message().await {
+            let at = Instant::now();
+            let Ok(mut seen) = out.lock() else { return };
+            for ev in resp.events() {
+                if let Some(kv) = ev.kv() {
+                    let put = ev.event_type() == EventType::Put;
+                    seen.insert((kv.key().to_vec(), put), at);
+                }
+            }
+        }
+    });
+    Ok(seen)
+}
+
+/// Splits one trial that started at `t0` and was seen by the proxy after `total` into etcd's
+/// part (write to watch event) and the rest (0 when our watch got the event after the proxy
+/// reflected it). Waits up to a second for our watch; a trial whose event never came is left
+/// out of both.
+fn split(
+    seen: &Seen,
+    key: &str,
+    put: bool,
+    t0: Instant,
+    total: Duration,
+    etcd_part: &mut Vec<f64>,
+    rest: &mut Vec<f64>,
+) {
+    let wanted = (key.as_bytes().to_vec(), put);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let at = loop {
+        let at = seen.lock().ok().and_then(|mut s| s.remove(&wanted));
+        if at.is_some() || Instant::now() > deadline {
+            break at;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    };
+    if let Some(at) = at {
+        let watched = at.saturating_duration_since(t0);
+        etcd_part.push(watched.as_secs_f64() * 1e3);
+        rest.push(total.saturating_sub(watched).as_secs_f64() * 1e3);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn propagation(
     etcd: &str,
@@ -519,14 +576,19 @@ fn propagation(
     label: &str,
 ) -> Result<()> {
     let rt = runtime()?;
-    let client = rt
+    let mut client = rt
         .block_on(Client::connect([etcd], None))
         .with_context(|| format!("connecting to etcd at {etcd}"))?;
+    let seen = rt.block_on(watch_events(&mut client, prefix))?;
     let mut conn = HttpConn::new(resolve(proxy)?, Duration::from_secs(2));
     let tag = std::process::id();
     let (mut adds, mut dels) = (Vec::new(), Vec::new());
     // how long etcd took to acknowledge the write (a floor for propagation)
     let (mut put_acks, mut del_acks) = (Vec::new(), Vec::new());
+    // when our own watch saw the event (etcd's part, the same for every client of etcd), and the
+    // rest of each trial (switchyard's part: apply, first check, the poll that sees it)
+    let (mut put_seen, mut del_seen) = (Vec::new(), Vec::new());
+    let (mut add_after, mut del_after) = (Vec::new(), Vec::new());
     let (mut add_timeouts, mut del_timeouts, mut polls) = (0usize, 0usize, 0u64);
     let started = Instant::now();
     for i in 0..trials {
@@ -555,7 +617,10 @@ fn propagation(
             |s| s == 200,
             &mut polls,
         ) {
-            Some(d) => adds.push(d.as_secs_f64() * 1e3),
+            Some(d) => {
+                adds.push(d.as_secs_f64() * 1e3);
+                split(&seen, &key, true, t0, d, &mut put_seen, &mut add_after);
+            }
             None => add_timeouts += 1,
         }
         let (r, acked) = rt.block_on(put)?;
@@ -578,7 +643,10 @@ fn propagation(
             |s| s != 200,
             &mut polls,
         ) {
-            Some(d) => dels.push(d.as_secs_f64() * 1e3),
+            Some(d) => {
+                dels.push(d.as_secs_f64() * 1e3);
+                split(&seen, &key, false, t0, d, &mut del_seen, &mut del_after);
+            }
             None => del_timeouts += 1,
         }
         let (r, acked) = rt.block_on(del)?;
@@ -602,20 +670,36 @@ fn propagation(
     );
     println!("etcd put ack ms:    {}", summary_ms(&mut put_acks));
     println!("etcd delete ack ms: {}", summary_ms(&mut del_acks));
-    // machine-readable: label kind n p50 p90 p99 max timeouts ack_p50 ack_p99
-    for (kind, xs, to, acks) in [
-        ("add", &adds, add_timeouts, &put_acks),
-        ("delete", &dels, del_timeouts, &del_acks),
+    println!("etcd put watched ms:    {}", summary_ms(&mut put_seen));
+    println!("etcd delete watched ms: {}", summary_ms(&mut del_seen));
+    println!("add after watch ms:    {}", summary_ms(&mut add_after));
+    println!("delete after watch ms: {}", summary_ms(&mut del_after));
+    // machine-readable: label kind n p50 p90 p99 max timeouts ack_p50 ack_p99 watched_p50
+    // watched_p99 after_p50 after_p99
+    for (kind, xs, to, acks, watched, after) in [
+        ("add", &adds, add_timeouts, &put_acks, &put_seen, &add_after),
+        (
+            "delete",
+            &dels,
+            del_timeouts,
+            &del_acks,
+            &del_seen,
+            &del_after,
+        ),
     ] {
         println!(
-            "ROW\t{label}\t{kind}\t{}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{to}\t{:.3}\t{:.3}",
+            "ROW\t{label}\t{kind}\t{}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{to}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}",
             xs.len(),
             percentile(xs, 50.0),
             percentile(xs, 90.0),
             percentile(xs, 99.0),
             xs.last().copied().unwrap_or(f64::NAN),
             percentile(acks, 50.0),
-            percentile(acks, 99.0)
+            percentile(acks, 99.0),
+            percentile(watched, 50.0),
+            percentile(watched, 99.0),
+            percentile(after, 50.0),
+            percentile(after, 99.0)
         );
     }
     Ok(())

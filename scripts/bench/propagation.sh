@@ -6,6 +6,9 @@
 # `propagation`: per trial, put /services/<new service>/x and poll `Host: <new service>` every
 # BENCH_POLL_US until it answers 200 (add), then delete the key and poll until it does not (delete).
 # Times run from just before the etcd request is sent to the end of the first reflecting response.
+# The harness also watches the prefix itself, which splits each trial in two: etcd's part (write to
+# watch event: commit, fsync, delivery; the same for any etcd client) and the rest (switchyard's
+# part: apply, snapshot, first health check, and the poll that sees it).
 #
 # Health modes (BENCH_HEALTH, default "default off"): "default" = the embedded [health] defaults
 # (active HTTP checks; a new instance is admitted after its first passing check); "off" = no health
@@ -69,9 +72,10 @@ python3 - "$ROWS" "$FILLER" "$POLL_US" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
 import sys
 rows, filler, poll, load = sys.argv[1:]
 print(f"{filler} other services registered, polling every {poll} us; load average after: {load}\n")
-print("| health | change | trials | p50 ms | p90 ms | p99 ms | max ms | timeouts | etcd ack p50 / p99 ms |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| health | change | trials | p50 ms | p90 ms | p99 ms | max ms | timeouts | etcd ack p50 / p99 ms "
+      "| etcd to watch p50 / p99 ms | after the watch p50 / p99 ms |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for line in open(rows):
-    _, label, kind, n, p50, p90, p99, mx, to, a50, a99 = line.rstrip("\n").split("\t")
-    print(f"| {label} | {kind} | {n} | {p50} | {p90} | {p99} | {mx} | {to} | {a50} / {a99} |")
+    _, label, kind, n, p50, p90, p99, mx, to, a50, a99, w50, w99, r50, r99 = line.rstrip("\n").split("\t")
+    print(f"| {label} | {kind} | {n} | {p50} | {p90} | {p99} | {mx} | {to} | {a50} / {a99} | {w50} / {w99} | {r50} / {r99} |")
 PY

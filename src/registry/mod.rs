@@ -205,6 +205,8 @@ impl Registry {
         let revision = table.revision;
         let table = Arc::new(table);
         self.table.store(table);
+        // the health checker first: a new instance's first check waits for this wake-up
+        self.generation.send_modify(|g| *g += 1);
         let elapsed = started.elapsed();
         METRICS
             .snapshot_apply_seconds
@@ -230,7 +232,6 @@ impl Registry {
             *g = Some(now);
         }
         self.status.revision.store(revision, Ordering::Relaxed);
-        self.generation.send_modify(|g| *g += 1);
         debug!(
             revision,
             kind,

@@ -7,8 +7,9 @@
 
 pub mod route;
 pub mod select;
+pub mod services;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use crate::registry::codec::HostPort;
 pub use route::{RouteMatch, Router};
 pub use select::{Policy, Selector};
+pub use services::ServiceMap;
 
 /// Every value [`Instance::state_label`] takes (the `state` label of the instance gauges).
 pub const INSTANCE_STATES: [&str; 4] = ["healthy", "unhealthy", "pending", "draining"];
@@ -360,7 +362,8 @@ impl Service {
 /// The immutable routing snapshot.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
-    pub services: HashMap<Arc<str>, Arc<Service>>,
+    /// Shared with the snapshots before and after it but for the shards a change wrote to.
+    pub services: ServiceMap,
     /// etcd revision this snapshot reflects.
     pub revision: i64,
 }

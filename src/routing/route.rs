@@ -190,11 +190,10 @@ pub fn strip_path(path: &str, strip: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::{Service, ServiceSettings};
-    use std::collections::HashMap;
+    use crate::routing::{Service, ServiceMap, ServiceSettings};
 
     fn table(names: &[&str]) -> RoutingTable {
-        let services: HashMap<Arc<str>, Arc<Service>> = names
+        let services: ServiceMap = names
             .iter()
             .map(|n| {
                 let name: Arc<str> = (*n).into();
