@@ -8,6 +8,8 @@
 //!                                    checked ones ──▶ deadline heap (start + interval - jitter)
 //!                              │ one task: at most max_concurrent checks running, the last
 //!                              │ max_concurrent/8 slots only for first checks
+//!                              ├──▶ first checks: the admission thread (own runtime; a pass with
+//!                              │    healthy_threshold 1 admits there), connection handed back
 //!                              ▼
 //!                          probe::check (HTTP keeps its connection) ──▶ Tracker (thresholds)
 //!                              ──▶ InstanceState::transition (atomic)
@@ -288,6 +290,11 @@ impl Tracker {
         }
     }
 
+    /// Whether one passing check admits a pending instance.
+    pub fn admits_on_first_pass(&self) -> bool {
+        self.healthy_threshold <= 1
+    }
+
     /// Records one result for an instance whose health is `current`; returns the health it should
     /// move to, if any. A pending instance that fails is unhealthy at once (it never had traffic).
     pub fn observe(&mut self, current: Health, passed: bool) -> Option<Health> {
@@ -474,6 +481,38 @@ struct Done {
     counted: bool,
     /// It was the entry's first check.
     first: bool,
+    /// The admission thread already moved the instance from pending to healthy.
+    admitted: bool,
+}
+
+/// The thread that runs the first checks of new instances, on a runtime of its own: there they
+/// wait only for their own I/O, not for the scheduler's turns over thousands of steady checks
+/// (at 100,000 instances one turn takes milliseconds, and a check needs several). A passing
+/// first check admits its instance right there; the scheduler learns the result as from any
+/// check, adopts the connection the check kept, and logs the change. Stops when dropped.
+struct Admission {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Admission {
+    fn start() -> std::io::Result<Admission> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("health-admission".into())
+            .spawn(move || {
+                // a dropped sender ends it: the runtime and any check still running go with it
+                let _ = rt.block_on(stopped);
+            })?;
+        Ok(Admission {
+            handle,
+            _stop: stop,
+        })
+    }
 }
 
 type InFlight = futures::stream::FuturesUnordered<
@@ -494,6 +533,9 @@ pub struct HealthChecker {
     keys: HashMap<Arc<str>, Id>,
     schedule: Schedule<Probe>,
     running: InFlight,
+    /// Run first checks on their own thread ([`Admission`], started by `run`).
+    admission_thread: bool,
+    admission: Option<Admission>,
     /// Steady checks start only while fewer than this many checks run.
     steady_limit: usize,
     idle_cap: usize,
@@ -519,8 +561,17 @@ impl HealthChecker {
             keys: HashMap::new(),
             schedule: Schedule::default(),
             running: InFlight::new(),
+            admission_thread: true,
+            admission: None,
             connections: 0,
         }
+    }
+
+    /// First checks run on the scheduler's own task, queued with the steady checks' I/O, instead
+    /// of on the admission thread (for tests on paused time, which another thread does not see).
+    pub fn first_checks_in_task(mut self) -> Self {
+        self.admission_thread = false;
+        self
     }
 
     /// Instance keys currently probed.
@@ -541,6 +592,13 @@ impl HealthChecker {
             max_idle_connections = self.idle_cap,
             "health checker starting"
         );
+        if self.admission_thread && self.admission.is_none() {
+            match Admission::start() {
+                Ok(a) => self.admission = Some(a),
+                Err(e) => warn!(error = %e,
+                    "cannot start the admission thread: first checks run with the steady ones"),
+            }
+        }
         let mut registry_alive = true;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
@@ -632,6 +690,38 @@ impl HealthChecker {
             counted = true;
         }
         let target = p.target.clone(); // an Arc and an address: nothing to allocate
+        if let (true, None, Some(lane)) = (first, &conn, &self.admission) {
+            let state = p.state.clone();
+            let admit = p.tracker.admits_on_first_pass();
+            let task = lane.handle.spawn(async move {
+                let (result, conn) = probe::check(&target, None, counted).await;
+                let admitted =
+                    admit && result.is_ok() && state.transition(Health::Pending, Health::Healthy);
+                if admitted {
+                    state
+                        .connect_failures
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+                (result, conn.and_then(Conn::detach), admitted)
+            });
+            self.running.push(Box::pin(async move {
+                let (result, conn, admitted) = task.await.unwrap_or_else(|e| {
+                    let e = std::io::Error::other(format!("first check task ended: {e}"));
+                    (Err(ProbeError::Io(e)), None, false)
+                });
+                Done {
+                    id,
+                    started: now,
+                    result,
+                    // registered with this (the scheduler's) runtime from here on
+                    conn: conn.and_then(Conn::adopt),
+                    counted,
+                    first,
+                    admitted,
+                }
+            }));
+            return;
+        }
         self.running.push(Box::pin(async move {
             let (result, conn) = probe::check(&target, conn, counted).await;
             Done {
@@ -641,6 +731,7 @@ impl HealthChecker {
                 conn,
                 counted,
                 first,
+                admitted: false,
             }
         }));
     }
@@ -671,10 +762,15 @@ impl HealthChecker {
             },
             took: done.started.elapsed(),
         });
-        let current = p.state.health();
+        // an instance the admission thread admitted was pending when its check ended
+        let current = if done.admitted {
+            Health::Pending
+        } else {
+            p.state.health()
+        };
         if let Some(next) = p.tracker.observe(current, ok) {
-            if p.state.transition(current, next) {
-                if next == Health::Healthy {
+            if done.admitted || p.state.transition(current, next) {
+                if next == Health::Healthy && !done.admitted {
                     p.state
                         .connect_failures
                         .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -1076,10 +1172,14 @@ mod tests {
     }
 
     impl Background {
-        fn start(table: &SharedTable, config: HealthConfig) -> Background {
+        /// `in_task`: first checks on the scheduler's task (paused time), else on their thread.
+        fn start(table: &SharedTable, config: HealthConfig, in_task: bool) -> Background {
             let (generation, rx) = watch::channel(0u64);
             let (shutdown, stop) = watch::channel(false);
-            let checker = HealthChecker::new(table.clone(), config, rx);
+            let mut checker = HealthChecker::new(table.clone(), config, rx);
+            if in_task {
+                checker = checker.first_checks_in_task();
+            }
             tokio::spawn(checker.run(stop));
             Background {
                 generation,
@@ -1114,7 +1214,7 @@ mod tests {
         s.healthy_threshold = 1;
         s.unhealthy_threshold = 2;
         s.interval = Duration::from_millis(100);
-        let checker = Background::start(&table, config(s));
+        let checker = Background::start(&table, config(s), false);
         let i = inst("/s/a/1", addr, &[]);
         let started = std::time::Instant::now();
         checker.publish(&table, &[("a", vec![i.clone()])]);
@@ -1126,6 +1226,72 @@ mod tests {
         );
         drop(listener);
         wait_for(&i.state, Health::Unhealthy).await;
+    }
+
+    /// A new instance of a keep-alive HTTP server, published to a checker whose first checks run
+    /// on the admission thread. Returns it, the server's connection and request counters, and
+    /// the checker (running while it is held).
+    async fn admitted_over_http(
+        healthy_threshold: u32,
+        interval_ms: u64,
+    ) -> (
+        Arc<Instance>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Background,
+    ) {
+        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (addr, conns, reqs) = probe::tests::keep_alive_server(ok, 0).await;
+        let table = new_shared_table();
+        let mut s = spec();
+        s.protocol = Protocol::Http;
+        s.healthy_threshold = healthy_threshold;
+        s.interval = Duration::from_millis(interval_ms);
+        let checker = Background::start(&table, config(s), false);
+        let i = inst("/s/a/1", addr, &[]);
+        checker.publish(&table, &[("a", vec![i.clone()])]);
+        (i, conns, reqs, checker)
+    }
+
+    #[tokio::test]
+    async fn first_checks_on_their_thread_admit_and_hand_their_connection_over() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (i, conns, reqs, _checker) = admitted_over_http(1, 50).await;
+        wait_for(&i.state, Health::Healthy).await;
+        // the steady checks after it run on the scheduler's runtime, on the same connection
+        for _ in 0..200 {
+            if reqs.load(SeqCst) >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(reqs.load(SeqCst) >= 4, "steady checks did not follow");
+        assert_eq!(
+            conns.load(SeqCst),
+            1,
+            "the steady checks should reuse the first check's connection"
+        );
+        assert_eq!(i.state.health(), Health::Healthy);
+    }
+
+    #[tokio::test]
+    async fn a_first_pass_on_the_admission_thread_respects_the_healthy_threshold() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (i, _conns, reqs, _checker) = admitted_over_http(2, 400).await;
+        for _ in 0..200 {
+            if reqs.load(SeqCst) >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(reqs.load(SeqCst), 1, "the first check should have run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            i.state.health(),
+            Health::Pending,
+            "one pass of two must not admit"
+        );
+        wait_for(&i.state, Health::Healthy).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -1289,7 +1455,7 @@ mod tests {
         s.protocol = Protocol::Http;
         s.timeout = Duration::from_millis(300);
         s.interval = Duration::from_millis(500);
-        let checker = Background::start(&table, config(s));
+        let checker = Background::start(&table, config(s), true);
         let i = inst("/s/h/1", addr, &[]);
         i.state.set_health(Health::Healthy);
         checker.publish(&table, &[("h", vec![i.clone()])]);

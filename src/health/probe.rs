@@ -379,6 +379,25 @@ pub enum Conn {
     Grpc(Box<GrpcHealthCheck>),
 }
 
+impl Conn {
+    /// Takes a kept HTTP connection off the current runtime's reactor, so that another runtime
+    /// can [`adopt`](Conn::adopt) it; a gRPC channel (its tasks live on the current runtime) is
+    /// dropped and reconnects on the next check.
+    pub fn detach(self) -> Option<std::net::TcpStream> {
+        match self {
+            Conn::Http(s) => s.into_std().ok(),
+            Conn::Grpc(_) => None,
+        }
+    }
+
+    /// Registers a [`detach`](Conn::detach)ed connection with the current runtime.
+    pub fn adopt(stream: std::net::TcpStream) -> Option<Conn> {
+        TcpStream::from_std(stream)
+            .ok()
+            .map(|s| Conn::Http(Box::new(s)))
+    }
+}
+
 /// One check of `target`, bounded by its timeout. `conn` is what the previous check kept;
 /// `keep_alive` says whether an HTTP check may keep its connection. Returns the result and what
 /// to keep for the next check.
@@ -550,7 +569,7 @@ impl HealthCheck for NoHealthCheck {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -679,7 +698,7 @@ mod tests {
 
     /// A keep-alive HTTP/1.1 server: answers every request on a connection with `response`;
     /// closes after `per_connection` requests (0 = never). Returns (address, connections, requests).
-    async fn keep_alive_server(
+    pub(crate) async fn keep_alive_server(
         response: &'static str,
         per_connection: usize,
     ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
