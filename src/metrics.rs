@@ -37,6 +37,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub client_connections: IntGaugeVec,
     pub health_checks_running: IntGauge,
+    pub health_first_checks_queued: IntGauge,
     pub health_connections: IntGauge,
     pub health_schedule_lag: Histogram,
     pub registry_connected: IntGauge,
@@ -97,6 +98,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         health_checks_running: register_int_gauge!(
             "switchyard_health_checks_running",
             "Active health checks in flight (at most health.max_concurrent)."
+        )?,
+        health_first_checks_queued: register_int_gauge!(
+            "switchyard_health_first_checks_queued",
+            "New instances waiting for their first health check to start (they take no traffic until it passes)."
         )?,
         health_connections: register_int_gauge!(
             "switchyard_health_connections",

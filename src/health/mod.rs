@@ -614,6 +614,9 @@ impl HealthChecker {
             let now = Instant::now();
             let more = self.start_checks(now);
             METRICS.health_checks_running.set(self.running.len() as i64);
+            METRICS
+                .health_first_checks_queued
+                .set(self.schedule.urgent_len() as i64);
             METRICS.health_connections.set(self.connections as i64);
             // wake for the next due check only when there is room to start it; at once when a
             // full batch started and more may be waiting
@@ -650,6 +653,7 @@ impl HealthChecker {
             }
         }
         METRICS.health_checks_running.set(0);
+        METRICS.health_first_checks_queued.set(0);
         METRICS.health_connections.set(0);
         info!("health checker stopped");
     }

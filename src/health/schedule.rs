@@ -125,6 +125,11 @@ impl<T> Schedule<T> {
         }
     }
 
+    /// First checks queued (ids of entries removed since may still be among them).
+    pub fn urgent_len(&self) -> usize {
+        self.urgent.len()
+    }
+
     /// The next first check to run, if any.
     pub fn pop_urgent(&mut self) -> Option<Id> {
         while let Some(id) = self.urgent.pop_front() {
