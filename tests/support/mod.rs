@@ -364,6 +364,21 @@ impl ProxyBuilder {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // the proxy listener is a service of its own, bound on its own thread: the admin
+        // answering does not mean it accepts yet
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", p.port)).is_ok() {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "switchyard's proxy listener 127.0.0.1:{} did not accept within 20s; log:\n{}",
+                    p.port,
+                    p.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         p
     }
 }
