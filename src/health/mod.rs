@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::Either;
 use futures::{FutureExt, StreamExt};
 use rand::Rng;
 use serde::Deserialize;
@@ -413,6 +414,18 @@ pub fn passive_success(svc: &Service, inst: &Instance) {
     }
 }
 
+/// Moves an instance from `from` to `to` as an active check decided; one that becomes healthy
+/// starts its passive failure count over. False if its health was not `from` any more.
+fn flip(state: &InstanceState, from: Health, to: Health) -> bool {
+    let flipped = state.transition(from, to);
+    if flipped && to == Health::Healthy {
+        state
+            .connect_failures
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    flipped
+}
+
 /// Share of `max_concurrent` kept for first checks: steady checks never take the last
 /// `max_concurrent / 8` (at most 64) slots, so a new instance's check starts at once even when
 /// thousands of others are overdue.
@@ -698,40 +711,32 @@ impl HealthChecker {
             counted = true;
         }
         let target = p.target.clone(); // an Arc and an address: nothing to allocate
-        if let (true, None, Some(lane)) = (first, &conn, &self.admission) {
-            let state = p.state.clone();
-            let admit = p.tracker.admits_on_first_pass();
-            let task = lane.handle.spawn(async move {
-                let (result, conn) = probe::check(&target, None, counted).await;
-                let admitted =
-                    admit && result.is_ok() && state.transition(Health::Pending, Health::Healthy);
-                if admitted {
-                    state
-                        .connect_failures
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
-                }
-                (result, conn.and_then(Conn::detach), admitted)
-            });
-            self.running.push(Box::pin(async move {
-                let (result, conn, admitted) = task.await.unwrap_or_else(|e| {
-                    let e = std::io::Error::other(format!("first check task ended: {e}"));
-                    (Err(ProbeError::Io(e)), None, false)
+        let check = match (first, &conn, &self.admission) {
+            (true, None, Some(lane)) => {
+                let state = p.state.clone();
+                let admit = p.tracker.admits_on_first_pass();
+                let task = lane.handle.spawn(async move {
+                    let (result, conn) = probe::check(&target, None, counted).await;
+                    let admitted =
+                        admit && result.is_ok() && flip(&state, Health::Pending, Health::Healthy);
+                    (result, conn.and_then(Conn::detach), admitted)
                 });
-                Done {
-                    id,
-                    started: now,
-                    result,
+                Either::Left(async move {
+                    let (result, conn, admitted) = task.await.unwrap_or_else(|e| {
+                        let e = std::io::Error::other(format!("first check task ended: {e}"));
+                        (Err(ProbeError::Io(e)), None, false)
+                    });
                     // registered with this (the scheduler's) runtime from here on
-                    conn: conn.and_then(Conn::adopt),
-                    counted,
-                    first,
-                    admitted,
-                }
-            }));
-            return;
-        }
+                    (result, conn.and_then(Conn::adopt), admitted)
+                })
+            }
+            _ => Either::Right(async move {
+                let (result, conn) = probe::check(&target, conn, counted).await;
+                (result, conn, false)
+            }),
+        };
         self.running.push(Box::pin(async move {
-            let (result, conn) = probe::check(&target, conn, counted).await;
+            let (result, conn, admitted) = check.await;
             Done {
                 id,
                 started: now,
@@ -739,7 +744,7 @@ impl HealthChecker {
                 conn,
                 counted,
                 first,
-                admitted: false,
+                admitted,
             }
         }));
     }
@@ -777,12 +782,7 @@ impl HealthChecker {
             p.state.health()
         };
         if let Some(next) = p.tracker.observe(current, ok) {
-            if done.admitted || p.state.transition(current, next) {
-                if next == Health::Healthy && !done.admitted {
-                    p.state
-                        .connect_failures
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
-                }
+            if done.admitted || flip(&p.state, current, next) {
                 let reason = match &done.result {
                     Ok(()) => format!("{:?} check passed", spec.protocol).to_lowercase(),
                     Err(e) => e.to_string(),
@@ -855,9 +855,9 @@ impl HealthChecker {
             .or_insert_with(|| {
                 Arc::new(ServiceChecks {
                     name: name.clone(),
-                    spec: match config.services.get(&**name) {
-                        Some(own) => Arc::new(own.clone()),
-                        None => default.clone(),
+                    spec: match config.spec_for(name) {
+                        own if !std::ptr::eq(own, &config.default) => Arc::new(own.clone()),
+                        _ => default.clone(),
                     },
                     counters: crate::metrics::health_counters(name),
                 })
