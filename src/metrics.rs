@@ -223,8 +223,10 @@ pub fn code_class(status: u16) -> &'static str {
 }
 
 /// One service's health check results and health flips.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HealthCounters {
+    /// The service's name (the same string as the registry's).
+    pub service: Arc<str>,
     passed: AtomicU64,
     failed: AtomicU64,
     /// By the new state, in [`HEALTH_STATES`] order.
@@ -249,14 +251,20 @@ impl HealthCounters {
 static HEALTH_COUNTERS: LazyLock<Mutex<HashMap<Arc<str>, Arc<HealthCounters>>>> =
     LazyLock::new(Default::default);
 
-/// The health counters of `service` (made on first use; callers keep the `Arc`).
-pub fn health_counters(service: &str) -> Arc<HealthCounters> {
+/// The health counters of `service` (made on first use; callers keep the `Arc`). The map and
+/// the counters share the caller's name string.
+pub fn health_counters(service: &Arc<str>) -> Arc<HealthCounters> {
     let mut all = HEALTH_COUNTERS.lock().unwrap();
     if let Some(c) = all.get(service) {
         return c.clone();
     }
-    let c = Arc::new(HealthCounters::default());
-    all.insert(service.into(), c.clone());
+    let c = Arc::new(HealthCounters {
+        service: service.clone(),
+        passed: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        became: Default::default(),
+    });
+    all.insert(service.clone(), c.clone());
     c
 }
 
@@ -383,8 +391,8 @@ mod tests {
         let mut table = RoutingTable::default();
         let svc = Service::new("m-svc".into(), instances, 0, &ServiceSettings::default());
         table.services.insert("m-svc".into(), Arc::new(svc));
-        let c = health_counters("m-svc");
-        assert!(Arc::ptr_eq(&c, &health_counters("m-svc")));
+        let c = health_counters(&"m-svc".into());
+        assert!(Arc::ptr_eq(&c, &health_counters(&"m-svc".into())));
         c.check(true);
         c.check(true);
         c.transition(Health::Unhealthy);

@@ -98,7 +98,7 @@ impl<'a> InstanceView<'a> {
             addr: i.addr,
             connect_failures: i.state.connect_failures.load(Ordering::Relaxed),
             health: i.state.health().as_str(),
-            id: &i.id,
+            id: i.id(),
             inflight: i.state.inflight.load(Ordering::Relaxed),
             key: &i.key,
             last_check: i.state.last_check().map(|c| CheckView {
@@ -108,7 +108,7 @@ impl<'a> InstanceView<'a> {
                 took_ms: c.took.as_secs_f64() * 1000.0,
             }),
             metadata: &i.metadata,
-            registered_addr: i.registered.to_string(),
+            registered_addr: i.registered().to_string(),
             requests: i.state.requests.load(Ordering::Relaxed),
             state: i.state_label(),
             weight: i.weight,

@@ -161,7 +161,7 @@ fn service_table(h: &mut String, s: &Service) {
             h,
             "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td>\
              <td>{check}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&i.id),
+            escape(i.id()),
             escape(&i.addr.to_string()),
             i.weight,
             i.state.inflight.load(Ordering::Relaxed),

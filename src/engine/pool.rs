@@ -32,8 +32,7 @@ thread_local! {
     static POOL: RefCell<ThreadPool> = RefCell::new(ThreadPool::default());
 }
 
-/// Whether an idle connection is still usable: nothing to read and not closed by the peer (also
-/// used for the health checker's kept connections).
+/// Whether an idle connection is still usable: nothing to read and not closed by the peer.
 pub fn still_open(stream: &TcpStream) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     match stream.poll_read_ready(&mut cx) {

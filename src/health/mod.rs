@@ -195,7 +195,7 @@ impl Target {
         let port = spec.port.unwrap_or(inst.addr.port());
         let addr = SocketAddr::new(inst.addr.ip(), port);
         let host = HostPort {
-            host: inst.registered.host.clone(),
+            host: inst.registered_host().into_owned(),
             port,
         }
         .to_string();
@@ -325,7 +325,7 @@ impl Tracker {
 }
 
 /// Logs a health flip once and counts it.
-pub fn report_transition(service: &str, key: &str, from: Health, to: Health, reason: &str) {
+pub fn report_transition(service: &Arc<str>, key: &str, from: Health, to: Health, reason: &str) {
     match (from, to) {
         (Health::Healthy, Health::Unhealthy) => warn!(
             service = %service, instance = %key, from = from.as_str(), to = to.as_str(),
@@ -465,19 +465,13 @@ pub fn idle_connection_cap(config: &HealthConfig) -> usize {
         .unwrap_or_else(|| open_file_limit() / 2)
 }
 
-/// A service's check spec and result counters, shared by its instances.
-struct ServiceChecks {
-    name: Arc<str>,
-    spec: Arc<CheckSpec>,
-    counters: Arc<HealthCounters>,
-}
-
-/// One registered instance in the schedule: at most 128 bytes (a unit test checks), plus a slot
-/// in the key map and one in the deadline heap; no task, no timer.
+/// One registered instance in the schedule: at most 96 bytes (a unit test checks), plus a slot
+/// in the key map and one in the deadline heap; no task, no timer, nothing per service.
 struct Probe {
-    key: Arc<str>,
-    service: Arc<ServiceChecks>,
-    state: Arc<InstanceState>,
+    /// The instance as of the last snapshot that changed it (its key and state).
+    instance: Arc<Instance>,
+    /// Its service's result counters, with the service's name.
+    counters: Arc<HealthCounters>,
     target: Target,
     tracker: Tracker,
     /// What the last check kept: an idle HTTP connection or a gRPC channel.
@@ -502,7 +496,7 @@ struct Done {
 /// wait only for their own I/O, not for the scheduler's turns over thousands of steady checks
 /// (at 100,000 instances one turn takes milliseconds, and a check needs several). A passing
 /// first check admits its instance right there; the scheduler learns the result as from any
-/// check, adopts the connection the check kept, and logs the change. Stops when dropped.
+/// check, keeps the (parked) connection the check kept, and logs the change. Stops when dropped.
 struct Admission {
     handle: tokio::runtime::Handle,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -542,9 +536,10 @@ pub struct HealthChecker {
     generations: watch::Receiver<u64>,
     /// The snapshot last reconciled: services whose `Arc` did not change since are skipped.
     last: Arc<RoutingTable>,
-    checks: HashMap<Arc<str>, Arc<ServiceChecks>>,
     /// `config.default`, shared by every service without a spec of its own.
     default_spec: Arc<CheckSpec>,
+    /// The specs of services configured with their own, each shared by its instances.
+    own_specs: HashMap<String, Arc<CheckSpec>>,
     keys: HashMap<Arc<str>, Id>,
     schedule: Schedule<Probe>,
     running: InFlight,
@@ -566,6 +561,9 @@ impl HealthChecker {
     ) -> HealthChecker {
         let max = config.max_concurrent.max(1);
         let default_spec = Arc::new(config.default.clone());
+        let own_specs = (config.services.iter())
+            .map(|(name, spec)| (name.clone(), Arc::new(spec.clone())))
+            .collect();
         HealthChecker {
             table,
             steady_limit: max - admission_reserve(max),
@@ -573,8 +571,8 @@ impl HealthChecker {
             config: Arc::new(config),
             generations,
             last: Arc::new(RoutingTable::default()),
-            checks: HashMap::new(),
             default_spec,
+            own_specs,
             keys: HashMap::new(),
             schedule: Schedule::default(),
             running: InFlight::new(),
@@ -713,21 +711,20 @@ impl HealthChecker {
         let target = p.target.clone(); // an Arc and an address: nothing to allocate
         let check = match (first, &conn, &self.admission) {
             (true, None, Some(lane)) => {
-                let state = p.state.clone();
+                let state = p.instance.state.clone();
                 let admit = p.tracker.admits_on_first_pass();
                 let task = lane.handle.spawn(async move {
                     let (result, conn) = probe::check(&target, None, counted).await;
                     let admitted =
                         admit && result.is_ok() && flip(&state, Health::Pending, Health::Healthy);
-                    (result, conn.and_then(Conn::detach), admitted)
+                    (result, conn.filter(Conn::portable), admitted)
                 });
                 Either::Left(async move {
                     let (result, conn, admitted) = task.await.unwrap_or_else(|e| {
                         let e = std::io::Error::other(format!("first check task ended: {e}"));
                         (Err(ProbeError::Io(e)), None, false)
                     });
-                    // registered with this (the scheduler's) runtime from here on
-                    (result, conn.and_then(Conn::adopt), admitted)
+                    (result, conn, admitted)
                 })
             }
             _ => Either::Right(async move {
@@ -765,8 +762,8 @@ impl HealthChecker {
         }
         let spec = &p.target.spec;
         let ok = done.result.is_ok();
-        p.service.counters.check(ok);
-        p.state.record_check(crate::routing::CheckRecord {
+        p.counters.check(ok);
+        p.instance.state.record_check(crate::routing::CheckRecord {
             at: std::time::SystemTime::now(),
             ok,
             detail: match &done.result {
@@ -779,15 +776,16 @@ impl HealthChecker {
         let current = if done.admitted {
             Health::Pending
         } else {
-            p.state.health()
+            p.instance.state.health()
         };
         if let Some(next) = p.tracker.observe(current, ok) {
-            if done.admitted || flip(&p.state, current, next) {
+            if done.admitted || flip(&p.instance.state, current, next) {
                 let reason = match &done.result {
                     Ok(()) => format!("{:?} check passed", spec.protocol).to_lowercase(),
                     Err(e) => e.to_string(),
                 };
-                report_transition(&p.service.name, &p.key, current, next, &reason);
+                let (service, key) = (&p.counters.service, &p.instance.key);
+                report_transition(service, key, current, next, &reason);
             }
         }
         let due = done.started + spec.interval.saturating_sub(jitter(spec, done.first));
@@ -814,12 +812,12 @@ impl HealthChecker {
                 for i in old.map(|o| &o.instances[..]).unwrap_or_default() {
                     removed += self.remove(&i.key) as usize;
                 }
-                self.checks.remove(name);
                 continue;
             };
-            let checks = self.service_checks(name);
+            let spec = self.spec_for(name);
+            let mut counters = None;
             for inst in &svc.instances {
-                if let Some(id) = self.ensure(&checks, inst) {
+                if let Some(id) = self.ensure(name, &spec, &mut counters, inst) {
                     added.push(id);
                 }
             }
@@ -846,47 +844,45 @@ impl HealthChecker {
         }
     }
 
-    /// The shared spec and counters of service `name`. Services without a spec of their own
-    /// share one copy of the default (a copy each cost ~190 bytes per service).
-    fn service_checks(&mut self, name: &Arc<str>) -> Arc<ServiceChecks> {
-        let (config, default) = (&self.config, &self.default_spec);
-        self.checks
-            .entry(name.clone())
-            .or_insert_with(|| {
-                Arc::new(ServiceChecks {
-                    name: name.clone(),
-                    spec: match config.spec_for(name) {
-                        own if !std::ptr::eq(own, &config.default) => Arc::new(own.clone()),
-                        _ => default.clone(),
-                    },
-                    counters: crate::metrics::health_counters(name),
-                })
-            })
+    /// The check spec of service `name`: its own, or the default shared by all the others.
+    fn spec_for(&self, name: &str) -> Arc<CheckSpec> {
+        self.own_specs
+            .get(name)
+            .unwrap_or(&self.default_spec)
             .clone()
     }
 
     /// Makes sure `inst` has an entry for its current state and target; returns the id of a new
     /// one (a new key, a re-registered key with new state, or a new target: the count starts
     /// over, the health stays in the instance's state).
-    fn ensure(&mut self, checks: &Arc<ServiceChecks>, inst: &Arc<Instance>) -> Option<Id> {
-        let (target, errors) = Target::for_instance(inst, &checks.spec);
+    /// `counters` is the service's, looked up on the first new entry of a reconcile.
+    fn ensure(
+        &mut self,
+        service: &Arc<str>,
+        spec: &Arc<CheckSpec>,
+        counters: &mut Option<Arc<HealthCounters>>,
+        inst: &Arc<Instance>,
+    ) -> Option<Id> {
+        let (target, errors) = Target::for_instance(inst, spec);
         if let Some(p) = self
             .keys
             .get(&inst.key)
-            .and_then(|id| self.schedule.get(*id))
+            .and_then(|id| self.schedule.get_mut(*id))
         {
-            if Arc::ptr_eq(&p.state, &inst.state) && p.target == target {
+            if Arc::ptr_eq(&p.instance.state, &inst.state) && p.target == target {
+                // the same instance in a new value (a weight or metadata change)
+                p.instance = inst.clone();
                 return None;
             }
         }
         for e in &errors {
-            warn!(service = %checks.name, instance = %inst.key, error = %e, "ignoring invalid health metadata");
+            warn!(service = %service, instance = %inst.key, error = %e, "ignoring invalid health metadata");
         }
         self.remove(&inst.key);
+        let counters = counters.get_or_insert_with(|| crate::metrics::health_counters(service));
         let id = self.schedule.insert(Probe {
-            key: inst.key.clone(),
-            service: checks.clone(),
-            state: inst.state.clone(),
+            instance: inst.clone(),
+            counters: counters.clone(),
             tracker: Tracker::new(&target.spec),
             target,
             conn: None,
@@ -959,21 +955,20 @@ mod tests {
     }
 
     fn inst(key: &str, addr: SocketAddr, meta: &[(&str, &str)]) -> Arc<Instance> {
-        Arc::new(Instance {
-            key: key.into(),
-            id: key.into(),
-            registered: HostPort {
+        Arc::new(Instance::new(
+            key.into(),
+            key,
+            &HostPort {
                 host: addr.ip().to_string(),
                 port: addr.port(),
             },
             addr,
-            weight: 1,
-            metadata: meta
-                .iter()
+            1,
+            meta.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            state: Arc::new(InstanceState::new(Health::Pending)),
-        })
+            Arc::new(InstanceState::new(Health::Pending)),
+        ))
     }
 
     fn publish(table: &SharedTable, services: &[(&str, Vec<Arc<Instance>>)]) {
@@ -1063,18 +1058,18 @@ mod tests {
         assert_eq!(t.spec.timeout, base.timeout);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("health_timeout_ms"));
-        let named = Instance {
-            key: "/s/a/2".into(),
-            id: "2".into(),
-            registered: HostPort {
+        let named = Instance::new(
+            "/s/a/2".into(),
+            "2",
+            &HostPort {
                 host: "localhost".into(),
                 port: 8000,
             },
             addr,
-            weight: 1,
-            metadata: Default::default(),
-            state: Arc::new(InstanceState::new(Health::Pending)),
-        };
+            1,
+            Default::default(),
+            Arc::new(InstanceState::new(Health::Pending)),
+        );
         let (t, _) = Target::for_instance(&named, &base);
         assert_eq!(t.host(), "localhost:8000");
     }
@@ -1153,7 +1148,7 @@ mod tests {
     #[test]
     fn schedule_entries_stay_compact() {
         let size = std::mem::size_of::<Probe>();
-        assert!(size <= 128, "a schedule entry is {size} bytes");
+        assert!(size <= 96, "a schedule entry is {size} bytes");
     }
 
     #[test]
@@ -1328,15 +1323,15 @@ mod tests {
         assert_eq!(a.state.health(), Health::Healthy);
         let id_a = checker.keys["/s/a/1"];
         // weight change: same key, same state, new Instance value -> same entry
-        let a2 = Arc::new(Instance {
-            key: a.key.clone(),
-            id: a.id.clone(),
-            registered: a.registered.clone(),
+        let a2 = Arc::new(Instance::new(
+            a.key.clone(),
+            a.id(),
+            &a.registered(),
             addr,
-            weight: 5,
-            metadata: Default::default(),
-            state: a.state.clone(),
-        });
+            5,
+            Default::default(),
+            a.state.clone(),
+        ));
         publish(&table, &[("a", vec![a2]), ("c", vec![c.clone()])]);
         checker.reconcile();
         assert_eq!(checker.probed(), 2, "b's entry is gone");
@@ -1347,7 +1342,6 @@ mod tests {
         checker.reconcile();
         assert_eq!(checker.probed(), 1);
         assert!(!checker.keys.contains_key("/s/c/1"));
-        assert!(!checker.checks.contains_key("c"));
         // nothing of b or c is checked again
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(checker.turn(Instant::now()).await, 1);
@@ -1360,7 +1354,11 @@ mod tests {
         let (_tx, rx) = watch::channel(0u64);
         let mut s = spec();
         s.protocol = Protocol::None;
-        let mut checker = HealthChecker::new(table.clone(), config(s), rx);
+        let mut cfg = config(s.clone());
+        let mut own = s;
+        own.interval = Duration::from_millis(123);
+        cfg.services.insert("d".into(), own);
+        let mut checker = HealthChecker::new(table.clone(), cfg, rx);
         let service = |name: &str, keys: &[&str]| {
             let insts = keys.iter().map(|k| inst(k, addr, &[])).collect();
             Arc::new(Service::new(
@@ -1389,23 +1387,41 @@ mod tests {
         checker.reconcile();
         assert_eq!(checker.probed(), 3);
         assert!(!checker.keys.contains_key("/s/b/1"));
-        assert!(!checker.checks.contains_key("b"));
         assert_eq!(checker.keys["/s/a/1"], id);
         // c changes (one instance more), a does not
         let c2 = service("c", &["/s/c/1", "/s/c/2"]);
-        store(&[&a, &c2]);
+        let d = service("d", &["/s/d/1", "/s/d/2"]);
+        store(&[&a, &c2, &d]);
         checker.reconcile();
-        assert_eq!(checker.probed(), 4);
+        assert_eq!(checker.probed(), 6);
+        let spec_of = |key: &str| {
+            checker
+                .schedule
+                .get(checker.keys[key])
+                .unwrap()
+                .target
+                .spec
+                .clone()
+        };
+        assert!(
+            Arc::ptr_eq(&spec_of("/s/a/1"), &spec_of("/s/c/2")),
+            "services without their own spec share the default"
+        );
+        let own = spec_of("/s/d/1");
         assert_eq!(
-            checker.checks.len(),
-            2,
-            "a and c keep their shared check specs"
+            own.interval,
+            Duration::from_millis(123),
+            "d has its own spec"
+        );
+        assert!(
+            Arc::ptr_eq(&own, &spec_of("/s/d/2")),
+            "shared by d's instances"
         );
         // everything goes
         store(&[]);
         checker.reconcile();
         assert_eq!(checker.probed(), 0);
-        assert!(checker.checks.is_empty() && checker.keys.is_empty());
+        assert!(checker.keys.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

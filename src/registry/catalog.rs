@@ -69,10 +69,18 @@ pub struct InvalidEntry {
 
 #[derive(Debug, Default)]
 struct ServiceEntries {
-    /// A hash map, not a B-tree: a B-tree's first node holds room for 11 entries (about 280
-    /// bytes for a service of one instance); the snapshot sorts instances by key anyway.
-    instances: HashMap<Arc<str>, Arc<Instance>>,
+    /// Valid instances sorted by key, the snapshot's order: found by binary search, and a
+    /// service of one instance costs one 8-byte allocation (a hash map cost 116 bytes, a B-tree
+    /// about 280). A key names its service, so no key → service map is needed either.
+    instances: Vec<Arc<Instance>>,
     invalid: BTreeSet<Arc<str>>,
+}
+
+impl ServiceEntries {
+    /// Where `key` is in `instances`, or where it would go.
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.instances.binary_search_by(|i| (*i.key).cmp(key))
+    }
 }
 
 /// Counts of what one update did, for logs and metrics.
@@ -88,8 +96,8 @@ pub struct ApplyStats {
 pub struct Catalog {
     prefix: String,
     services: HashMap<Arc<str>, ServiceEntries>,
-    /// key → service, for every valid instance.
-    keys: HashMap<Arc<str>, Arc<str>>,
+    /// Valid instances over all services.
+    valid: usize,
     invalid: HashMap<Arc<str>, InvalidEntry>,
     /// Services named in config routes: kept in the table even with no instance (503, not 404).
     pinned: HashSet<Arc<str>>,
@@ -109,7 +117,7 @@ impl Catalog {
         Catalog {
             prefix,
             services: HashMap::new(),
-            keys: HashMap::new(),
+            valid: 0,
             invalid: HashMap::new(),
             pinned: pinned.into_iter().collect(),
             settings,
@@ -119,7 +127,7 @@ impl Catalog {
     }
 
     pub fn instance_count(&self) -> usize {
-        self.keys.len()
+        self.valid
     }
 
     pub fn invalid_entries(&self) -> impl Iterator<Item = (&Arc<str>, &InvalidEntry)> {
@@ -133,9 +141,9 @@ impl Catalog {
         let revision = match update {
             Update::Reset { revision, kvs } => {
                 let listed: HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_slice()).collect();
-                let gone: Vec<Arc<str>> = self
-                    .keys
-                    .keys()
+                let valid = self.services.values().flat_map(|e| &e.instances);
+                let gone: Vec<Arc<str>> = valid
+                    .map(|i| &i.key)
                     .chain(self.invalid.keys())
                     .filter(|k| !listed.contains(k.as_bytes()))
                     .cloned()
@@ -177,7 +185,7 @@ impl Catalog {
                 }
             }
             let (instances, invalid) = match self.services.get(&name) {
-                Some(e) => (e.instances.values().cloned().collect(), e.invalid.len()),
+                Some(e) => (e.instances.clone(), e.invalid.len()),
                 None => (Vec::new(), 0),
             };
             let settings = (self.settings)(&name);
@@ -235,11 +243,12 @@ impl Catalog {
             weight,
             metadata,
         } = reg;
-        let previous = entries.instances.get(&key_str);
+        let at = entries.find(&key_str);
+        let previous = at.ok().map(|n| &entries.instances[n]);
         let state = match previous {
             // Same key, same endpoint: keep its identity (health, counters).
             Some(p) if p.addr == addr => {
-                if p.weight == weight && p.metadata == metadata && p.registered == registered {
+                if p.weight == weight && p.metadata == metadata && p.registered() == registered {
                     debug!(key = %key_str, "registration unchanged");
                     return;
                 }
@@ -260,17 +269,22 @@ impl Catalog {
         } else {
             info!(service = %service, key = %key_str, addr = %addr, weight, "instance updated");
         }
-        let instance = Arc::new(Instance {
-            key: key_str.clone(),
-            id: id.into(),
-            registered,
+        let instance = Arc::new(Instance::new(
+            key_str,
+            &id,
+            &registered,
             addr,
             weight,
             metadata,
             state,
-        });
-        entries.instances.insert(key_str.clone(), instance);
-        self.keys.insert(key_str, service.clone());
+        ));
+        match at {
+            Ok(n) => entries.instances[n] = instance,
+            Err(n) => {
+                entries.instances.insert(n, instance);
+                self.valid += 1;
+            }
+        }
         touched.insert(service);
     }
 
@@ -309,10 +323,19 @@ impl Catalog {
         touched: &mut HashSet<Arc<str>>,
         stats: &mut ApplyStats,
     ) {
-        if let Some(service) = self.keys.remove(key) {
-            if let Some(e) = self.services.get_mut(&service) {
-                e.instances.remove(key);
-            }
+        // a valid key's service is its first part after the prefix
+        let Some(name) = codec::service_of_key(&self.prefix, key.as_bytes()) else {
+            return;
+        };
+        let Some(service) = self.services.get_key_value(name).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let Some(e) = self.services.get_mut(&service) else {
+            return;
+        };
+        if let Ok(n) = e.find(key) {
+            e.instances.remove(n);
+            self.valid -= 1;
             info!(service = %service, key = %key, "instance deregistered");
             stats.removed += 1;
             touched.insert(service);
@@ -484,5 +507,47 @@ mod tests {
         assert_eq!(t2.revision, 9);
         assert_eq!(&*t2.service("a").unwrap().instances[0].key, "/s/a/2");
         assert_eq!(c.instance_count(), 1);
+    }
+
+    #[test]
+    fn instances_stay_sorted_and_counted_through_puts_and_deletes() {
+        let mut c = catalog();
+        let keys = ["/s/a/3", "/s/a/1", "/s/b/9", "/s/a/2"];
+        let puts = keys.iter().map(|k| put(k, "127.0.0.1:1")).collect();
+        let (t1, s) = c.apply(&RoutingTable::default(), batch(2, puts));
+        assert_eq!((s.added, c.instance_count()), (4, 4));
+        let order: Vec<&str> = t1
+            .service("a")
+            .unwrap()
+            .instances
+            .iter()
+            .map(|i| i.id())
+            .collect();
+        assert_eq!(order, ["1", "2", "3"]);
+        // a new address for a known key replaces it in place; a delete of an unknown key or of
+        // a key of an unknown service changes nothing
+        let (t2, s) = c.apply(
+            &t1,
+            batch(
+                3,
+                vec![
+                    put("/s/a/2", "127.0.0.1:2"),
+                    Change::Delete {
+                        key: b"/s/a/7".to_vec(),
+                    },
+                    Change::Delete {
+                        key: b"/s/zz/1".to_vec(),
+                    },
+                    Change::Delete {
+                        key: b"/s/a/1".to_vec(),
+                    },
+                ],
+            ),
+        );
+        assert_eq!((s.updated, s.removed, c.instance_count()), (1, 1, 3));
+        let a = t2.service("a").unwrap();
+        let ids: Vec<&str> = a.instances.iter().map(|i| i.id()).collect();
+        assert_eq!(ids, ["2", "3"]);
+        assert_eq!(a.instances[0].addr.port(), 2);
     }
 }

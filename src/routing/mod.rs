@@ -162,24 +162,76 @@ impl InstanceState {
     }
 }
 
-/// One registered instance as of one snapshot.
+/// One registered instance as of one snapshot. Kept small (there may be 100,000): the id is a
+/// part of the key, and the registered host is only stored when it is not `addr`'s IP.
 #[derive(Debug)]
 pub struct Instance {
     /// Full etcd key: the instance's identity.
     pub key: Arc<str>,
-    /// Instance id (the key's last part).
-    pub id: Arc<str>,
-    /// Address as registered (IP or DNS name).
-    pub registered: HostPort,
-    /// Resolved socket address we connect to.
-    pub addr: SocketAddr,
+    /// Where the instance id starts in `key`.
+    id_at: u32,
     /// 0 = draining.
     pub weight: u32,
+    /// The host as registered when it is a DNS name (or an IP spelled otherwise than `addr`
+    /// prints it); `None`: `addr`'s IP.
+    host: Option<Box<str>>,
+    /// Resolved socket address we connect to.
+    pub addr: SocketAddr,
     pub metadata: BTreeMap<String, String>,
     pub state: Arc<InstanceState>,
 }
 
 impl Instance {
+    /// `id` is the key's last part (the whole key if it is not a suffix of it); `registered` is
+    /// the address as written in etcd, `addr` what it resolved to.
+    pub fn new(
+        key: Arc<str>,
+        id: &str,
+        registered: &HostPort,
+        addr: SocketAddr,
+        weight: u32,
+        metadata: BTreeMap<String, String>,
+        state: Arc<InstanceState>,
+    ) -> Instance {
+        let id_at = match key.strip_suffix(id) {
+            Some(head) if !id.is_empty() => u32::try_from(head.len()).unwrap_or(0),
+            _ => 0,
+        };
+        let host = (registered.host.parse::<std::net::IpAddr>().ok() != Some(addr.ip())
+            || registered.host != addr.ip().to_string())
+        .then(|| registered.host.as_str().into());
+        Instance {
+            key,
+            id_at,
+            weight,
+            host,
+            addr,
+            metadata,
+            state,
+        }
+    }
+
+    /// Instance id (the key's last part).
+    pub fn id(&self) -> &str {
+        self.key.get(self.id_at as usize..).unwrap_or(&self.key)
+    }
+
+    /// Host as registered (IP or DNS name).
+    pub fn registered_host(&self) -> std::borrow::Cow<'_, str> {
+        match &self.host {
+            Some(h) => std::borrow::Cow::Borrowed(h),
+            None => std::borrow::Cow::Owned(self.addr.ip().to_string()),
+        }
+    }
+
+    /// Address as registered (IP or DNS name, and the port).
+    pub fn registered(&self) -> HostPort {
+        HostPort {
+            host: self.registered_host().into_owned(),
+            port: self.addr.port(),
+        }
+    }
+
     /// Can this instance take a new request? Healthy, or (without active checks) passively
     /// ejected and past its cool-down.
     #[inline]
@@ -210,18 +262,19 @@ impl Instance {
 impl Instance {
     /// An instance at 127.0.0.1:1, for unit tests.
     pub fn for_test(key: &str, weight: u32, health: Health) -> Arc<Instance> {
-        Arc::new(Instance {
-            key: key.into(),
-            id: key.into(),
-            registered: crate::registry::codec::HostPort {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        Arc::new(Instance::new(
+            key.into(),
+            key,
+            &HostPort {
                 host: "127.0.0.1".into(),
                 port: 1,
             },
-            addr: "127.0.0.1:1".parse().unwrap(),
+            addr,
             weight,
-            metadata: Default::default(),
-            state: Arc::new(InstanceState::new(health)),
-        })
+            Default::default(),
+            Arc::new(InstanceState::new(health)),
+        ))
     }
 }
 
@@ -384,4 +437,49 @@ pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
 pub fn new_shared_table() -> SharedTable {
     Arc::new(ArcSwap::from_pointee(RoutingTable::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(key: &str, id: &str, registered: &str, addr: &str) -> Instance {
+        let registered = crate::registry::codec::parse_host_port(registered).unwrap();
+        Instance::new(
+            key.into(),
+            id,
+            &registered,
+            addr.parse().unwrap(),
+            1,
+            Default::default(),
+            Arc::new(InstanceState::new(Health::Pending)),
+        )
+    }
+
+    #[test]
+    fn an_instance_keeps_its_id_and_registered_address_without_copies() {
+        let ip = instance("/s/a/i-1", "i-1", "10.0.0.7:80", "10.0.0.7:80");
+        assert_eq!(
+            (ip.id(), ip.registered().to_string()),
+            ("i-1", "10.0.0.7:80".into())
+        );
+        assert!(ip.host.is_none(), "an IP registration stores no host");
+        let v6 = instance("/s/a/x/y", "x/y", "[::1]:80", "[::1]:80");
+        assert_eq!(
+            (v6.id(), v6.registered().to_string()),
+            ("x/y", "[::1]:80".into())
+        );
+        assert!(v6.host.is_none());
+        let dns = instance("/s/a/1", "1", "backend.test:8080", "127.0.0.9:8080");
+        assert_eq!(dns.registered().to_string(), "backend.test:8080");
+        assert_eq!(dns.registered_host(), "backend.test");
+        // another spelling of the same IP is shown as registered
+        let long = instance("/s/a/1", "1", "[0:0:0:0:0:0:0:1]:80", "[::1]:80");
+        assert_eq!(long.registered().to_string(), "[0:0:0:0:0:0:0:1]:80");
+        // an id that is not the key's end: the whole key
+        assert_eq!(
+            instance("/s/a/1", "2", "10.0.0.7:80", "10.0.0.7:80").id(),
+            "/s/a/1"
+        );
+    }
 }
