@@ -1068,21 +1068,22 @@ fn scale_probe(
     let rss_settled = rss_kib(pid).unwrap_or(0);
     let ticks1 = cpu_ticks(pid).unwrap_or(0);
     let cpu = (ticks1.saturating_sub(ticks0)) as f64 / 100.0 / s0.elapsed().as_secs_f64();
-    // what one Prometheus scrape costs: its time, its size, and the resident memory after it
+    // what one Prometheus scrape costs: its time, its size, and the resident memory 1 s after it (a large
+    // body is given back to the system 0.5 s after it was sent: src/memory.rs)
     let t_scrape = Instant::now();
     let scrape_kib = match conn.get(&admin.to_string(), "/metrics") {
         Ok(r) if r.status == 200 => r.body.len() as f64 / 1024.0,
         _ => f64::NAN,
     };
     let scrape_ms = t_scrape.elapsed().as_secs_f64() * 1e3;
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1000));
     let rss_scraped = rss_kib(pid).unwrap_or(0);
     // how many services/instances does it report?
     let (mut services, mut instances) = (0usize, 0usize);
     let t_api = Instant::now();
     let api = conn.get(&admin.to_string(), "/api/services");
     let api_ms = t_api.elapsed().as_secs_f64() * 1e3;
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1000));
     let rss_api = rss_kib(pid).unwrap_or(0);
     if let Ok(r) = api {
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
@@ -1098,7 +1099,7 @@ fn scale_probe(
     }
     stop_child(&mut child);
     println!(
-        "scale {label}: ready after {:.0} ms; RSS at ready {:.1} MiB, after {:.1} s {:.1} MiB (peak {:.1} MiB); CPU while settling {:.2} cores; /metrics {scrape_kib:.0} KiB in {scrape_ms:.1} ms, RSS after it {:.1} MiB; /api/services in {api_ms:.0} ms lists {services} services / {instances} instances, RSS after it {:.1} MiB",
+        "scale {label}: ready after {:.0} ms; RSS at ready {:.1} MiB, after {:.1} s {:.1} MiB (peak {:.1} MiB); CPU while settling {:.2} cores; /metrics {scrape_kib:.0} KiB in {scrape_ms:.1} ms, RSS 1 s after it {:.1} MiB; /api/services in {api_ms:.0} ms lists {services} services / {instances} instances, RSS 1 s after it {:.1} MiB",
         ready.as_secs_f64() * 1e3,
         rss_ready as f64 / 1024.0,
         settle.as_secs_f64(),

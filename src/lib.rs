@@ -35,6 +35,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
 //! - [`metrics`]: every Prometheus metric family.
 //! - [`events`]: a small ring of recent notable events for the status page.
+//! - [`memory`]: giving freed memory back to the system after a burst (initial list, big scrape).
 //! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
 //! - [`server`]: wiring of all of the above into one pingora server.
 
@@ -44,6 +45,7 @@ pub mod config;
 pub mod engine;
 pub mod events;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod register;

@@ -4,7 +4,7 @@
 # etcd is bulk-loaded (examples/bench_harness.rs `bulk-load`: 128-put txns, 16 in flight), then
 # `scale-probe` starts the release switchyard, polls /readyz every 2 ms, reads VmRSS at ready and
 # again after BENCH_SETTLE_MS (with the peak in between), the CPU used while settling, then the
-# time and size of one /metrics scrape and VmRSS after it, the same for /api/services.
+# time and size of one /metrics scrape and VmRSS 1 s after it, the same for /api/services.
 # All instances point at one live nginx backend, so active health checks (when on) succeed.
 #
 # Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 50000 100000"],
@@ -73,7 +73,7 @@ python3 - "$ROWS" "$PER" "$SETTLE_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' 
 import sys
 rows, per, settle, load = sys.argv[1:]
 print(f"{per} instances per service; RSS sampled at ready and {int(settle)/1000:g} s later; load average after: {load}\n")
-print("| instances / health | ready ms | RSS at ready MiB | RSS settled MiB | peak MiB | CPU while settling (cores) | one /metrics scrape | RSS after it MiB | /api/services: services / instances listed | RSS after it MiB |")
+print("| instances / health | ready ms | RSS at ready MiB | RSS settled MiB | peak MiB | CPU while settling (cores) | one /metrics scrape | RSS 1 s after it MiB | /api/services: services / instances listed | RSS 1 s after it MiB |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
 for line in open(rows):
     f = line.rstrip("\n").split("\t")

@@ -246,7 +246,12 @@ impl ServeHttp for AdminApp {
         {
             return reply(405, "text/plain", b"method not allowed\n".to_vec());
         }
-        self.route(uri.path(), uri.query())
+        let response = self.route(uri.path(), uri.query());
+        if response.body().len() >= crate::memory::LARGE_BODY {
+            // a scrape or listing of a large registry: give its memory back once it is written
+            crate::memory::release_after(std::time::Duration::from_millis(500));
+        }
+        response
     }
 }
 

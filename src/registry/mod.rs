@@ -284,6 +284,8 @@ impl Registry {
         }
         debug!(keys = kvs.len(), revision, "listed etcd prefix");
         self.publish(Update::Reset { revision, kvs }, "list");
+        // the listed pages are gone: at 100,000 keys tens of MB this thread will not use again
+        crate::memory::release();
         METRICS.registry_relists.inc();
         self.status.relists.fetch_add(1, Ordering::Relaxed);
         Ok(revision)
