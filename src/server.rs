@@ -183,6 +183,7 @@ impl Switchyard {
             started: Instant::now(),
             etcd_endpoints: config.etcd.endpoints.clone(),
             prefix: config.etcd.prefix.clone(),
+            proxy: Some(crate::admin::ProxyListener::new(config.proxy.listen)),
         };
         let mut admin_service =
             ListeningService::new("admin".to_string(), HttpServer::new_app(admin));

@@ -6,9 +6,9 @@ mod page;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::Response;
@@ -27,6 +27,46 @@ pub struct AdminApp {
     pub started: Instant,
     pub etcd_endpoints: Vec<String>,
     pub prefix: String,
+    /// The proxy listener: `/readyz` says ready only once it has accepted a connection (pingora
+    /// binds it on another thread, and the admin listener may answer first). `None`: no check.
+    pub proxy: Option<ProxyListener>,
+}
+
+/// Whether the proxy listener accepts connections yet, found out once.
+#[derive(Debug)]
+pub struct ProxyListener {
+    /// Where a client on this host reaches it (a wildcard listen address means loopback).
+    addr: SocketAddr,
+    accepting: AtomicBool,
+}
+
+impl ProxyListener {
+    pub fn new(listen: SocketAddr) -> ProxyListener {
+        let ip = match listen.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        ProxyListener {
+            addr: SocketAddr::new(ip, listen.port()),
+            accepting: AtomicBool::new(false),
+        }
+    }
+
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    /// Connects once (and closes) unless a connection already succeeded.
+    async fn confirm(&self) {
+        if self.accepting() {
+            return;
+        }
+        let connect = tokio::net::TcpStream::connect(self.addr);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
+            self.accepting.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -196,7 +236,14 @@ impl AdminApp {
         match path {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
-                if self.status.ready() {
+                let proxy = self.proxy.as_ref().filter(|p| !p.accepting());
+                if let (true, Some(p)) = (self.status.ready(), proxy) {
+                    let why = format!(
+                        "not ready: the proxy listener ({}) does not accept connections yet\n",
+                        p.addr
+                    );
+                    reply(503, "text/plain", why.into_bytes())
+                } else if self.status.ready() {
                     reply(200, "text/plain", b"ready\n".to_vec())
                 } else {
                     let why = match self.status.last_error() {
@@ -246,6 +293,9 @@ impl ServeHttp for AdminApp {
         {
             return reply(405, "text/plain", b"method not allowed\n".to_vec());
         }
+        if let (Some(p), "/readyz", true) = (&self.proxy, uri.path(), self.status.ready()) {
+            p.confirm().await;
+        }
         let response = self.route(uri.path(), uri.query());
         if response.body().len() >= crate::memory::LARGE_BODY {
             // a scrape or listing of a large registry: give its memory back once it is written
@@ -274,7 +324,44 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
-    use super::query_param;
+    use super::*;
+
+    #[tokio::test]
+    async fn readyz_waits_until_the_proxy_listener_accepts() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let app = AdminApp {
+            table: crate::routing::new_shared_table(),
+            status: Default::default(),
+            started: Instant::now(),
+            etcd_endpoints: vec![],
+            prefix: "/s/".into(),
+            proxy: Some(ProxyListener::new(
+                format!("0.0.0.0:{port}").parse().unwrap(),
+            )),
+        };
+        let readyz = |app: &AdminApp| {
+            let r = app.route("/readyz", None);
+            (
+                r.status().as_u16(),
+                String::from_utf8_lossy(r.body()).into_owned(),
+            )
+        };
+        let proxy = app.proxy.as_ref().unwrap();
+        assert!(readyz(&app).1.contains("no complete etcd list"));
+        app.status.set_ready();
+        proxy.confirm().await;
+        let (code, body) = readyz(&app);
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains(&format!("proxy listener (127.0.0.1:{port})")),
+            "{body}"
+        );
+        let _listening = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        proxy.confirm().await;
+        assert_eq!(readyz(&app), (200, "ready\n".to_string()));
+    }
 
     #[test]
     fn query_parameters() {

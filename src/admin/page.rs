@@ -275,6 +275,7 @@ mod tests {
             started: std::time::Instant::now(),
             etcd_endpoints: vec!["127.0.0.1:2379".into()],
             prefix: "/services/".into(),
+            proxy: None,
         }
     }
 

@@ -65,6 +65,10 @@ impl RegistryStatus {
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+    #[cfg(test)]
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }

@@ -364,8 +364,8 @@ impl ProxyBuilder {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // the proxy listener is a service of its own, bound on its own thread: the admin
-        // answering does not mean it accepts yet
+        // the proxy listener is a service of its own, bound on its own thread: /readyz waits for
+        // it, /healthz (a proxy started without waiting for readiness) does not
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", p.port)).is_ok() {
                 break;
