@@ -805,6 +805,13 @@ impl HealthChecker {
         }
         let last = std::mem::replace(&mut self.last, table.clone());
         let mut added = Vec::new();
+        if self.schedule.is_empty() {
+            // the first snapshot (or the first after all went away): room for all of it at once
+            let n = table.instance_count();
+            self.schedule.reserve(n);
+            self.keys.reserve(n);
+            added.reserve(n);
+        }
         let mut removed = 0usize;
         for (name, old, now) in table.services.changes(&last.services) {
             let Some(svc) = now else {
