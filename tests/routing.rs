@@ -24,17 +24,32 @@ async fn wait_routed(proxy: &Proxy, service: &str) -> String {
     .await
 }
 
+/// Which backends answered `n` requests to `service`; every request must succeed.
 async fn backend_counts(proxy: &Proxy, service: &str, n: usize) -> HashMap<String, usize> {
+    try_backend_counts(proxy, service, n)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`backend_counts`], for inside `eventually`: a failed request is "not yet" (a new
+/// instance is pending until its first check passes).
+async fn try_backend_counts(
+    proxy: &Proxy,
+    service: &str,
+    n: usize,
+) -> Result<HashMap<String, usize>, String> {
     let mut counts = HashMap::new();
     for _ in 0..n {
         let (status, body) = proxy.get_service(service, "/").await;
-        assert_eq!(status, 200, "request to {service} failed: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("echo json");
+        if status != 200 {
+            return Err(format!("request to {service} failed: {status} {body}"));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
         *counts
             .entry(v["backend"].as_str().unwrap_or("?").to_string())
             .or_default() += 1;
     }
-    counts
+    Ok(counts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +160,7 @@ async fn delete_and_lease_expiry_remove_instances() {
     etcd.put_with_lease("/services/svc/b", &b.addr_string(), 2)
         .await;
     eventually(PATIENCE, "two instances", || async {
-        let c = backend_counts(&proxy, "svc", 4).await;
+        let c = try_backend_counts(&proxy, "svc", 4).await?;
         (c.len() == 2).then_some(()).ok_or(format!("{c:?}"))
     })
     .await;
@@ -154,7 +169,7 @@ async fn delete_and_lease_expiry_remove_instances() {
         Duration::from_secs(15),
         "lease expiry to remove b",
         || async {
-            let c = backend_counts(&proxy, "svc", 4).await;
+            let c = try_backend_counts(&proxy, "svc", 4).await?;
             (c.get("a") == Some(&4))
                 .then_some(())
                 .ok_or(format!("{c:?}"))
@@ -217,13 +232,13 @@ async fn invalid_values_are_skipped_while_valid_ones_keep_serving() {
     let other = Backend::start("other").await;
     etcd.put("/services/mixed/other", other.addr_string()).await;
     eventually(PATIENCE, "other to be routed", || async {
-        let c = backend_counts(&proxy, "mixed", 4).await;
+        let c = try_backend_counts(&proxy, "mixed", 4).await?;
         (c.len() == 2).then_some(()).ok_or(format!("{c:?}"))
     })
     .await;
     etcd.put("/services/mixed/other", "not an address").await;
     eventually(PATIENCE, "other to be removed", || async {
-        let c = backend_counts(&proxy, "mixed", 4).await;
+        let c = try_backend_counts(&proxy, "mixed", 4).await?;
         (c.get("good") == Some(&4))
             .then_some(())
             .ok_or(format!("{c:?}"))
