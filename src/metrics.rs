@@ -5,9 +5,14 @@
 //! requests for services that do not exist are counted under `service="(unknown)"`, never under a
 //! name the client sent.
 //!
-//! Three per-service families are not `prometheus` children but written at scrape time
+//! The per-service families are not `prometheus` children but written at scrape time
 //! ([`gather_text`]): a child costs about 520 bytes (it carries its own copy of the family's
-//! description and its label pairs), so 10,000 services × 4 instance states × … cost 30 MiB.
+//! description and its label pairs), so 10,000 services × 4 instance states × … cost 30 MiB, and
+//! a service's request series (seven counters, two histograms) cost 5.7 KiB.
+//! - `switchyard_requests_total{service,code}`, `switchyard_retries_total{service}`,
+//!   `switchyard_request_duration_seconds{service}` and
+//!   `switchyard_upstream_response_seconds{service}` are atomics in a [`ServiceMetrics`] per
+//!   service that has served a request (about 330 bytes);
 //! - `switchyard_upstream_instances{service,state}` is counted from the routing snapshot being
 //!   served, so it is never stale and costs nothing between scrapes;
 //! - `switchyard_health_checks_total{service,result}` and
@@ -22,19 +27,14 @@ use std::sync::{Arc, LazyLock, Mutex};
 use crate::routing::{Health, RoutingTable, INSTANCE_STATES};
 
 use prometheus::{
-    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_gauge,
+    register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntGauge, IntGaugeVec,
 };
 
 /// Label used for requests that matched no known service.
 pub const UNKNOWN_SERVICE: &str = "(unknown)";
 
 pub struct Metrics {
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub upstream_response: HistogramVec,
-    pub retries: IntCounterVec,
     pub client_connections: IntGaugeVec,
     pub health_checks_running: IntGauge,
     pub health_first_checks_queued: IntGauge,
@@ -68,28 +68,6 @@ const LAG_BUCKETS: &[f64] = &[
 // the first test that touches METRICS.
 fn build() -> Result<Metrics, prometheus::Error> {
     Ok(Metrics {
-        requests: register_int_counter_vec!(
-            "switchyard_requests_total",
-            "Requests answered, by service and status code class (2xx..5xx).",
-            &["service", "code"]
-        )?,
-        request_duration: register_histogram_vec!(
-            "switchyard_request_duration_seconds",
-            "Time from request start to the end of the response, by service.",
-            &["service"],
-            LATENCY_BUCKETS.to_vec()
-        )?,
-        upstream_response: register_histogram_vec!(
-            "switchyard_upstream_response_seconds",
-            "Time from sending the request to an instance to its response header, by service.",
-            &["service"],
-            LATENCY_BUCKETS.to_vec()
-        )?,
-        retries: register_int_counter_vec!(
-            "switchyard_retries_total",
-            "Requests tried again on another instance after a connection failure, by service.",
-            &["service"]
-        )?,
         client_connections: register_int_gauge_vec!(
             "switchyard_client_connections",
             "Open client connections, by proxy thread (native engine; threads are numbered in the order they got their first connection).",
@@ -174,41 +152,87 @@ pub fn class_index(status: u16) -> usize {
     }
 }
 
-/// One service's request metric handles, resolved once: `with_label_values` hashes the labels
-/// and takes a lock, which the request path should not pay three times per request.
-pub struct ServiceMetrics {
-    requests: [IntCounter; 6],
-    pub duration: Histogram,
-    pub upstream: Histogram,
-    pub retries: IntCounter,
-}
+/// A counter written at scrape time.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
 
-impl std::fmt::Debug for ServiceMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ServiceMetrics")
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
-impl ServiceMetrics {
-    pub fn new(service: &str) -> ServiceMetrics {
-        let m = &*METRICS;
-        ServiceMetrics {
-            requests: CODE_CLASSES.map(|c| m.requests.with_label_values(&[service, c])),
-            duration: m.request_duration.with_label_values(&[service]),
-            upstream: m.upstream_response.with_label_values(&[service]),
-            retries: m.retries.with_label_values(&[service]),
+/// A histogram over [`LATENCY_BUCKETS`], written at scrape time.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket, not cumulative; the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub fn observe(&self, seconds: f64) {
+        // the first bucket whose bound is at least the value (a bucket counts values <= its bound)
+        let i = LATENCY_BUCKETS.partition_point(|b| *b < seconds);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = (seconds.max(0.0) * 1e9) as u64;
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (`+Inf` last) and the sum in seconds.
+    fn snapshot(&self) -> ([u64; LATENCY_BUCKETS.len() + 1], f64) {
+        let mut counts = [0; LATENCY_BUCKETS.len() + 1];
+        let mut total = 0;
+        for (c, b) in counts.iter_mut().zip(&self.buckets) {
+            total += b.load(Ordering::Relaxed);
+            *c = total;
         }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        (counts, sum)
+    }
+}
+
+/// One service's request metrics: atomics, written at scrape time. Made on the service's first
+/// request and kept for the life of the process (counters must not go back), shared by every
+/// snapshot's copy of the service.
+#[derive(Debug, Default)]
+pub struct ServiceMetrics {
+    requests: [Counter; 6],
+    pub duration: LatencyHistogram,
+    pub upstream: LatencyHistogram,
+    pub retries: Counter,
+}
+
+static SERVICE_METRICS: LazyLock<Mutex<HashMap<Arc<str>, Arc<ServiceMetrics>>>> =
+    LazyLock::new(Default::default);
+
+impl ServiceMetrics {
+    /// The metrics of `service`, made on first use.
+    pub fn of(service: &str) -> Arc<ServiceMetrics> {
+        let mut all = SERVICE_METRICS.lock().unwrap();
+        if let Some(m) = all.get(service) {
+            return m.clone();
+        }
+        let m = Arc::new(ServiceMetrics::default());
+        all.insert(service.into(), m.clone());
+        m
     }
 
     #[inline]
-    pub fn request(&self, status: u16) -> &IntCounter {
+    pub fn request(&self, status: u16) -> &Counter {
         &self.requests[class_index(status)]
     }
 }
 
-/// Handles for requests that matched no service.
-pub static UNKNOWN_METRICS: LazyLock<ServiceMetrics> =
-    LazyLock::new(|| ServiceMetrics::new(UNKNOWN_SERVICE));
+/// Metrics for requests that matched no service.
+pub static UNKNOWN_METRICS: LazyLock<Arc<ServiceMetrics>> =
+    LazyLock::new(|| ServiceMetrics::of(UNKNOWN_SERVICE));
 
 /// Status code class label: "2xx" .. "5xx", or "other".
 pub fn code_class(status: u16) -> &'static str {
@@ -280,6 +304,7 @@ pub fn gather_text(table: &RoutingTable) -> Vec<u8> {
     }
     let mut text = String::from_utf8(buf).unwrap_or_default();
     write_service_families(&mut text, table);
+    write_request_families(&mut text);
     text.into_bytes()
 }
 
@@ -340,6 +365,96 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
     }
 }
 
+/// The request families of every service that has served a request: counters only where
+/// non-zero, both histograms in full.
+fn write_request_families(out: &mut String) {
+    let all: Vec<(Arc<str>, Arc<ServiceMetrics>)> = {
+        let map = SERVICE_METRICS.lock().unwrap();
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let mut all = all;
+    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let requests = "switchyard_requests_total";
+    family(
+        out,
+        requests,
+        "counter",
+        "Requests answered, by service and status code class (2xx..5xx).",
+    );
+    for (name, m) in &all {
+        for (class, c) in CODE_CLASSES.iter().zip(&m.requests) {
+            if c.get() > 0 {
+                sample(out, requests, name, "code", class, c.get());
+            }
+        }
+    }
+    let retries = "switchyard_retries_total";
+    family(
+        out,
+        retries,
+        "counter",
+        "Requests tried again on another instance after a connection failure, by service.",
+    );
+    for (name, m) in &all {
+        if m.retries.get() > 0 {
+            let _ = writeln!(
+                out,
+                "{retries}{{service=\"{}\"}} {}",
+                escaped(name),
+                m.retries.get()
+            );
+        }
+    }
+    for (family_name, help, pick) in [
+        (
+            "switchyard_request_duration_seconds",
+            "Time from request start to the end of the response, by service.",
+            (|m: &ServiceMetrics| &m.duration) as fn(&ServiceMetrics) -> &LatencyHistogram,
+        ),
+        (
+            "switchyard_upstream_response_seconds",
+            "Time from sending the request to an instance to its response header, by service.",
+            |m: &ServiceMetrics| &m.upstream,
+        ),
+    ] {
+        family(out, family_name, "histogram", help);
+        for (name, m) in &all {
+            let (counts, sum) = pick(m).snapshot();
+            let service = escaped(name);
+            for (bound, n) in LATENCY_BUCKETS.iter().zip(&counts) {
+                let _ = writeln!(
+                    out,
+                    "{family_name}_bucket{{service=\"{service}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let total = counts[LATENCY_BUCKETS.len()];
+            let _ = writeln!(
+                out,
+                "{family_name}_bucket{{service=\"{service}\",le=\"+Inf\"}} {total}\n\
+                 {family_name}_sum{{service=\"{service}\"}} {sum}\n\
+                 {family_name}_count{{service=\"{service}\"}} {total}"
+            );
+        }
+    }
+}
+
+/// A label value as the text format wants it.
+fn escaped(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    for ch in value.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
@@ -353,16 +468,7 @@ fn sample(out: &mut String, family: &str, service: &str, label: &str, value: &st
     if label < "service" {
         let _ = write!(out, "{label}=\"{value}\",");
     }
-    out.push_str("service=\"");
-    for ch in service.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    let _ = write!(out, "service=\"{}\"", escaped(service));
     if label > "service" {
         let _ = write!(out, ",{label}=\"{value}\"");
     }
@@ -381,7 +487,12 @@ mod tests {
 
     #[test]
     fn metrics_register_and_render() {
-        METRICS.requests.with_label_values(&["svc", "2xx"]).inc();
+        let m = ServiceMetrics::of("svc");
+        assert!(Arc::ptr_eq(&m, &ServiceMetrics::of("svc")));
+        m.request(200).inc();
+        m.duration.observe(0.003);
+        m.duration.observe(0.0005);
+        m.duration.observe(60.0);
         let instances = vec![
             instance("a", 1, Health::Healthy),
             instance("b", 1, Health::Healthy),
@@ -400,6 +511,17 @@ mod tests {
         let text = String::from_utf8(gather_text(&table)).unwrap();
         assert!(text.contains("switchyard_requests_total{code=\"2xx\",service=\"svc\"} 1"));
         for line in [
+            "# TYPE switchyard_requests_total counter\n",
+            "# TYPE switchyard_request_duration_seconds histogram\n",
+            // a bucket counts values up to and including its bound, cumulatively
+            "switchyard_request_duration_seconds_bucket{service=\"svc\",le=\"0.0005\"} 1\n",
+            "switchyard_request_duration_seconds_bucket{service=\"svc\",le=\"0.0025\"} 1\n",
+            "switchyard_request_duration_seconds_bucket{service=\"svc\",le=\"0.005\"} 2\n",
+            "switchyard_request_duration_seconds_bucket{service=\"svc\",le=\"30\"} 2\n",
+            "switchyard_request_duration_seconds_bucket{service=\"svc\",le=\"+Inf\"} 3\n",
+            "switchyard_request_duration_seconds_sum{service=\"svc\"} 60.0035\n",
+            "switchyard_request_duration_seconds_count{service=\"svc\"} 3\n",
+            "switchyard_upstream_response_seconds_count{service=\"svc\"} 0\n",
             "switchyard_upstream_instances{service=\"m-svc\",state=\"healthy\"} 2\n",
             "switchyard_upstream_instances{service=\"m-svc\",state=\"unhealthy\"} 0\n",
             "switchyard_upstream_instances{service=\"m-svc\",state=\"pending\"} 1\n",
@@ -412,6 +534,7 @@ mod tests {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         // no series for counts that never happened
+        assert!(!text.contains("code=\"5xx\",service=\"svc\""));
         assert!(!text.contains("result=\"failure\",service=\"m-svc\""));
         assert!(!text.contains("service=\"m-svc\",state=\"healthy\"} 0"));
         assert!(text.contains("switchyard_registry_connected"));

@@ -25,7 +25,7 @@ use smallvec::SmallVec;
 use tracing::info;
 
 use crate::config::ProxyConfig;
-use crate::metrics::{code_class, METRICS, UNKNOWN_METRICS, UNKNOWN_SERVICE};
+use crate::metrics::{UNKNOWN_METRICS, UNKNOWN_SERVICE};
 use crate::routing::route::strip_path;
 use crate::routing::{
     Instance, InstanceState, RouteMatch, Router, RoutingTable, Service, SharedTable,
@@ -164,16 +164,11 @@ pub fn record_request(
             m.request(status).inc();
             m.duration.observe(elapsed.as_secs_f64());
         }
-        // rare: resolve the labels
+        // rare: look the service's metrics up by name
         (None, Some(label)) => {
-            METRICS
-                .requests
-                .with_label_values(&[label, code_class(status)])
-                .inc();
-            METRICS
-                .request_duration
-                .with_label_values(&[label])
-                .observe(elapsed.as_secs_f64());
+            let m = crate::metrics::ServiceMetrics::of(label);
+            m.request(status).inc();
+            m.duration.observe(elapsed.as_secs_f64());
         }
         (None, None) => {
             UNKNOWN_METRICS.request(status).inc();

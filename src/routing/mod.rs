@@ -318,7 +318,7 @@ pub struct Service {
     pub passive_cooldown: Option<std::time::Duration>,
     /// Request metric handles, resolved on the first request (not at snapshot build, which
     /// would cost every service of a large registry a few label lookups up front).
-    metrics: std::sync::OnceLock<crate::metrics::ServiceMetrics>,
+    metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceMetrics>>,
 }
 
 impl Service {
@@ -346,7 +346,7 @@ impl Service {
     #[inline]
     pub fn metrics(&self) -> &crate::metrics::ServiceMetrics {
         self.metrics
-            .get_or_init(|| crate::metrics::ServiceMetrics::new(&self.name))
+            .get_or_init(|| crate::metrics::ServiceMetrics::of(&self.name))
     }
 
     /// True when requests go to every non-draining instance because none is healthy
