@@ -8,7 +8,7 @@
 //! The per-service families are not `prometheus` children but written at scrape time
 //! ([`gather_text`]): a child costs about 520 bytes (it carries its own copy of the family's
 //! description and its label pairs), so 10,000 services × 4 instance states × … cost 30 MiB, and
-//! a service's request series (seven counters, two histograms) cost 5.7 KiB.
+//! a service's request series (seven counters, two histograms) cost 5.6 KiB.
 //! - `switchyard_requests_total{service,code}`, `switchyard_retries_total{service}`,
 //!   `switchyard_request_duration_seconds{service}` and
 //!   `switchyard_upstream_response_seconds{service}` are atomics in a [`ServiceMetrics`] per
