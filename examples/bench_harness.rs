@@ -128,6 +128,14 @@ enum Cmd {
         ready_timeout_ms: u64,
         #[arg(long, default_value = "")]
         label: String,
+        /// Proxy address: with --traffic N, after the admin calls, one GET / to each of the
+        /// services <traffic-prefix>-0 .. -(N-1) (as bulk-load names them), then RSS again.
+        #[arg(long)]
+        proxy: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        traffic: usize,
+        #[arg(long, default_value = "filler")]
+        traffic_prefix: String,
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
@@ -208,15 +216,25 @@ fn main() -> Result<()> {
             settle_ms,
             ready_timeout_ms,
             label,
+            proxy,
+            traffic,
+            traffic_prefix,
             cmd,
-        } => scale_probe(
-            resolve(&admin)?,
-            &pid_file,
-            Duration::from_millis(settle_ms),
-            Duration::from_millis(ready_timeout_ms),
-            &label,
-            &cmd,
-        ),
+        } => {
+            let traffic = match proxy {
+                Some(p) if traffic > 0 => Some((resolve(&p)?, traffic, traffic_prefix)),
+                _ => None,
+            };
+            scale_probe(
+                resolve(&admin)?,
+                &pid_file,
+                Duration::from_millis(settle_ms),
+                Duration::from_millis(ready_timeout_ms),
+                &label,
+                traffic,
+                &cmd,
+            )
+        }
     }
 }
 
@@ -1011,6 +1029,7 @@ fn scale_probe(
     settle: Duration,
     ready_timeout: Duration,
     label: &str,
+    traffic: Option<(SocketAddr, usize, String)>,
     cmd: &[String],
 ) -> Result<()> {
     let (prog, args) = cmd.split_first().ok_or_else(|| anyhow!("no command"))?;
@@ -1096,6 +1115,32 @@ fn scale_probe(
                     .sum();
             }
         }
+    }
+    // memory with traffic: one request to each service (its request metrics, pooled connections)
+    if let Some((proxy, n, prefix)) = traffic {
+        let before = rss_kib(pid).unwrap_or(0);
+        let mut client = HttpConn::new(proxy, Duration::from_secs(5));
+        let t = Instant::now();
+        let ok = (0..n)
+            .filter(|s| {
+                let host = format!("{prefix}-{s}");
+                matches!(client.get(&host, "/"), Ok(r) if r.status == 200)
+            })
+            .count();
+        let secs = t.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(1000));
+        let after = rss_kib(pid).unwrap_or(0);
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+        println!(
+            "scale {label}: one request to each of {n} services ({ok} answered 200, {secs:.1} s): RSS {:.1} -> {:.1} MiB, {per:.0} bytes per service",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+        );
+        println!(
+            "TRAFFIC\t{label}\t{ok} / {n}\t{:.1}\t{:.1}\t{per:.0}",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+        );
     }
     stop_child(&mut child);
     println!(

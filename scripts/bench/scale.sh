@@ -7,6 +7,9 @@
 # time and size of one /metrics scrape and VmRSS 1 s after it, the same for /api/services.
 # All instances point at one live nginx backend, so active health checks (when on) succeed.
 #
+# BENCH_SCALE_TRAFFIC=1: then one request through the proxy to each service, and VmRSS 1 s after
+# (a service's request metrics and pooled connection: memory with traffic, not only idle).
+#
 # Environment: BENCH_QUICK=1 (sizes 0 1000, 2 s settle), BENCH_SCALE_SIZES ["0 10000 50000 100000"],
 # BENCH_HEALTH ["default off"; also "oneshot"], BENCH_SETTLE_MS [5000], SWITCHYARD_BIN, BENCH_HARNESS, BENCH_OUT,
 # BENCH_KEEP=1.
@@ -39,9 +42,12 @@ start_nginx_backend "$B1" b1
 
 ROWS="$WORK/rows.tsv"
 : >"$ROWS"
+TRAFFIC_ROWS="$WORK/traffic.tsv"
+: >"$TRAFFIC_ROWS"
 for n in $SIZES; do
     ((n <= 1000000)) || die "size $n too large"
     start_etcd
+    services=0
     if ((n > 0)); then
         services=$(((n + PER - 1) / PER))
         "$HARNESS" bulk-load --etcd "$ETCD_URL" --services "$services" --per-service "$PER" \
@@ -53,8 +59,10 @@ for n in $SIZES; do
         cfg="$WORK/switchyard-$n-$mode.toml"
         write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" 2 "$(bench_health_toml "$mode")"
         pidfile="$WORK/sy-$n-$mode.pid"
+        traffic=()
+        [[ "${BENCH_SCALE_TRAFFIC:-0}" == 1 ]] && traffic=(--proxy "127.0.0.1:$SP" --traffic "$services")
         "$HARNESS" scale-probe --admin "127.0.0.1:$SA" --pid-file "$pidfile" --settle-ms "$SETTLE_MS" \
-            --label "$n/$mode" -- "$BIN" serve --config "$cfg" >"$WORK/scale-$n-$mode.txt" &
+            --label "$n/$mode" "${traffic[@]}" -- "$BIN" serve --config "$cfg" >"$WORK/scale-$n-$mode.txt" &
         probe=$!
         PIDS+=("$probe")
         # the probe stops switchyard itself; this records its pid for the exit trap as well
@@ -65,13 +73,14 @@ for n in $SIZES; do
             log "switchyard log (last lines): $(grep -v '^ *[0-9]*:\|^ *at ' "$pidfile.log" | tail -3)"
         cat "$WORK/scale-$n-$mode.txt" >&2
         grep '^ROW' "$WORK/scale-$n-$mode.txt" >>"$ROWS"
+        grep '^TRAFFIC' "$WORK/scale-$n-$mode.txt" >>"$TRAFFIC_ROWS" || true
     done
     stop_pid "$ETCD_PID"
 done
 
-python3 - "$ROWS" "$PER" "$SETTLE_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
+python3 - "$ROWS" "$PER" "$SETTLE_MS" "$(cut -d' ' -f1-3 /proc/loadavg)" "$TRAFFIC_ROWS" <<'PY' | tee "${BENCH_OUT:-/dev/null}"
 import sys
-rows, per, settle, load = sys.argv[1:]
+rows, per, settle, load, traffic = sys.argv[1:]
 print(f"{per} instances per service; RSS sampled at ready and {int(settle)/1000:g} s later; load average after: {load}\n")
 print("| instances / health | ready ms | RSS at ready MiB | RSS settled MiB | peak MiB | CPU while settling (cores) | one /metrics scrape | RSS 1 s after it MiB | /api/services: services / instances listed | RSS 1 s after it MiB |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
@@ -80,4 +89,12 @@ for line in open(rows):
     f += ["-"] * (11 - len(f))  # not ready: no scrape or API columns
     _, label, ready, r0, r1, peak, cpu, scrape, r2, api, r3 = f
     print(f"| {label} | {ready} | {r0} | {r1} | {peak} | {cpu} | {scrape} | {r2} | {api} | {r3} |")
+lines = open(traffic).read().splitlines()
+if lines:
+    print("\nThen one request through the proxy to each service (RSS 1 s after):\n")
+    print("| instances / health | answered 200 | RSS before MiB | RSS after MiB | bytes per service |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for line in lines:
+        _, label, ok, before, after, per = line.split("\t")
+        print(f"| {label} | {ok} | {before} | {after} | {per} |")
 PY
