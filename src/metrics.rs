@@ -209,19 +209,38 @@ pub struct ServiceMetrics {
     pub retries: Counter,
 }
 
-static SERVICE_METRICS: LazyLock<Mutex<HashMap<Arc<str>, Arc<ServiceMetrics>>>> =
-    LazyLock::new(Default::default);
+/// Per-service values kept for the life of the process (counters must not go back), by name,
+/// each made on first use; the map shares the caller's name string.
+struct PerService<T>(LazyLock<Mutex<HashMap<Arc<str>, Arc<T>>>>);
+
+impl<T> PerService<T> {
+    const fn new() -> Self {
+        PerService(LazyLock::new(Default::default))
+    }
+
+    fn get_or_make(&self, name: &Arc<str>, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut all = self.0.lock().unwrap();
+        all.entry(name.clone())
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
+
+    /// Every entry, by name.
+    fn sorted(&self) -> Vec<(Arc<str>, Arc<T>)> {
+        let mut all: Vec<_> = (self.0.lock().unwrap().iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
+static SERVICE_METRICS: PerService<ServiceMetrics> = PerService::new();
 
 impl ServiceMetrics {
     /// The metrics of `service`, made on first use.
-    pub fn of(service: &str) -> Arc<ServiceMetrics> {
-        let mut all = SERVICE_METRICS.lock().unwrap();
-        if let Some(m) = all.get(service) {
-            return m.clone();
-        }
-        let m = Arc::new(ServiceMetrics::default());
-        all.insert(service.into(), m.clone());
-        m
+    pub fn of(service: &Arc<str>) -> Arc<ServiceMetrics> {
+        SERVICE_METRICS.get_or_make(service, ServiceMetrics::default)
     }
 
     #[inline]
@@ -232,7 +251,7 @@ impl ServiceMetrics {
 
 /// Metrics for requests that matched no service.
 pub static UNKNOWN_METRICS: LazyLock<Arc<ServiceMetrics>> =
-    LazyLock::new(|| ServiceMetrics::of(UNKNOWN_SERVICE));
+    LazyLock::new(|| ServiceMetrics::of(&UNKNOWN_SERVICE.into()));
 
 /// Status code class label: "2xx" .. "5xx", or "other".
 pub fn code_class(status: u16) -> &'static str {
@@ -251,10 +270,10 @@ pub fn code_class(status: u16) -> &'static str {
 pub struct HealthCounters {
     /// The service's name (the same string as the registry's).
     pub service: Arc<str>,
-    passed: AtomicU64,
-    failed: AtomicU64,
+    passed: Counter,
+    failed: Counter,
     /// By the new state, in [`HEALTH_STATES`] order.
-    became: [AtomicU64; 3],
+    became: [Counter; 3],
 }
 
 const HEALTH_STATES: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::Pending];
@@ -262,34 +281,27 @@ const HEALTH_STATES: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::
 impl HealthCounters {
     pub fn check(&self, ok: bool) {
         let c = if ok { &self.passed } else { &self.failed };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.inc();
     }
 
     pub fn transition(&self, to: Health) {
         if let Some(i) = HEALTH_STATES.iter().position(|s| *s == to) {
-            self.became[i].fetch_add(1, Ordering::Relaxed);
+            self.became[i].inc();
         }
     }
 }
 
-static HEALTH_COUNTERS: LazyLock<Mutex<HashMap<Arc<str>, Arc<HealthCounters>>>> =
-    LazyLock::new(Default::default);
+static HEALTH_COUNTERS: PerService<HealthCounters> = PerService::new();
 
 /// The health counters of `service` (made on first use; callers keep the `Arc`). The map and
 /// the counters share the caller's name string.
 pub fn health_counters(service: &Arc<str>) -> Arc<HealthCounters> {
-    let mut all = HEALTH_COUNTERS.lock().unwrap();
-    if let Some(c) = all.get(service) {
-        return c.clone();
-    }
-    let c = Arc::new(HealthCounters {
+    HEALTH_COUNTERS.get_or_make(service, || HealthCounters {
         service: service.clone(),
-        passed: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
+        passed: Counter::default(),
+        failed: Counter::default(),
         became: Default::default(),
-    });
-    all.insert(service.clone(), c.clone());
-    c
+    })
 }
 
 /// Prometheus text exposition: everything in the default registry, then the per-service
@@ -319,20 +331,12 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
     );
     for (name, svc) in &services {
         for (state, n) in INSTANCE_STATES.iter().zip(svc.state_counts()) {
-            sample(
-                out,
-                "switchyard_upstream_instances",
-                name,
-                "state",
-                state,
-                n as u64,
-            );
+            let label = Some(("state", *state));
+            sample(out, "switchyard_upstream_instances", name, label, n as u64);
         }
     }
 
-    let counters = HEALTH_COUNTERS.lock().unwrap();
-    let mut health: Vec<_> = counters.iter().collect();
-    health.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let health = HEALTH_COUNTERS.sorted();
     let checks = "switchyard_health_checks_total";
     family(
         out,
@@ -341,12 +345,8 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
         "Active health check results, by service and result (success, failure).",
     );
     for (name, c) in &health {
-        for (result, n) in [("success", &c.passed), ("failure", &c.failed)] {
-            let n = n.load(Ordering::Relaxed);
-            if n > 0 {
-                sample(out, checks, name, "result", result, n);
-            }
-        }
+        let counts = [("success", c.passed.get()), ("failure", c.failed.get())];
+        nonzero(out, checks, name, "result", counts);
     }
     let flips = "switchyard_health_transitions_total";
     family(
@@ -356,24 +356,21 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
         "Instance health changes, by service and new state.",
     );
     for (name, c) in &health {
-        for (state, n) in HEALTH_STATES.iter().zip(&c.became) {
-            let n = n.load(Ordering::Relaxed);
-            if n > 0 {
-                sample(out, flips, name, "state", state.as_str(), n);
-            }
-        }
+        let states = HEALTH_STATES.iter().map(|s| s.as_str());
+        nonzero(
+            out,
+            flips,
+            name,
+            "state",
+            states.zip(c.became.iter().map(Counter::get)),
+        );
     }
 }
 
 /// The request families of every service that has served a request: counters only where
 /// non-zero, both histograms in full.
 fn write_request_families(out: &mut String) {
-    let all: Vec<(Arc<str>, Arc<ServiceMetrics>)> = {
-        let map = SERVICE_METRICS.lock().unwrap();
-        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    };
-    let mut all = all;
-    all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let all = SERVICE_METRICS.sorted();
     let requests = "switchyard_requests_total";
     family(
         out,
@@ -382,11 +379,10 @@ fn write_request_families(out: &mut String) {
         "Requests answered, by service and status code class (2xx..5xx).",
     );
     for (name, m) in &all {
-        for (class, c) in CODE_CLASSES.iter().zip(&m.requests) {
-            if c.get() > 0 {
-                sample(out, requests, name, "code", class, c.get());
-            }
-        }
+        let counts = CODE_CLASSES
+            .into_iter()
+            .zip(m.requests.iter().map(Counter::get));
+        nonzero(out, requests, name, "code", counts);
     }
     let retries = "switchyard_retries_total";
     family(
@@ -397,12 +393,7 @@ fn write_request_families(out: &mut String) {
     );
     for (name, m) in &all {
         if m.retries.get() > 0 {
-            let _ = writeln!(
-                out,
-                "{retries}{{service=\"{}\"}} {}",
-                escaped(name),
-                m.retries.get()
-            );
+            sample(out, retries, name, None, m.retries.get());
         }
     }
     for (family_name, help, pick) in [
@@ -459,17 +450,32 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
 
-/// One sample with labels `service` and `label`, in name order as `prometheus` writes them.
-/// Service names are `[A-Za-z0-9._-]+` (the registry rejects others), so they need no escaping;
-/// this escapes anyway, as the format says.
-fn sample(out: &mut String, family: &str, service: &str, label: &str, value: &str, n: u64) {
+/// The samples of one service's counters labelled `label`, leaving out those still at zero.
+fn nonzero<'a>(
+    out: &mut String,
+    family: &str,
+    service: &str,
+    label: &str,
+    counts: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    for (value, n) in counts {
+        if n > 0 {
+            sample(out, family, service, Some((label, value)), n);
+        }
+    }
+}
+
+/// One sample with label `service` and maybe one more, in name order as `prometheus` writes
+/// them. Service names are `[A-Za-z0-9._-]+` (the registry rejects others), so they need no
+/// escaping; this escapes anyway, as the format says.
+fn sample(out: &mut String, family: &str, service: &str, label: Option<(&str, &str)>, n: u64) {
     out.push_str(family);
     out.push('{');
-    if label < "service" {
+    if let Some((label, value)) = label.filter(|(l, _)| *l < "service") {
         let _ = write!(out, "{label}=\"{value}\",");
     }
     let _ = write!(out, "service=\"{}\"", escaped(service));
-    if label > "service" {
+    if let Some((label, value)) = label.filter(|(l, _)| *l > "service") {
         let _ = write!(out, ",{label}=\"{value}\"");
     }
     let _ = writeln!(out, "}} {n}");
@@ -487,8 +493,8 @@ mod tests {
 
     #[test]
     fn metrics_register_and_render() {
-        let m = ServiceMetrics::of("svc");
-        assert!(Arc::ptr_eq(&m, &ServiceMetrics::of("svc")));
+        let m = ServiceMetrics::of(&"svc".into());
+        assert!(Arc::ptr_eq(&m, &ServiceMetrics::of(&"svc".into())));
         m.request(200).inc();
         m.duration.observe(0.003);
         m.duration.observe(0.0005);

@@ -166,7 +166,7 @@ pub fn record_request(
         }
         // rare: look the service's metrics up by name
         (None, Some(label)) => {
-            let m = crate::metrics::ServiceMetrics::of(label);
+            let m = crate::metrics::ServiceMetrics::of(&label.into());
             m.request(status).inc();
             m.duration.observe(elapsed.as_secs_f64());
         }

@@ -197,9 +197,9 @@ impl Instance {
             Some(head) if !id.is_empty() => u32::try_from(head.len()).unwrap_or(0),
             _ => 0,
         };
-        let host = (registered.host.parse::<std::net::IpAddr>().ok() != Some(addr.ip())
-            || registered.host != addr.ip().to_string())
-        .then(|| registered.host.as_str().into());
+        // an IP spelled as `addr` prints it is the only host that need not be kept
+        let host =
+            (registered.host != addr.ip().to_string()).then(|| registered.host.as_str().into());
         Instance {
             key,
             id_at,
