@@ -25,6 +25,7 @@
 pub mod codec;
 pub mod pool;
 pub mod threads;
+pub mod timer;
 
 use std::io;
 use std::net::SocketAddr;
@@ -46,6 +47,7 @@ use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
 use crate::routing::{Instance, InstanceState, Router, Service, SharedTable};
 use codec::{Chunked, ClientConnection, Framing, HeadError, MAX_HEAD, MAX_HEADERS};
 use threads::{Serving, Workers};
+use timer::timed;
 
 /// Request bodies up to this size that arrived with the head are sent with it in one write (and
 /// can be replayed on another instance).
@@ -120,6 +122,10 @@ impl Engine {
                 return;
             }
         };
+        if !self.cfg.work_stealing {
+            // this task stays on this thread: its time limits can use the thread's wheel
+            timer::drive_this_thread(&shutdown);
+        }
         let mut conn = Conn {
             client: Buffered::new(io),
             out: Vec::new(),
@@ -239,25 +245,6 @@ enum UpstreamError {
     Client(io::Error),
 }
 
-fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "timed out")
-}
-
-/// `f` with a time limit, on pingora's fast timeouts: armed only if `f` does not finish at once,
-/// rounded to 10 ms and shared by every timeout with the same deadline, kept by pingora's timer
-/// thread. A tokio timer per read or write also worked, but each one that became the earliest
-/// pending deadline woke the runtime through its eventfd: up to one `write` system call per
-/// request (BENCHMARKS.md).
-async fn timed<T>(
-    limit: Duration,
-    f: impl std::future::Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    match pingora::time::fast_timeout::fast_timeout(limit, f).await {
-        Ok(r) => r,
-        Err(_) => Err(timed_out()),
-    }
-}
-
 impl Engine {
     /// Reads, routes and proxies one request. `Step::Close` ends the connection.
     async fn one_request(&self, conn: &mut Conn) -> Step {
@@ -275,15 +262,13 @@ impl Engine {
             }
             let read = if conn.client.len() == 0 {
                 // between requests: idle keep-alive, ended early by shutdown
-                if *conn.shutdown.borrow() {
-                    return Step::Close;
-                }
                 // an idle connection holds no buffers (taken again from the allocator's
                 // thread-local free lists, uninitialised, when the next request arrives)
                 conn.trim();
-                tokio::select! {
-                    r = timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)) => r,
-                    _ = conn.shutdown.changed() => return Step::Close,
+                let limit = self.cfg.downstream_read_timeout;
+                match timer::idle(limit, conn.client.fill(MAX_HEAD), &mut conn.shutdown).await {
+                    Some(r) => r,
+                    None => return Step::Close,
                 }
             } else {
                 timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await
@@ -310,7 +295,9 @@ impl Engine {
         match route {
             Route::Own(status, body, label, service) => {
                 // an unread request body stays on the connection: close it after answering
-                let keep = head.keep_alive && head.framing.is_empty() && !*conn.shutdown.borrow();
+                let keep = head.keep_alive
+                    && head.framing.is_empty()
+                    && !timer::shutting_down(&conn.shutdown);
                 conn.client.consume(head.head_len.min(conn.client.len()));
                 let written = write_own(
                     conn,
@@ -650,7 +637,7 @@ impl Engine {
                         }
                     }
                     Ok(Some(r)) => {
-                        let shutting_down = *conn.shutdown.borrow();
+                        let shutting_down = timer::shutting_down(&conn.shutdown);
                         let facts = client_head(&mut conn.out, shutting_down, head, &r);
                         break RespFacts {
                             body_start: start_at + r.head_len,

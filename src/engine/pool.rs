@@ -12,13 +12,22 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use super::timer::now_ms;
+
 struct Idle {
     stream: TcpStream,
-    since: Instant,
+    /// When it was checked in, on the coarse clock (ms): idleness needs no finer time.
+    since: u64,
+}
+
+impl Idle {
+    fn fresh(&self, now: u64, idle_timeout: Duration) -> bool {
+        now.saturating_sub(self.since) < idle_timeout.as_millis() as u64
+    }
 }
 
 #[derive(Default)]
@@ -52,9 +61,10 @@ pub fn checkout(addr: SocketAddr, idle_timeout: Duration) -> Option<TcpStream> {
         let mut p = p.borrow_mut();
         let p = &mut *p;
         let list = p.by_addr.get_mut(&addr)?;
+        let now = now_ms();
         while let Some(idle) = list.pop() {
             p.count -= 1;
-            if idle.since.elapsed() < idle_timeout && still_open(&idle.stream) {
+            if idle.fresh(now, idle_timeout) && still_open(&idle.stream) {
                 return Some(idle.stream);
             }
         }
@@ -77,16 +87,17 @@ pub fn checkin(addr: SocketAddr, stream: TcpStream, capacity: usize, idle_timeou
         p.count += 1;
         p.by_addr.entry(addr).or_default().push(Idle {
             stream,
-            since: Instant::now(),
+            since: now_ms(),
         });
     })
 }
 
 fn sweep(p: &mut ThreadPool, idle_timeout: Duration) {
     let mut dropped = 0;
+    let now = now_ms();
     p.by_addr.retain(|_, list| {
         let before = list.len();
-        list.retain(|i| i.since.elapsed() < idle_timeout && still_open(&i.stream));
+        list.retain(|i| i.fresh(now, idle_timeout) && still_open(&i.stream));
         dropped += before - list.len();
         !list.is_empty()
     });
