@@ -240,6 +240,19 @@ start_bench_proxies() {
     start_switchyard "$BIN" "$cfg" "127.0.0.1:$SA" "$cpus"
 }
 
+# CPU time (user + system, in clock ticks of 1/100 s) of a pid and its child processes (nginx's
+# workers); 0 for an empty pid.
+cpu_ticks() {
+    local pid="$1" t=0 q
+    [[ -n "$pid" ]] || { echo 0; return; }
+    for q in "$pid" $(pgrep -P "$pid" || true); do
+        [[ -r "/proc/$q/stat" ]] || continue
+        # fields after the ")" of the command name: utime and stime are the 12th and 13th
+        t=$((t + $(sed 's/.*) //' "/proc/$q/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$t"
+}
+
 # Resident set size of a pid in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 

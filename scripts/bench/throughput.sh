@@ -11,7 +11,9 @@
 #   unpinned  proxy with 2 workers / 2 threads; nothing pinned
 # Each variant runs BENCH_ROUNDS rounds; in each round every target is measured once, in a rotated
 # order, so the proxies take turns. Reported: median rps, p50, p99 per target and the ratios
-# switchyard/nginx, switchyard/HAProxy and proxy/direct.
+# switchyard/nginx, switchyard/HAProxy and proxy/direct, and each proxy's CPU time per request
+# (user + system time of its processes during the measurement, divided by the requests served):
+# the cost per request, steadier than rps when the other core is the bottleneck.
 #
 # Environment (defaults in brackets):
 #   BENCH_QUICK=1        smoke run: 1 round, 2 s per measurement, 1 s warm-up
@@ -44,7 +46,7 @@ PINGORA="${BENCH_PINGORA:-1}"
 BIN=$(switchyard_bin)
 [[ -x "$BIN" ]] || die "no switchyard binary at $BIN"
 
-RESULTS="$WORK/results.tsv" # variant round target rps p50_ms p99_ms errors
+RESULTS="$WORK/results.tsv" # variant round target rps p50_ms p99_ms errors cpu_us_per_request
 : >"$RESULTS"
 # wait_routes_both ADDR: bounded poll until requests with Host: bench reach both b1 and b2.
 wait_routes_both() {
@@ -69,16 +71,18 @@ sys.exit(1)
 PY
 }
 
-# run_wrk VARIANT ROUND TARGET URL CPUS
+# run_wrk VARIANT ROUND TARGET URL CPUS PID (PID: the proxy, "" for direct)
 run_wrk() {
-    local variant="$1" round="$2" target="$3" url="$4" cpus="$5" pre=() out
+    local variant="$1" round="$2" target="$3" url="$4" cpus="$5" pid="$6" pre=() out t0 t1
     [[ -n "$cpus" ]] && pre=(taskset -c "$cpus")
     out="$WORK/wrk-$variant-$round-$target.txt"
     "${pre[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${WARMUP}s" -H "Host: bench" "$url" >/dev/null
+    t0=$(cpu_ticks "$pid")
     "${pre[@]}" wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Host: bench" "$url" >"$out"
-    python3 - "$out" "$variant" "$round" "$target" >>"$RESULTS" <<'PY'
-import re, sys
-path, variant, rnd, target = sys.argv[1:]
+    t1=$(cpu_ticks "$pid")
+    python3 - "$out" "$variant" "$round" "$target" "$((t1 - t0))" "$pid" >>"$RESULTS" <<'PY'
+import os, re, sys
+path, variant, rnd, target, ticks, pid = sys.argv[1:]
 text = open(path).read()
 def ms(v):
     m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", v)
@@ -92,9 +96,11 @@ m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
 if m: errs += int(m.group(1))
 m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
 if m: errs += sum(int(x) for x in m.groups())
-print(f"{variant}\t{rnd}\t{target}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errs}")
+requests = int(re.search(r"(\d+) requests in", text).group(1))
+cpu_us = int(ticks) / os.sysconf("SC_CLK_TCK") * 1e6 / requests if pid and requests else float("nan")
+print(f"{variant}\t{rnd}\t{target}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{errs}\t{cpu_us:.2f}")
 PY
-    tail -n1 "$RESULTS" | awk -F'\t' '{printf "bench: %-8s round %s %-18s %8s rps  p50 %7s ms  p99 %7s ms  errors %s\n", $1, $2, $3, $4, $5, $6, $7}' >&2
+    tail -n1 "$RESULTS" | awk -F'\t' '{printf "bench: %-8s round %s %-18s %8s rps  p50 %7s ms  p99 %7s ms  errors %s  cpu/req %s us\n", $1, $2, $3, $4, $5, $6, $7, $8}' >&2
 }
 
 log "$(machine_line)"
@@ -123,6 +129,7 @@ ${BENCH_SWITCHYARD_PROXY_TOML:-}" write_switchyard_config "$WORK/switchyard-ping
         SYP_PID=$SY_PID
     fi
 
+    declare -A PROXY_PID=([direct]="" [nginx]="$NGINX_PID" [haproxy]="$HAPROXY_PID" [switchyard]="$SYN_PID")
     declare -A URL=(
         [direct]="http://127.0.0.1:$B1/"
         [nginx]="http://127.0.0.1:$NP/"
@@ -132,12 +139,13 @@ ${BENCH_SWITCHYARD_PROXY_TOML:-}" write_switchyard_config "$WORK/switchyard-ping
     targets=(direct nginx haproxy switchyard)
     if [[ "$PINGORA" == 1 ]]; then
         URL[switchyard-pingora]="http://127.0.0.1:$PP/"
+        PROXY_PID[switchyard-pingora]="$SYP_PID"
         targets+=(switchyard-pingora)
     fi
     for ((r = 1; r <= ROUNDS; r++)); do
         for ((k = 0; k < ${#targets[@]}; k++)); do
             t="${targets[$(((k + r - 1) % ${#targets[@]}))]}"
-            run_wrk "$variant" "$r" "$t" "${URL[$t]}" "$SIDE_CPUS"
+            run_wrk "$variant" "$r" "$t" "${URL[$t]}" "$SIDE_CPUS" "${PROXY_PID[$t]}"
         done
     done
     log "switchyard RSS after the $variant runs: $(rss_kib "$SYN_PID") KiB"
@@ -160,30 +168,35 @@ from collections import defaultdict
 path, rounds, dur, conns, wt, load_before, load_after = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
 by = defaultdict(lambda: defaultdict(list))
-for v, r, t, rps, p50, p99, errs in rows:
-    by[v][t].append((float(rps), float(p50), float(p99), int(errs)))
+for v, r, t, rps, p50, p99, errs, cpu in rows:
+    by[v][t].append((float(rps), float(p50), float(p99), int(errs), float(cpu)))
 med = statistics.median
+def cpu(xs):
+    v = [x[4] for x in xs if x[4] == x[4]]
+    return f"{med(v):.2f}" if v else "-"
 print(f"wrk -t{wt} -c{conns} -d{dur}s, median of {rounds} round(s); load average before {load_before}, after {load_after}\n")
-print("| variant | target | rps | p50 ms | p99 ms | errors | rps per round |")
-print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+print("| variant | target | rps | p50 ms | p99 ms | errors | proxy CPU µs/request | rps per round |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
 for v, ts in by.items():
     for t in ["direct", "nginx", "haproxy", "switchyard", "switchyard-pingora"]:
         if t not in ts: continue
         xs = ts[t]
         print(f"| {v} | {t} | {med(x[0] for x in xs):.0f} | {med(x[1] for x in xs):.3f} | "
-              f"{med(x[2] for x in xs):.3f} | {sum(x[3] for x in xs)} | {', '.join(f'{x[0]:.0f}' for x in xs)} |")
+              f"{med(x[2] for x in xs):.3f} | {sum(x[3] for x in xs)} | {cpu(xs)} | {', '.join(f'{x[0]:.0f}' for x in xs)} |")
 print()
 # ratios two ways: of the medians, and the median of the per-round ratios (each round measures
 # every target back to back, so a per-round ratio cancels slow drift in background load)
-print("| variant | ratio | rps (of medians) | rps (median of per-round ratios) | p50 | p99 |")
-print("| --- | --- | ---: | ---: | ---: | ---: |")
+print("| variant | ratio | rps (of medians) | rps (median of per-round ratios) | p50 | p99 | CPU per request |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 for v, ts in by.items():
     m = {t: (med(x[0] for x in xs), med(x[1] for x in xs), med(x[2] for x in xs)) for t, xs in ts.items()}
+    c = {t: cpu(xs) for t, xs in ts.items()}
     pairs = [("switchyard", "nginx"), ("switchyard", "haproxy"), ("nginx", "direct"),
              ("haproxy", "direct"), ("switchyard", "direct"), ("switchyard", "switchyard-pingora"),
              ("switchyard-pingora", "nginx")]
     for a, b in pairs:
         if a in m and b in m:
             per_round = med(x[0] / y[0] for x, y in zip(ts[a], ts[b]))
-            print(f"| {v} | {a}/{b} | {m[a][0]/m[b][0]:.2f} | {per_round:.2f} | {m[a][1]/m[b][1]:.2f} | {m[a][2]/m[b][2]:.2f} |")
+            cr = f"{float(c[a]) / float(c[b]):.2f}" if "-" not in (c[a], c[b]) else "-"
+            print(f"| {v} | {a}/{b} | {m[a][0]/m[b][0]:.2f} | {per_round:.2f} | {m[a][1]/m[b][1]:.2f} | {m[a][2]/m[b][2]:.2f} | {cr} |")
 PY
