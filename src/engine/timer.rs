@@ -385,16 +385,18 @@ pub async fn idle<T>(
     f: impl Future<Output = io::Result<T>>,
     shutdown: &mut ShutdownWatch,
 ) -> Option<io::Result<T>> {
-    if *shutdown.borrow() {
-        return None;
-    }
     if DRIVEN.with(Cell::get) {
+        // no read of the watch (a lock shared by every thread): once the driver has seen the
+        // shutdown, arming refuses idle waits, and the ones armed before it are ended by it
         match on_wheel(limit, true, f).await {
             Ok(r) => Some(r),
             Err(Ended::TimedOut) => Some(Err(timed_out())),
             Err(Ended::Shutdown) => None,
         }
     } else {
+        if *shutdown.borrow() {
+            return None;
+        }
         tokio::select! {
             r = timed(limit, f) => Some(r),
             _ = shutdown.changed() => None,
