@@ -3,7 +3,8 @@
 # same two nginx backends) each get BENCH_IDLE_CONNS [3000] keep-alive client connections that
 # make one request each and then stay open and idle. Reported: the proxy's resident memory before,
 # with every connection just served, and after BENCH_IDLE_WAIT [3] seconds of idleness (switchyard
-# gives a connection's buffers back after 1 s idle), in total and per connection.
+# holds no buffers for an idle connection: they are taken when the next request's bytes arrive), in
+# total and per connection.
 #
 # Environment: BENCH_IDLE_CONNS [3000] (at most 3500: the bench nginx allows 4096 connections and
 # HAProxy 4000),

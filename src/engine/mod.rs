@@ -145,6 +145,17 @@ struct Buffered<S> {
     buf: Vec<u8>,
 }
 
+impl Buffered<TcpStream> {
+    /// Waits for the next request on an idle connection, then reads it. The buffer is taken only
+    /// once bytes are there: an idle connection holds none (8 KiB each otherwise).
+    async fn fill_idle(&mut self, max: usize) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.io.readable().await?;
+        }
+        self.fill(max).await
+    }
+}
+
 impl<S: tokio::io::AsyncRead + Unpin> Buffered<S> {
     fn new(io: S) -> Self {
         Buffered {
@@ -266,7 +277,8 @@ impl Engine {
                 // thread-local free lists, uninitialised, when the next request arrives)
                 conn.trim();
                 let limit = self.cfg.downstream_read_timeout;
-                match timer::idle(limit, conn.client.fill(MAX_HEAD), &mut conn.shutdown).await {
+                match timer::idle(limit, conn.client.fill_idle(MAX_HEAD), &mut conn.shutdown).await
+                {
                     Some(r) => r,
                     None => return Step::Close,
                 }
