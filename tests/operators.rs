@@ -281,10 +281,10 @@ async fn no_access_log_by_default() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
+/// A proxy (10 s drain budget) with service "slow" routed to one backend.
+async fn slow_service() -> (EtcdServer, Backend, Proxy) {
     let etcd = EtcdServer::start();
-    let mut proxy = Proxy::builder(&etcd)
+    let proxy = Proxy::builder(&etcd)
         .config("[proxy]\nread_timeout_ms = 10000\nshutdown_timeout_seconds = 10\n")
         .start()
         .await;
@@ -297,14 +297,25 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
         }
     })
     .await;
-    let url = proxy.url("/slow?ms=2000");
-    let in_flight = tokio::spawn(async move {
+    (etcd, b, proxy)
+}
+
+/// A request to "slow" that the backend answers after `ms`; yields (status, body).
+fn slow_request(proxy: &Proxy, ms: u64) -> tokio::task::JoinHandle<(u16, String)> {
+    let url = proxy.url(&format!("/slow?ms={ms}"));
+    tokio::spawn(async move {
         let r = client().get(url).header("host", "slow").send().await;
         match r {
             Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
             Err(e) => (0, e.to_string()),
         }
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
+    let (_etcd, _b, mut proxy) = slow_service().await;
+    let in_flight = slow_request(&proxy, 2000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let status = tokio::task::spawn_blocking(move || {
@@ -325,4 +336,90 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
     let exit = exit.expect("switchyard did not exit within 20s of SIGTERM");
     assert!(exit.success(), "exit status {exit:?}\n{}", proxy.log());
     assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+/// Reads one response (head and a `content-length` body) from a raw connection.
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, conn.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "connection closed inside a response: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_while_a_request_finishes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_etcd, _b, mut proxy) = slow_service().await;
+    // a keep-alive connection that has been answered once and then sits idle
+    let addr = proxy.url("").trim_start_matches("http://").to_string();
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut idle).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // and a request still in flight when the signal comes
+    let in_flight = slow_request(&proxy, 3000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = proxy.pid().expect("proxy running").to_string();
+    let signalled = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // the idle connection is closed at once, long before the in-flight request's 3 s are up
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut byte))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "idle keep-alive connection still open 2 s after SIGTERM\n{}",
+                proxy.log()
+            )
+        });
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "idle connection got bytes instead of a close: {closed:?}"
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the slow request ended before the idle connection closed ({:?} after SIGTERM)",
+        signalled.elapsed()
+    );
+    let (code, body) = in_flight.await.unwrap();
+    assert_eq!(
+        code,
+        200,
+        "in-flight request was cut: {body}\n{}",
+        proxy.log()
+    );
+    let exit = tokio::task::spawn_blocking(move || proxy.terminate(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "switchyard did not exit cleanly: {exit:?}"
+    );
 }
