@@ -133,7 +133,25 @@ impl Engine {
             ip,
             shutdown,
         };
-        while let Step::Next = self.one_request(&mut conn).await {}
+        loop {
+            if conn.client.len() == 0 {
+                // between requests: idle keep-alive, ended early by shutdown. An idle connection
+                // holds no buffers (taken again from the allocator's thread-local free lists,
+                // uninitialised, when the next request arrives) and no request state.
+                conn.trim();
+                let limit = self.cfg.downstream_read_timeout;
+                let next = timer::idle(limit, conn.client.fill_idle(MAX_HEAD), &mut conn.shutdown);
+                match next.await {
+                    Some(Ok(n)) if n > 0 => {}
+                    _ => break,
+                }
+            }
+            // a request's state (about 1.2 KB) is boxed while it is served: inline, it would be
+            // part of the task of every connection, idle or not
+            if let Step::Close = Box::pin(self.one_request(&mut conn)).await {
+                break;
+            }
+        }
         let _ = conn.client.io.shutdown().await;
     }
 }
@@ -257,7 +275,8 @@ enum UpstreamError {
 }
 
 impl Engine {
-    /// Reads, routes and proxies one request. `Step::Close` ends the connection.
+    /// Reads, routes and proxies one request whose first bytes are buffered. `Step::Close` ends
+    /// the connection.
     async fn one_request(&self, conn: &mut Conn) -> Step {
         // 1. the request head
         let (head, route) = loop {
@@ -271,20 +290,8 @@ impl Engine {
                     }
                 }
             }
-            let read = if conn.client.len() == 0 {
-                // between requests: idle keep-alive, ended early by shutdown
-                // an idle connection holds no buffers (taken again from the allocator's
-                // thread-local free lists, uninitialised, when the next request arrives)
-                conn.trim();
-                let limit = self.cfg.downstream_read_timeout;
-                match timer::idle(limit, conn.client.fill_idle(MAX_HEAD), &mut conn.shutdown).await
-                {
-                    Some(r) => r,
-                    None => return Step::Close,
-                }
-            } else {
-                timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await
-            };
+            // the rest of a head whose start is buffered (serve waited for the first bytes)
+            let read = timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await;
             match read {
                 Ok(0) | Err(_) if conn.client.len() == 0 => return Step::Close,
                 Ok(0) => return Step::Close,
@@ -539,6 +546,9 @@ impl Engine {
     /// Sends the request to an instance (retrying as allowed) and relays the response. Returns the
     /// status and whether the client connection can carry another request; on error, the status
     /// already sent to the client if the response had started.
+    ///
+    /// The rare steps (a new upstream connection, a request body that did not come with the head,
+    /// an upgrade tunnel) are boxed futures, so the boxed state of every request stays small.
     async fn exchange(
         &self,
         conn: &mut Conn,
@@ -569,7 +579,7 @@ impl Engine {
                 let reused = pooled.is_some();
                 let mut up = match pooled.take() {
                     Some(s) => s,
-                    None => match connect(addr, cfg.connect_timeout).await {
+                    None => match Box::pin(connect(addr, cfg.connect_timeout)).await {
                         Ok(s) => s,
                         Err(e) => {
                             crate::health::passive_failure(service, &inst, &e);
@@ -585,7 +595,7 @@ impl Engine {
                     timed(cfg.write_timeout, up.write_all(&conn.out)).await
                 } else {
                     body_sent = true;
-                    match self.send_streamed(conn, &mut up, head).await {
+                    match Box::pin(self.send_streamed(conn, &mut up, head)).await {
                         Ok(()) => Ok(()),
                         Err(UpstreamError::Client(e)) => {
                             return Err((UpstreamError::Client(e), None))
@@ -700,7 +710,7 @@ impl Engine {
             .await
             .map_err(|e| (UpstreamError::Client(e), sent))?;
         if resp.mode == ClientConnection::Upgrade {
-            self.tunnel(conn, up, resp.body_start, rlen).await;
+            Box::pin(self.tunnel(conn, up, resp.body_start, rlen)).await;
             return Ok((status, false));
         }
         while !state.done() && !extra {
