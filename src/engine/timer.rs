@@ -362,7 +362,8 @@ pub async fn timed<T>(limit: Duration, f: impl Future<Output = io::Result<T>>) -
             Err(_) => Err(timed_out()),
         }
     } else {
-        match pingora::time::fast_timeout::fast_timeout(limit, f).await {
+        // boxed: inline, this rarer path's state would size every caller's future
+        match Box::pin(pingora::time::fast_timeout::fast_timeout(limit, f)).await {
             Ok(r) => r,
             Err(_) => Err(timed_out()),
         }
@@ -397,10 +398,14 @@ pub async fn idle<T>(
         if *shutdown.borrow() {
             return None;
         }
-        tokio::select! {
-            r = timed(limit, f) => Some(r),
-            _ = shutdown.changed() => None,
-        }
+        // boxed, as in `timed`: an idle connection's task holds only the wheel path's state
+        Box::pin(async move {
+            tokio::select! {
+                r = timed(limit, f) => Some(r),
+                _ = shutdown.changed() => None,
+            }
+        })
+        .await
     }
 }
 
