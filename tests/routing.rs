@@ -489,3 +489,38 @@ async fn large_bodies_stream_through() {
         format!("{{\"len\":{N},\"sum\":{sum}}}")
     );
 }
+
+/// `proxy.work_stealing = true`: connection tasks may move between threads, so the engine keeps
+/// pingora's timeouts instead of its per-thread timer wheel. Routing, keep-alive and the upstream
+/// read timeout still work there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_stealing_runtime_routes_and_times_out() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nwork_stealing = true\nthreads = 2\nread_timeout_ms = 500\n")
+        .start()
+        .await;
+    let b = Backend::start("ws").await;
+    etcd.put("/services/ws/1", b.addr_string()).await;
+    wait_routed(&proxy, "ws").await;
+    // one keep-alive client, many requests
+    let c = client();
+    for i in 0..20 {
+        let r = c
+            .get(proxy.url(&format!("/n{i}")))
+            .header("host", "ws")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    // the backend would answer after 3 s with 200: a 504 means the read timeout fired
+    let started = Instant::now();
+    let (s, body) = proxy.get_service("ws", "/slow?ms=3000").await;
+    assert_eq!(s, 504, "{body}");
+    assert!(body.contains("timed out"), "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "504 before read_timeout_ms"
+    );
+}
