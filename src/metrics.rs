@@ -337,53 +337,42 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
     }
 
     let health = HEALTH_COUNTERS.sorted();
-    let checks = "switchyard_health_checks_total";
-    family(
+    labelled_counters(
         out,
-        checks,
-        "counter",
+        "switchyard_health_checks_total",
         "Active health check results, by service and result (success, failure).",
+        "result",
+        &health,
+        |c| [("success", c.passed.get()), ("failure", c.failed.get())],
     );
-    for (name, c) in &health {
-        let counts = [("success", c.passed.get()), ("failure", c.failed.get())];
-        nonzero(out, checks, name, "result", counts);
-    }
-    let flips = "switchyard_health_transitions_total";
-    family(
+    labelled_counters(
         out,
-        flips,
-        "counter",
+        "switchyard_health_transitions_total",
         "Instance health changes, by service and new state.",
+        "state",
+        &health,
+        |c| {
+            let states = HEALTH_STATES.iter().map(|s| s.as_str());
+            states.zip(c.became.iter().map(Counter::get))
+        },
     );
-    for (name, c) in &health {
-        let states = HEALTH_STATES.iter().map(|s| s.as_str());
-        nonzero(
-            out,
-            flips,
-            name,
-            "state",
-            states.zip(c.became.iter().map(Counter::get)),
-        );
-    }
 }
 
 /// The request families of every service that has served a request: counters only where
 /// non-zero, both histograms in full.
 fn write_request_families(out: &mut String) {
     let all = SERVICE_METRICS.sorted();
-    let requests = "switchyard_requests_total";
-    family(
+    labelled_counters(
         out,
-        requests,
-        "counter",
+        "switchyard_requests_total",
         "Requests answered, by service and status code class (2xx..5xx).",
+        "code",
+        &all,
+        |m| {
+            let counts = m.requests.iter().map(Counter::get);
+            CODE_CLASSES.into_iter().zip(counts)
+        },
     );
-    for (name, m) in &all {
-        let counts = CODE_CLASSES
-            .into_iter()
-            .zip(m.requests.iter().map(Counter::get));
-        nonzero(out, requests, name, "code", counts);
-    }
     let retries = "switchyard_retries_total";
     family(
         out,
@@ -450,17 +439,24 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
 
-/// The samples of one service's counters labelled `label`, leaving out those still at zero.
-fn nonzero<'a>(
+/// A counter family with a series per service and value of `label` (from `counts`), leaving out
+/// the series still at zero.
+fn labelled_counters<'a, T, I>(
     out: &mut String,
-    family: &str,
-    service: &str,
+    name: &str,
+    help: &str,
     label: &str,
-    counts: impl IntoIterator<Item = (&'a str, u64)>,
-) {
-    for (value, n) in counts {
-        if n > 0 {
-            sample(out, family, service, Some((label, value)), n);
+    all: &'a [(Arc<str>, Arc<T>)],
+    counts: impl Fn(&'a T) -> I,
+) where
+    I: IntoIterator<Item = (&'a str, u64)>,
+{
+    family(out, name, "counter", help);
+    for (service, v) in all {
+        for (value, n) in counts(v) {
+            if n > 0 {
+                sample(out, name, service, Some((label, value)), n);
+            }
         }
     }
 }
