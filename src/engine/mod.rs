@@ -278,21 +278,20 @@ impl Engine {
     /// the connection.
     async fn one_request(&self, conn: &mut Conn) -> Step {
         // 1. the request head
+        // (bytes are always buffered here: serve waited for the first ones, and every read below
+        // that returns adds some)
         let (head, route) = loop {
-            if conn.client.len() > 0 {
-                match self.parse_head(conn) {
-                    Ok(Some(parsed)) => break parsed,
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.reject_head(conn, e).await;
-                        return Step::Close;
-                    }
+            match self.parse_head(conn) {
+                Ok(Some(parsed)) => break parsed,
+                Ok(None) => {}
+                Err(e) => {
+                    self.reject_head(conn, e).await;
+                    return Step::Close;
                 }
             }
-            // the rest of a head whose start is buffered (serve waited for the first bytes)
+            // the rest of the head
             let read = timed(self.cfg.downstream_read_timeout, conn.client.fill(MAX_HEAD)).await;
             match read {
-                Ok(0) | Err(_) if conn.client.len() == 0 => return Step::Close,
                 Ok(0) => return Step::Close,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
