@@ -300,6 +300,18 @@ async fn slow_service() -> (EtcdServer, Backend, Proxy) {
     (etcd, b, proxy)
 }
 
+/// The body of a request started by [`slow_request`], which must have been answered 200.
+async fn finished(in_flight: tokio::task::JoinHandle<(u16, String)>, proxy: &Proxy) -> String {
+    let (code, body) = in_flight.await.unwrap();
+    assert_eq!(
+        code,
+        200,
+        "in-flight request was cut: {body}\n{}",
+        proxy.log()
+    );
+    body
+}
+
 /// A request to "slow" that the backend answers after `ms`; yields (status, body).
 fn slow_request(proxy: &Proxy, ms: u64) -> tokio::task::JoinHandle<(u16, String)> {
     let url = proxy.url(&format!("/slow?ms={ms}"));
@@ -325,13 +337,7 @@ async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
     .await
     .unwrap();
     let (exit, proxy) = status;
-    let (code, body) = in_flight.await.unwrap();
-    assert_eq!(
-        code,
-        200,
-        "in-flight request was cut: {body}\n{}",
-        proxy.log()
-    );
+    let body = finished(in_flight, &proxy).await;
     assert!(body.contains("slow 2000"), "{body}");
     let exit = exit.expect("switchyard did not exit within 20s of SIGTERM");
     assert!(exit.success(), "exit status {exit:?}\n{}", proxy.log());
@@ -408,13 +414,7 @@ async fn sigterm_closes_idle_keep_alive_connections_while_a_request_finishes() {
         "the slow request ended before the idle connection closed ({:?} after SIGTERM)",
         signalled.elapsed()
     );
-    let (code, body) = in_flight.await.unwrap();
-    assert_eq!(
-        code,
-        200,
-        "in-flight request was cut: {body}\n{}",
-        proxy.log()
-    );
+    finished(in_flight, &proxy).await;
     let exit = tokio::task::spawn_blocking(move || proxy.terminate(Duration::from_secs(20)))
         .await
         .unwrap();
