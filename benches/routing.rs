@@ -136,7 +136,9 @@ fn apply_one_change(c: &mut Criterion) {
 }
 
 fn heads(c: &mut Criterion) {
-    use switchyard::engine::codec::{parse_request, parse_response, ClientConnection, MAX_HEADERS};
+    use switchyard::http1::{
+        parse_request, parse_response, ClientConnection, OutFraming, MAX_HEADERS,
+    };
     let request = b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: items.svc.local\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate\r\nAccept-Language: en-GB,en;q=0.9\r\nCookie: session=0123456789abcdef; theme=dark\r\nConnection: keep-alive\r\nX-Request-Id: 7f9c2ba4-e88f-11ee-9d3f-0242ac120002\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\nServer: backend\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\n\r\n{\"items\": []}\n";
     let mut out = Vec::with_capacity(1024);
@@ -147,7 +149,7 @@ fn heads(c: &mut Criterion) {
             let req = parse_request(black_box(request), &mut headers)
                 .expect("valid")
                 .expect("complete");
-            req.write_upstream_head(&mut out, req.target, "10.1.2.3");
+            req.write_upstream_head(&mut out, &req.target, "items.svc.local", "10.1.2.3");
             black_box(out.len())
         })
     });
@@ -157,7 +159,11 @@ fn heads(c: &mut Criterion) {
             let resp = parse_response(black_box(response), &mut headers, false)
                 .expect("valid")
                 .expect("complete");
-            resp.write_client_head(&mut out, ClientConnection::KeepAlive11, false);
+            resp.write_client_head(
+                &mut out,
+                ClientConnection::KeepAlive11,
+                OutFraming::Length(14),
+            );
             black_box(out.len())
         })
     });

@@ -45,6 +45,7 @@ pub mod config;
 pub mod engine;
 pub mod events;
 pub mod health;
+pub mod http1;
 pub mod memory;
 pub mod metrics;
 pub mod proxy;

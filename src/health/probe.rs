@@ -30,7 +30,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::{Protocol, StatusSet, Target};
-use crate::engine::codec::Chunked;
+use crate::http1::Chunked;
 
 /// Why a check failed; the text becomes the `reason` of a logged health flip.
 #[derive(Debug, thiserror::Error)]
@@ -107,21 +107,14 @@ fn http_request(path: &str, host: &dyn std::fmt::Display, keep_alive: bool) -> S
     )
 }
 
-/// Parses `HTTP/1.x NNN reason` into NNN.
+/// Parses `HTTP/1.x NNN reason` into NNN ([`crate::http1::parse_status_line`]).
 pub fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
-    let text = std::str::from_utf8(line)
-        .map_err(|_| ProbeError::Malformed("status line is not utf-8".into()))?;
-    let mut parts = text.split_ascii_whitespace();
-    let version = parts.next().unwrap_or("");
-    let code = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/") || code.len() != 3 {
-        let shown: String = text.chars().take(64).collect();
-        return Err(ProbeError::Malformed(format!("status line {shown:?}")));
-    }
-    code.parse::<u16>()
-        .ok()
-        .filter(|c| (100..=999).contains(c))
-        .ok_or_else(|| ProbeError::Malformed(format!("status code {code:?}")))
+    crate::http1::parse_status_line(line)
+        .map(|(_, status)| status)
+        .map_err(|e| {
+            let shown: String = String::from_utf8_lossy(line).chars().take(64).collect();
+            ProbeError::Malformed(format!("{e}: {shown:?}"))
+        })
 }
 
 /// How the rest of a response can be read so that its connection serves the next check.
@@ -202,10 +195,7 @@ async fn exchange(
         len += n;
     };
     let line_end = line_end.unwrap_or(0);
-    let line = buf[..line_end]
-        .strip_suffix(b"\r")
-        .unwrap_or(&buf[..line_end]);
-    let status = match parse_status_line(line) {
+    let status = match parse_status_line(&buf[..line_end]) {
         Ok(s) => s,
         Err(e) => {
             return Ok(Head {
@@ -239,52 +229,18 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 
 /// How to finish a response whose head is `head` so its connection can be kept; `None` when it
 /// cannot be (HTTP/1.0 without keep-alive, `Connection: close`, a body delimited by the close,
-/// an oversized or ambiguous body, an interim status, bytes beyond the body).
+/// an oversized body, a head the proxy would refuse ([`crate::http1::parse_response`]), an interim
+/// status, bytes beyond the body).
 fn framing(head: &[u8], status: u16, rest: &[u8]) -> Option<Framing> {
-    let text = std::str::from_utf8(head).ok()?;
-    let mut lines = text.split('\n');
-    let version = lines.next()?.split_ascii_whitespace().next()?;
-    let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, false, false);
-    for line in lines {
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':')?;
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value.parse().ok()?;
-            if length.is_some_and(|l| l != n) {
-                return None;
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value.rsplit(',').next().unwrap_or("").trim();
-            if !last.eq_ignore_ascii_case("chunked") {
-                return None;
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',').map(str::trim) {
-                close |= token.eq_ignore_ascii_case("close");
-                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
-            }
-        }
-    }
-    let persistent = match version {
-        "HTTP/1.1" => !close,
-        "HTTP/1.0" => keep_alive && !close,
-        _ => false,
-    };
-    if !persistent || status < 200 {
+    let mut fields = [httparse::EMPTY_HEADER; crate::http1::MAX_HEADERS];
+    let r = crate::http1::parse_response(head, &mut fields, false).ok()??;
+    if !r.keep_alive || r.head_len != head.len() || r.status != status || status < 200 {
         return None;
     }
-    if status == 204 || status == 304 {
-        return rest.is_empty().then_some(Framing::Length(0));
-    }
-    match (chunked, length) {
-        (true, None) => Some(Framing::Chunked(rest.to_vec())),
-        (false, Some(n)) if n <= MAX_DRAIN => {
+    match r.framing {
+        crate::http1::Framing::Empty => rest.is_empty().then_some(Framing::Length(0)),
+        crate::http1::Framing::Chunked => Some(Framing::Chunked(rest.to_vec())),
+        crate::http1::Framing::Length(n) if n <= MAX_DRAIN => {
             let have = rest.len() as u64;
             (have <= n).then(|| Framing::Length(n - have))
         }
@@ -342,7 +298,14 @@ impl ChunkedBody {
         if self.seen > MAX_DRAIN + 1024 {
             return Err(());
         }
-        let used = self.framing.feed(bytes, None).map_err(|_| ())?;
+        let used = self
+            .framing
+            .feed(
+                bytes,
+                crate::http1::chunked::Output::Nothing,
+                &mut Vec::new(),
+            )
+            .map_err(|_| ())?;
         if used < bytes.len() || self.framing.chunk_left() > MAX_DRAIN {
             return Err(());
         }

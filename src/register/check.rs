@@ -153,17 +153,14 @@ impl HttpCheck {
     }
 }
 
-/// `HTTP/1.1 200 OK` → 200.
+/// `HTTP/1.1 200 OK` → 200 ([`crate::http1::parse_status_line`]).
 fn parse_status_line(line: &[u8]) -> Result<u16, String> {
-    let text = String::from_utf8_lossy(line);
-    let mut parts = text.split_whitespace();
-    let version = parts.next().unwrap_or("");
-    let code = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/") || code.len() != 3 {
-        return Err(format!("not an http answer: {:?}", truncate(&text, 80)));
-    }
-    code.parse()
-        .map_err(|_| format!("not an http status: {code:?}"))
+    crate::http1::parse_status_line(line)
+        .map(|(_, status)| status)
+        .map_err(|e| {
+            let text = String::from_utf8_lossy(line);
+            format!("not an http answer ({e}): {:?}", truncate(&text, 80))
+        })
 }
 
 fn truncate(s: &str, n: usize) -> &str {

@@ -2,6 +2,8 @@
 //!
 //! - [`EtcdServer::start`]: a real `etcd` (Debian `etcd-server`) with a temporary data dir.
 //! - [`Backend::start`]: a real HTTP/1.1 server (hyper) that reports who answered.
+//! - [`raw::RawBackend::start`]: a raw instance that records the exact bytes and requests it
+//!   received and answers hostile scripts (tests/hostile.rs).
 //! - [`Proxy::start`]: the `switchyard` binary with a generated config.
 //! - [`eventually`]: a bounded poll instead of sleeps.
 //!
@@ -10,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod raw;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use backend::Backend;
 
 /// A port that was free a moment ago.

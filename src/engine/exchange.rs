@@ -1,0 +1,361 @@
+//! Sending a request to an instance: choosing it, connecting or reusing a pooled connection,
+//! retrying what may be retried, and streaming a request body while the response is relayed.
+//!
+//! Retries (RFC 9110 §9.2.2): a connect failure sent nothing and is retried on another instance for
+//! every method. Once the head was written, the instance may have acted on it, so a connection
+//! that closes (or an instance that stays silent) before any response byte leads to a new attempt
+//! only for an idempotent method, and only while the body can still be sent again (it came with
+//! the head, or none of it was read yet).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU16};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::relay::{tunnel, Relay, Relayed};
+use super::request::Head;
+use super::{pool, read_more, timer, Conn, Engine, CLIENT_BUF, UPSTREAM_BUF};
+use crate::config::ProxyConfig;
+use crate::http1::{BodyError, BodyOut, Framing, HeadError, Reframe};
+use crate::routing::{Instance, InstanceState, Service};
+use timer::timed;
+
+/// Why proxying to an instance failed.
+pub(super) enum UpstreamError {
+    /// No instance left to try (none usable, or all tried).
+    NoInstance,
+    Connect(io::Error),
+    /// The connection closed or failed before any response byte arrived.
+    NoResponse(io::Error),
+    Timeout,
+    BadResponse(HeadError),
+    /// The response body broke its framing (after its head, maybe already sent).
+    BadResponseBody(BodyError),
+    /// Failed after the response started.
+    Broken(io::Error),
+    /// The client went away, or stopped sending its body in time.
+    Client(io::Error),
+    /// The client's request body broke its framing.
+    ClientBody(BodyError),
+}
+
+/// Why streaming a request body stopped early.
+enum PumpError {
+    /// Reading from the client failed or it closed.
+    Client(io::Error),
+    /// The body broke its framing.
+    Body(BodyError),
+    /// Writing to the instance failed: it may have answered early and closed.
+    Upstream,
+}
+
+/// The instance(s) one request has tried, and the in-flight count of the current one.
+#[derive(Default)]
+pub(super) struct Attempt {
+    pub tried: SmallVec<[Arc<str>; 4]>,
+    pub instance: Option<Arc<Instance>>,
+    inflight: Option<Arc<InstanceState>>,
+}
+
+impl Attempt {
+    fn next(&mut self, service: &Service) -> Option<Arc<Instance>> {
+        self.release();
+        let inst = service.select(&self.tried)?;
+        if !self.tried.is_empty() {
+            service.metrics().retries.inc();
+        }
+        self.tried.push(inst.key.clone());
+        inst.state.inflight.fetch_add(1, Ordering::Relaxed);
+        inst.state.requests.fetch_add(1, Ordering::Relaxed);
+        self.inflight = Some(inst.state.clone());
+        self.instance = Some(inst.clone());
+        Some(inst)
+    }
+
+    fn can_retry(&self, service: &Service, max_tries: usize) -> bool {
+        self.tried.len() < max_tries && service.has_candidate(&self.tried)
+    }
+
+    fn release(&mut self) {
+        if let Some(st) = self.inflight.take() {
+            st.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Engine {
+    /// Sends the request to an instance (retrying as allowed) and relays the response. Returns the
+    /// status, whether the client connection can carry another request, and whether the whole
+    /// request body was read; on error, the status already sent to the client if the response had
+    /// started.
+    ///
+    /// The rare steps (a new upstream connection, a request body that did not come with the head,
+    /// an upgrade tunnel) are boxed futures, so the boxed state of every request stays small.
+    pub(super) async fn exchange(
+        &self,
+        conn: &mut Conn,
+        head: &Head,
+        service: &Arc<Service>,
+        inline: bool,
+        attempt: &mut Attempt,
+    ) -> Result<(u16, bool, bool), (UpstreamError, Option<u16>)> {
+        let cfg = &self.cfg;
+        if conn.rbuf.capacity() < UPSTREAM_BUF {
+            conn.rbuf.reserve_exact(UPSTREAM_BUF);
+        }
+        let (mut up, first, started, inst) = 'instances: loop {
+            let Some(inst) = attempt.next(service) else {
+                return Err((UpstreamError::NoInstance, None));
+            };
+            let addr = inst.addr;
+            let mut pooled = pool::checkout(addr, cfg.idle_timeout);
+            loop {
+                let reused = pooled.is_some();
+                let mut up = match pooled.take() {
+                    Some(s) => s,
+                    None => match Box::pin(connect(addr, cfg.connect_timeout)).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            crate::health::passive_failure(service, &inst, &e);
+                            if attempt.can_retry(service, cfg.max_tries) {
+                                continue 'instances;
+                            }
+                            return Err((UpstreamError::Connect(e), None));
+                        }
+                    },
+                };
+                let started = Instant::now();
+                // the head (with the body when it came with it); a streamed body follows while the
+                // response is read
+                let failed = match timed(cfg.write_timeout, up.write_all(&conn.out)).await {
+                    Ok(()) if !inline => break 'instances (up, None, started, inst),
+                    Ok(()) => match read_first(&mut up, &mut conn.rbuf, cfg.read_timeout).await {
+                        Ok(n) => break 'instances (up, Some(n), started, inst),
+                        Err(e) => e,
+                    },
+                    Err(e) => UpstreamError::NoResponse(e),
+                };
+                match failed {
+                    // the request may have reached the instance: again only when idempotent
+                    UpstreamError::NoResponse(e) if head.idempotent => {
+                        // a pooled connection the instance had just closed: a fresh one to the
+                        // same instance
+                        if reused {
+                            continue;
+                        }
+                        if attempt.can_retry(service, cfg.max_tries) {
+                            continue 'instances;
+                        }
+                        return Err((UpstreamError::NoResponse(e), None));
+                    }
+                    // no first byte within read_timeout: an idempotent request goes to another
+                    // instance (as nginx's proxy_next_upstream timeout); the silent one counts
+                    // towards passive ejection either way
+                    UpstreamError::Timeout
+                        if head.idempotent && attempt.can_retry(service, cfg.max_tries) =>
+                    {
+                        crate::health::passive_failure(service, &inst, &"upstream read timed out");
+                        continue 'instances;
+                    }
+                    e => return Err((e, None)),
+                }
+            }
+        };
+        let sent = AtomicU16::new(0);
+        let body_sent = AtomicBool::new(first.is_some());
+        let relay = Relay {
+            cfg,
+            head,
+            service,
+            inst: &inst,
+            started,
+            shutting_down: timer::shutting_down(&conn.shutdown),
+            sent: &sent,
+            body_sent: &body_sent,
+        };
+        let relayed = match first {
+            Some(n) => {
+                let Conn {
+                    client, rbuf, out, ..
+                } = &mut *conn;
+                relay.run(&mut up, &mut client.io, rbuf, out, Some(n)).await
+            }
+            None => Box::pin(streamed(conn, &relay, &mut up)).await,
+        };
+        let Relayed {
+            status,
+            client_keep,
+            upstream_reusable,
+            upgrade,
+        } = relayed.map_err(|e| {
+            let s = sent.load(Ordering::Relaxed);
+            (e, (s > 0).then_some(s))
+        })?;
+        let body_done = body_sent.load(Ordering::Relaxed);
+        if let Some((from, to)) = upgrade {
+            if body_done {
+                Box::pin(tunnel(conn, up, from, to, cfg.tunnel_idle_timeout)).await;
+            }
+            return Ok((status, false, body_done));
+        }
+        // an instance that answered before the whole request reached it may read the rest as a
+        // new request: its connection is not reused, and the client's unread body ends the client
+        // connection too
+        if upstream_reusable && body_done {
+            pool::checkin(inst.addr, up, cfg.keepalive_pool_size, cfg.idle_timeout);
+        }
+        Ok((status, client_keep && body_done, body_done))
+    }
+}
+
+/// Sends the body that did not come with the head while the response is read and relayed, so
+/// that an instance may answer before it has read the whole body (an early 413 or 401) or while
+/// it still reads it (full duplex).
+async fn streamed(
+    conn: &mut Conn,
+    relay: &Relay<'_>,
+    up: &mut TcpStream,
+) -> Result<Relayed, UpstreamError> {
+    let cfg = relay.cfg;
+    let head = relay.head;
+    let Conn {
+        client, out, rbuf, ..
+    } = conn;
+    // RFC 9110 §10.1.1: a client that asked waits for the go-ahead (never sent to HTTP/1.0)
+    if head.expect_continue && !head.http10 && client.buf.is_empty() {
+        timed(
+            cfg.write_timeout,
+            client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        )
+        .await
+        .map_err(UpstreamError::Client)?;
+    }
+    let (mut cr, mut cw) = client.io.split();
+    let cbuf = &mut client.buf;
+    let (mut ur, mut uw) = up.split();
+    let mut encoded = Vec::new();
+    let pump = pump_body(cfg, head.framing, &mut cr, cbuf, &mut uw, &mut encoded);
+    tokio::pin!(pump);
+    let mut pumping = true;
+    // until the body is sent, or the instance starts answering (no time limit on the answer while
+    // the body goes out: the pump has its own limits)
+    rbuf.clear();
+    let early = tokio::select! {
+        r = &mut pump => {
+            pumping = false;
+            match r {
+                Ok(()) => {
+                    relay.body_sent.store(true, Ordering::Relaxed);
+                    None
+                }
+                Err(PumpError::Upstream) => None,
+                Err(PumpError::Client(e)) => return Err(UpstreamError::Client(e)),
+                Err(PumpError::Body(e)) => return Err(UpstreamError::ClientBody(e)),
+            }
+        }
+        r = ur.read_buf(rbuf) => match r {
+            Ok(0) => {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before responding");
+                return Err(UpstreamError::NoResponse(e));
+            }
+            Ok(n) => Some(n),
+            Err(e) => return Err(UpstreamError::NoResponse(e)),
+        },
+    };
+    let run = relay.run(&mut ur, &mut cw, rbuf, out, early);
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            r = &mut pump, if pumping => {
+                pumping = false;
+                match r {
+                    Ok(()) => relay.body_sent.store(true, Ordering::Relaxed),
+                    // the instance stopped reading: what it answers decides
+                    Err(PumpError::Upstream) => {}
+                    Err(PumpError::Client(e)) => return Err(UpstreamError::Client(e)),
+                    Err(PumpError::Body(e)) => return Err(UpstreamError::ClientBody(e)),
+                }
+            }
+            r = &mut run => return r,
+        }
+    }
+}
+
+/// Reads a request body from the client (what is buffered first) and sends it with the proxy's
+/// framing: a length as it is, chunked re-encoded ([`crate::http1::chunked`]).
+async fn pump_body<R, W>(
+    cfg: &ProxyConfig,
+    framing: Framing,
+    client: &mut R,
+    cbuf: &mut Vec<u8>,
+    up: &mut W,
+    encoded: &mut Vec<u8>,
+) -> Result<(), PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut body = Reframe::new(framing, BodyOut::Chunked);
+    loop {
+        if !cbuf.is_empty() {
+            encoded.clear();
+            let used = body.feed(cbuf, encoded).map_err(PumpError::Body)?;
+            cbuf.drain(..used);
+            if !encoded.is_empty() {
+                timed(cfg.write_timeout, up.write_all(encoded))
+                    .await
+                    .map_err(|_| PumpError::Upstream)?;
+            }
+        }
+        if body.done() {
+            return Ok(());
+        }
+        let read = read_more(client, cbuf, CLIENT_BUF, CLIENT_BUF);
+        match timed(cfg.downstream_read_timeout, read).await {
+            Ok(0) => {
+                return Err(PumpError::Client(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed inside the request body",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(PumpError::Client(e)),
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    let s = timed(limit, TcpStream::connect(addr)).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Reads until at least one byte of the response arrived. Returns the bytes buffered.
+pub(super) async fn read_first<R: AsyncRead + Unpin>(
+    up: &mut R,
+    rbuf: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<usize, UpstreamError> {
+    rbuf.clear();
+    match timed(limit, up.read_buf(rbuf)).await {
+        Ok(0) => Err(UpstreamError::NoResponse(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before responding",
+        ))),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(UpstreamError::Timeout),
+        Err(e) => Err(UpstreamError::NoResponse(e)),
+    }
+}
