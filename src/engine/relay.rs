@@ -215,14 +215,7 @@ impl Relay<'_> {
 /// Decides how the response goes to the client (`close`: it must end the connection) and writes
 /// its head into `out`.
 fn client_head(out: &mut Vec<u8>, close: bool, head: &Head, r: &http1::Response<'_>) -> RespFacts {
-    let (framing_out, body_out) = match r.framing {
-        Framing::Empty => (OutFraming::None, BodyOut::Raw),
-        Framing::Length(n) => (OutFraming::Length(n), BodyOut::Raw),
-        // an HTTP/1.0 client cannot read chunked: the data, delimited by the close
-        Framing::Chunked | Framing::UntilClose if head.http10 => (OutFraming::Close, BodyOut::Raw),
-        // re-encoded; a close-delimited body chunked lets the client keep its connection
-        Framing::Chunked | Framing::UntilClose => (OutFraming::Chunked, BodyOut::Chunked),
-    };
+    let (framing_out, body_out) = http1::response_out(r.framing, head.http10);
     let mode = if r.status == 101 && head.upgrade {
         ClientConnection::Upgrade
     } else if !head.keep_alive || close || framing_out == OutFraming::Close {

@@ -5,14 +5,16 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use super::{is_framing, is_hop_by_hop, trim, Framing, MAX_HEAD, MAX_HEADERS, MAX_LENGTH};
+use super::{
+    is_framing, is_hop_by_hop, trim, Framing, MAX_FIELDS, MAX_HEAD, MAX_HEADERS, MAX_LENGTH,
+};
 
 /// Why a head was refused; each maps to a status for the client (requests) or 502 (responses).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadError {
     /// Syntax error from the parser, or a value that cannot be honoured or read one way only.
     Invalid(&'static str),
-    /// More than [`MAX_HEAD`] bytes or [`MAX_HEADERS`] fields.
+    /// More than [`MAX_HEAD`] bytes or [`MAX_FIELDS`] fields.
     TooLarge,
     /// A transfer coding other than chunked before the final chunked (RFC 9112 §6.1: 501).
     UnsupportedCoding,
@@ -35,7 +37,7 @@ impl fmt::Display for HeadError {
             HeadError::Invalid(why) => write!(f, "malformed message head: {why}"),
             HeadError::TooLarge => write!(
                 f,
-                "message head larger than {MAX_HEAD} bytes or {MAX_HEADERS} fields"
+                "message head larger than {MAX_HEAD} bytes or {MAX_FIELDS} fields"
             ),
             HeadError::UnsupportedCoding => write!(f, "transfer coding other than chunked"),
         }
@@ -328,6 +330,9 @@ pub fn parse_request<'h, 'b: 'h>(
         return Err(HeadError::Invalid("incomplete request line"));
     };
     let headers: &'h [httparse::Header<'b>] = req.headers;
+    if headers.len() > MAX_FIELDS {
+        return Err(HeadError::TooLarge);
+    }
     let info = field_info(headers)?;
     // RFC 9112 §3.2: more than one Host, or an invalid one: 400
     if info.hosts > 1 {
@@ -567,6 +572,9 @@ pub fn parse_response<'h, 'b: 'h>(
         return Err(HeadError::Invalid("invalid status"));
     }
     let headers: &'h [httparse::Header<'b>] = resp.headers;
+    if headers.len() > MAX_FIELDS {
+        return Err(HeadError::TooLarge);
+    }
     let info = field_info(headers)?;
     if info.chunked && version == 0 {
         // RFC 9112 §6.1: faulty framing

@@ -30,12 +30,14 @@
 //! - **Responses**: a status of three digits from 100; a `101` only for a request that asked to
 //!   upgrade; at most [`MAX_INTERIM`] interim (1xx) answers; no body for HEAD, 1xx, 204, 304
 //!   (RFC 9112 §6.3 item 1); a body delimited by the close is re-chunked for HTTP/1.1 clients.
-//! - **Heads** are at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields (431 / 502); `httparse`
+//! - **Heads** are at most [`MAX_HEAD`] bytes and [`MAX_FIELDS`] fields (431 / 502); `httparse`
 //!   refuses obsolete line folding, whitespace before a colon and control characters.
 
 pub mod body;
 pub mod chunked;
 pub mod head;
+#[doc(hidden)]
+pub mod verify;
 
 pub use body::{BodyError, BodyOut, Reframe};
 pub use chunked::{ChunkError, Chunked};
@@ -47,6 +49,9 @@ pub use head::{
 /// Largest request or response head accepted (request line/status line and all headers).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
+pub const MAX_FIELDS: usize = 120;
+/// Room for a head's fields when parsing: [`MAX_FIELDS`] and the few the proxy adds (framing,
+/// `Host`, `X-Forwarded-*`, `Upgrade`), so what it writes can always be read by another hop.
 pub const MAX_HEADERS: usize = 128;
 /// Largest `Content-Length` accepted (what fits a signed 64-bit offset, as nginx and HAProxy).
 pub const MAX_LENGTH: u64 = i64::MAX as u64;
@@ -69,6 +74,21 @@ pub enum Framing {
 impl Framing {
     pub fn is_empty(self) -> bool {
         matches!(self, Framing::Empty | Framing::Length(0))
+    }
+}
+
+/// How the proxy frames a response body of `framing` for its client: a length as it is; chunked
+/// or close-delimited re-encoded as chunked for an HTTP/1.1 client (who can then keep its
+/// connection), the bare data delimited by the close for an HTTP/1.0 client (who cannot read
+/// chunked, RFC 9112 §7).
+pub fn response_out(framing: Framing, http10_client: bool) -> (OutFraming, BodyOut) {
+    match framing {
+        Framing::Empty => (OutFraming::None, BodyOut::Raw),
+        Framing::Length(n) => (OutFraming::Length(n), BodyOut::Raw),
+        Framing::Chunked | Framing::UntilClose if http10_client => {
+            (OutFraming::Close, BodyOut::Raw)
+        }
+        Framing::Chunked | Framing::UntilClose => (OutFraming::Chunked, BodyOut::Chunked),
     }
 }
 
