@@ -106,14 +106,15 @@ impl Default for ProxySection {
     }
 }
 
-/// Which request path proxies client traffic (`proxy.engine`).
+/// Which request path proxies client traffic (`proxy.engine`): only switchyard's own
+/// ([`crate::engine`]). `"pingora"` (pingora-proxy's path) was removed: it did not frame what it
+/// forwarded by the rules of [`crate::http1`], and it doubled the request-path code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyEngine {
-    /// switchyard's own HTTP/1.1 path on pingora's listeners ([`crate::engine`]).
     #[default]
     Native,
-    /// pingora-proxy's `ProxyHttp` path ([`crate::proxy`]).
+    /// Refused with an explanation by validation.
     Pingora,
 }
 
@@ -318,7 +319,6 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
-    pub engine: ProxyEngine,
     pub threads: usize,
     pub work_stealing: bool,
     pub connect_timeout: Duration,
@@ -408,6 +408,12 @@ impl FileConfig {
                 format!("{} is outside 1-1024", p.threads),
             ));
         }
+        if p.engine == ProxyEngine::Pingora {
+            return Err(invalid(
+                "proxy.engine",
+                "\"pingora\" was removed; \"native\" is the only request path (remove the key)",
+            ));
+        }
         if p.max_tries == 0 || p.max_tries > 16 {
             return Err(invalid(
                 "proxy.max_tries",
@@ -416,7 +422,6 @@ impl FileConfig {
         }
         let proxy = ProxyConfig {
             listen: parse_addr("proxy.listen", &p.listen)?,
-            engine: p.engine,
             threads: p.threads,
             work_stealing: p.work_stealing,
             connect_timeout: ms("proxy.connect_timeout_ms", p.connect_timeout_ms)?,
@@ -773,6 +778,11 @@ mod tests {
         let cases = [
             ("[proxy]\nlisten = \"nope\"", "proxy.listen"),
             ("[proxy]\nmax_tries = 0", "proxy.max_tries"),
+            ("[proxy]\nengine = \"pingora\"", "proxy.engine"),
+            (
+                "[proxy]\nrequest_header_timeout_ms = 0",
+                "proxy.request_header_timeout_ms",
+            ),
             (
                 "[proxy]\nconnect_timeout_ms = 0",
                 "proxy.connect_timeout_ms",

@@ -12,7 +12,7 @@
 //!                                                    catalog: services → instances (owned by that task)
 //!                                                                       │ build
 //!                                                                       ▼
-//!  client ──HTTP──▶ switchyard engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
+//!  client ──HTTP/1──▶ switchyard engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
 //!                     │ route: request → service name          │
 //!                     │ select: service → instance ◀───────────┘  Arc<Instance> { addr, weight, meta, state }
 //!                     ▼                                                       ▲
@@ -28,10 +28,15 @@
 //!   between snapshots in copy-on-write shards), route matching and selection policies.
 //! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler and the
 //!   thread that runs new instances' first checks.
-//! - [`engine`]: the native HTTP/1.1 request path (default): a pingora `ServerApp` that parses,
-//!   routes and relays requests itself, with a per-thread upstream connection pool.
-//! - [`proxy`]: what both engines share (routing decision, in-flight count, request metrics) and
-//!   the pingora-proxy `ProxyHttp` implementation (`proxy.engine = "pingora"`).
+//! - [`http1`]: HTTP/1.x messages (heads, the chunked coding, bodies re-framed by the proxy) and
+//!   the rules that keep every message readable one way only; used by the engine, the HTTP
+//!   health probe and the registrar's check. `http1::verify` is the oracle of the property tests
+//!   and the fuzz targets (`fuzz/`).
+//! - [`engine`]: the HTTP/1.1 request path: a pingora `ServerApp` that parses, routes and relays
+//!   requests itself (`request`, `exchange`, `relay`), with a per-thread upstream connection pool
+//!   and a timer wheel.
+//! - [`proxy`]: what a request path shares (routing decision, in-flight count, request metrics,
+//!   access log).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
 //! - [`metrics`]: every Prometheus metric family.
 //! - [`events`]: a small ring of recent notable events for the status page.

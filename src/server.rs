@@ -19,10 +19,10 @@ use pingora::services::listening::Service as ListeningService;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminApp;
-use crate::config::{Config, ProxyEngine};
+use crate::config::Config;
 use crate::engine::Engine;
 use crate::health::HealthChecker;
-use crate::proxy::{SwitchyardProxy, IN_FLIGHT};
+use crate::proxy::IN_FLIGHT;
 use crate::registry::{Registry, RegistryStatus};
 use crate::routing::{new_shared_table, SharedTable};
 
@@ -143,39 +143,20 @@ impl Switchyard {
         });
 
         let listen = config.proxy.listen.to_string();
-        match config.proxy.engine {
-            ProxyEngine::Native => {
-                let engine = Engine {
-                    table: table.clone(),
-                    router: config.router.clone(),
-                    cfg: config.proxy.clone(),
-                    access_log: config.log.access_log,
-                    workers: Default::default(),
-                };
-                let mut service = ListeningService::new("proxy".to_string(), engine);
-                // The engine reads into its own buffer and writes whole heads: pingora's per-
-                // connection 64 KiB read buffer would only add a copy and memory per connection.
-                service.endpoints().add_listener(
-                    ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::new(0, 0)),
-                );
-                server.add_service(service);
-            }
-            ProxyEngine::Pingora => {
-                let proxy = SwitchyardProxy {
-                    table: table.clone(),
-                    router: config.router.clone(),
-                    cfg: config.proxy.clone(),
-                    access_log: config.log.access_log,
-                };
-                let mut service = pingora::proxy::http_proxy_service_with_name(
-                    &server.configuration,
-                    proxy,
-                    "proxy",
-                );
-                service.add_tcp(&listen);
-                server.add_service(service);
-            }
-        }
+        let engine = Engine {
+            table: table.clone(),
+            router: config.router.clone(),
+            cfg: config.proxy.clone(),
+            access_log: config.log.access_log,
+            workers: Default::default(),
+        };
+        let mut service = ListeningService::new("proxy".to_string(), engine);
+        // The engine reads into its own buffer and writes whole heads: pingora's per-connection
+        // 64 KiB read buffer would only add a copy and memory per connection.
+        service.endpoints().add_listener(
+            ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::new(0, 0)),
+        );
+        server.add_service(service);
 
         let admin = AdminApp {
             table: table.clone(),

@@ -1,8 +1,7 @@
 //! The native HTTP/1.1 engine on the wire: malformed requests, pipelining, HTTP/1.0 clients,
 //! `Expect: 100-continue`, upgrades, and pooled connections the instance closed. Every test runs
 //! the real binary against a real etcd and real backends, and speaks raw HTTP/1.x to the proxy so
-//! the exact bytes are checked. The last test keeps the pingora engine (`engine = "pingora"`)
-//! routing.
+//! the exact bytes are checked. Hostile messages are in tests/hostile.rs.
 
 mod support;
 
@@ -380,31 +379,6 @@ async fn pooled_connections_the_instance_closed_are_not_client_errors() {
         assert_eq!(r.status(), 200, "request {i}");
         assert_eq!(r.text().await.unwrap(), "ok");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pingora_engine_still_routes() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd)
-        .config("[proxy]\nengine = \"pingora\"\nconnect_timeout_ms = 300\nread_timeout_ms = 2000\n")
-        .start()
-        .await;
-    let b = Backend::start("p1").await;
-    etcd.put("/services/pg/1", b.addr_string()).await;
-    // a dead instance next to the live one: connect failures are retried on the live one
-    etcd.put(
-        "/services/pg/dead",
-        format!("127.0.0.1:{}", support::free_port()),
-    )
-    .await;
-    proxy.wait_usable("pg", 1).await;
-    for _ in 0..10 {
-        let (status, body) = proxy.get_service("pg", "/hello").await;
-        assert_eq!(status, 200, "{body}");
-    }
-    let (status, body) = proxy.get_service("nope", "/").await;
-    assert_eq!(status, 404);
-    assert!(body.contains("unknown service"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

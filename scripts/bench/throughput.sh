@@ -2,9 +2,8 @@
 # Throughput and latency: the same two loopback backends served directly, through nginx, through
 # HAProxy and through switchyard (backends registered in a real etcd), loaded with wrk.
 #
-# Targets: direct, nginx, haproxy, switchyard (the native engine, the default) and, unless
-# BENCH_PINGORA=0, switchyard-pingora: the same binary with `proxy.engine = "pingora"` (pingora-
-# proxy's request path), the baseline the native engine replaced, measured in the same rounds.
+# Targets: direct, nginx, haproxy, switchyard and, with BENCH_BASE_BIN, switchyard-base: another
+# switchyard binary (an earlier commit, for a before/after) measured in the same rounds.
 #
 # Two variants:
 #   pinned    proxy on core 0 (1 worker / 1 thread); backends, wrk and etcd on core 1
@@ -21,7 +20,7 @@
 #   BENCH_DURATION [10]  seconds per measurement;  BENCH_WARMUP [2] seconds of warm-up before each
 #   BENCH_CONNS [50]     wrk connections;          BENCH_WRK_THREADS [1]
 #   BENCH_VARIANTS ["pinned unpinned"]
-#   BENCH_PINGORA [1]    also measure switchyard with engine = "pingora" (target switchyard-pingora)
+#   BENCH_BASE_BIN       also measure this switchyard binary (target switchyard-base)
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
 #   BENCH_SWITCHYARD_PROXY_TOML  extra lines for switchyard's [proxy] section (e.g. "work_stealing = false")
@@ -38,7 +37,8 @@ fi
 CONNS="${BENCH_CONNS:-50}"
 WRK_THREADS="${BENCH_WRK_THREADS:-1}"
 VARIANTS="${BENCH_VARIANTS:-pinned unpinned}"
-PINGORA="${BENCH_PINGORA:-1}"
+BASE_BIN="${BENCH_BASE_BIN:-}"
+[[ -z "$BASE_BIN" || -x "$BASE_BIN" ]] || die "BENCH_BASE_BIN $BASE_BIN is not an executable"
 ((ROUNDS >= 1 && ROUNDS <= 20)) || die "BENCH_ROUNDS must be 1..20"
 ((DURATION >= 1 && DURATION <= 120)) || die "BENCH_DURATION must be 1..120"
 
@@ -118,13 +118,12 @@ for variant in $VARIANTS; do
     start_bench_proxies "$WORKERS" "$PROXY_CPUS" "$WORK/switchyard-$variant.toml"
     wait_routes_both "127.0.0.1:$SP"
     SYN_PID=$SY_PID
-    if [[ "$PINGORA" == 1 ]]; then
+    if [[ -n "$BASE_BIN" ]]; then
         PP=$(free_port)
         PA=$(free_port)
-        BENCH_SWITCHYARD_PROXY_TOML="engine = \"pingora\"
-${BENCH_SWITCHYARD_PROXY_TOML:-}" write_switchyard_config "$WORK/switchyard-pingora-$variant.toml" \
+        write_switchyard_config "$WORK/switchyard-base-$variant.toml" \
             "127.0.0.1:$PP" "127.0.0.1:$PA" "$WORKERS"
-        start_switchyard "$BIN" "$WORK/switchyard-pingora-$variant.toml" "127.0.0.1:$PA" "$PROXY_CPUS"
+        start_switchyard "$BASE_BIN" "$WORK/switchyard-base-$variant.toml" "127.0.0.1:$PA" "$PROXY_CPUS"
         wait_routes_both "127.0.0.1:$PP"
         SYP_PID=$SY_PID
     fi
@@ -137,10 +136,10 @@ ${BENCH_SWITCHYARD_PROXY_TOML:-}" write_switchyard_config "$WORK/switchyard-ping
         [switchyard]="http://127.0.0.1:$SP/"
     )
     targets=(direct nginx haproxy switchyard)
-    if [[ "$PINGORA" == 1 ]]; then
-        URL[switchyard-pingora]="http://127.0.0.1:$PP/"
-        PROXY_PID[switchyard-pingora]="$SYP_PID"
-        targets+=(switchyard-pingora)
+    if [[ -n "$BASE_BIN" ]]; then
+        URL[switchyard-base]="http://127.0.0.1:$PP/"
+        PROXY_PID[switchyard-base]="$SYP_PID"
+        targets+=(switchyard-base)
     fi
     for ((r = 1; r <= ROUNDS; r++)); do
         for ((k = 0; k < ${#targets[@]}; k++)); do
@@ -150,8 +149,8 @@ ${BENCH_SWITCHYARD_PROXY_TOML:-}" write_switchyard_config "$WORK/switchyard-ping
     done
     log "switchyard RSS after the $variant runs: $(rss_kib "$SYN_PID") KiB"
     stop_pid "$SYN_PID"
-    if [[ "$PINGORA" == 1 ]]; then
-        log "switchyard-pingora RSS after the $variant runs: $(rss_kib "$SYP_PID") KiB"
+    if [[ -n "$BASE_BIN" ]]; then
+        log "switchyard-base RSS after the $variant runs: $(rss_kib "$SYP_PID") KiB"
         stop_pid "$SYP_PID"
     fi
     stop_pid "$HAPROXY_PID"
@@ -178,7 +177,7 @@ print(f"wrk -t{wt} -c{conns} -d{dur}s, median of {rounds} round(s); load average
 print("| variant | target | rps | p50 ms | p99 ms | errors | proxy CPU µs/request | rps per round |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
 for v, ts in by.items():
-    for t in ["direct", "nginx", "haproxy", "switchyard", "switchyard-pingora"]:
+    for t in ["direct", "nginx", "haproxy", "switchyard", "switchyard-base"]:
         if t not in ts: continue
         xs = ts[t]
         print(f"| {v} | {t} | {med(x[0] for x in xs):.0f} | {med(x[1] for x in xs):.3f} | "
@@ -192,8 +191,8 @@ for v, ts in by.items():
     m = {t: (med(x[0] for x in xs), med(x[1] for x in xs), med(x[2] for x in xs)) for t, xs in ts.items()}
     c = {t: cpu(xs) for t, xs in ts.items()}
     pairs = [("switchyard", "nginx"), ("switchyard", "haproxy"), ("nginx", "direct"),
-             ("haproxy", "direct"), ("switchyard", "direct"), ("switchyard", "switchyard-pingora"),
-             ("switchyard-pingora", "nginx")]
+             ("haproxy", "direct"), ("switchyard", "direct"), ("switchyard", "switchyard-base"),
+             ("switchyard-base", "nginx"), ("switchyard-base", "haproxy")]
     for a, b in pairs:
         if a in m and b in m:
             per_round = med(x[0] / y[0] for x, y in zip(ts[a], ts[b]))
