@@ -87,7 +87,22 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     (n <= MAX_LENGTH).then_some(n)
 }
 
+/// The length of a complete head within the limits; `None` while it is incomplete.
+fn head_length(
+    status: httparse::Status<usize>,
+    buffered: usize,
+) -> Result<Option<usize>, HeadError> {
+    match status {
+        httparse::Status::Complete(n) if n <= MAX_HEAD => Ok(Some(n)),
+        httparse::Status::Partial if buffered < MAX_HEAD => Ok(None),
+        _ => Err(HeadError::TooLarge),
+    }
+}
+
 fn field_info<'a>(headers: &[httparse::Header<'a>]) -> Result<FieldInfo<'a>, HeadError> {
+    if headers.len() > MAX_FIELDS {
+        return Err(HeadError::TooLarge);
+    }
     let mut info = FieldInfo::default();
     // transfer codings over every Transfer-Encoding line, in order (RFC 9110 §5.3: one list)
     let mut codings = 0usize;
@@ -318,21 +333,13 @@ pub fn parse_request<'h, 'b: 'h>(
     headers: &'h mut [httparse::Header<'b>; MAX_HEADERS],
 ) -> Result<Option<Request<'h>>, HeadError> {
     let mut req = httparse::Request::new(headers);
-    let head_len = match req.parse(buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(head_len) = head_length(req.parse(buf)?, buf.len())? else {
+        return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
     let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Invalid("incomplete request line"));
     };
     let headers: &'h [httparse::Header<'b>] = req.headers;
-    if headers.len() > MAX_FIELDS {
-        return Err(HeadError::TooLarge);
-    }
     let info = field_info(headers)?;
     // RFC 9112 §3.2: more than one Host, or an invalid one: 400
     if info.hosts > 1 {
@@ -557,14 +564,9 @@ pub fn parse_response<'h, 'b: 'h>(
     head_request: bool,
 ) -> Result<Option<Response<'h>>, HeadError> {
     let mut resp = httparse::Response::new(headers);
-    let head_len = match resp.parse(buf)? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        httparse::Status::Partial => return Ok(None),
+    let Some(head_len) = head_length(resp.parse(buf)?, buf.len())? else {
+        return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return Err(HeadError::Invalid("incomplete status line"));
     };
@@ -572,9 +574,6 @@ pub fn parse_response<'h, 'b: 'h>(
         return Err(HeadError::Invalid("invalid status"));
     }
     let headers: &'h [httparse::Header<'b>] = resp.headers;
-    if headers.len() > MAX_FIELDS {
-        return Err(HeadError::TooLarge);
-    }
     let info = field_info(headers)?;
     if info.chunked && version == 0 {
         // RFC 9112 §6.1: faulty framing
