@@ -155,7 +155,8 @@ pub fn read(bytes: &[u8], kind: Kind) -> Result<(Message, usize), String> {
 }
 
 use super::{
-    parse_request, parse_response, response_out, BodyOut, ClientConnection, Reframe, MAX_HEADERS,
+    parse_request, parse_response, response_out, BodyOut, ClientConnection, HeadError, Reframe,
+    MAX_HEADERS,
 };
 
 /// What the proxy sends on for `input` as a request (head rewritten as the engine does, body
@@ -250,9 +251,14 @@ pub fn request_invariant(input: &[u8]) -> Result<(), String> {
     if used != out.len() {
         return Err(format!("{} bytes after the message", out.len() - used));
     }
-    let again = forward_request(&out, usize::MAX)
-        .map_err(|e| format!("own output refused: {e}"))?
-        .ok_or("own output incomplete")?;
+    // a head near the field limit may pass it with the fields the proxy adds: the next hop of the
+    // same kind answers 431, which is no second reading of the message
+    let again = match forward_request(&out, usize::MAX) {
+        Err(e) if e == HeadError::TooLarge.to_string() => return Ok(()),
+        r => r
+            .map_err(|e| format!("own output refused: {e}"))?
+            .ok_or("own output incomplete")?,
+    };
     if again.1 != out.len() {
         return Err("own output read as another length".into());
     }
@@ -288,6 +294,8 @@ pub fn response_invariant(
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let bodyless = match parse_response(out, &mut fields, head_request) {
         Ok(Some(r)) => r.framing == super::Framing::Empty,
+        // past the field limit with the proxy's own fields (see request_invariant)
+        Err(HeadError::TooLarge) => return Ok(()),
         other => return Err(format!("own output does not parse: {other:?}")),
     };
     let mode = if bodyless {
