@@ -137,7 +137,7 @@ fn apply_one_change(c: &mut Criterion) {
 
 fn heads(c: &mut Criterion) {
     use switchyard::http1::{
-        parse_request, parse_response, ClientConnection, OutFraming, MAX_HEADERS,
+        parse_request, parse_response, ClientConnection, Hop, OutFraming, MAX_HEADERS,
     };
     let request = b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: items.svc.local\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36\r\nAccept: application/json\r\nAccept-Encoding: gzip, deflate\r\nAccept-Language: en-GB,en;q=0.9\r\nCookie: session=0123456789abcdef; theme=dark\r\nConnection: keep-alive\r\nX-Request-Id: 7f9c2ba4-e88f-11ee-9d3f-0242ac120002\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\nDate: Wed, 25 Nov 2026 12:00:00 GMT\r\nServer: backend\r\nCache-Control: no-cache\r\nConnection: keep-alive\r\n\r\n{\"items\": []}\n";
@@ -149,7 +149,11 @@ fn heads(c: &mut Criterion) {
             let req = parse_request(black_box(request), &mut headers)
                 .expect("valid")
                 .expect("complete");
-            req.write_upstream_head(&mut out, &req.target, "items.svc.local", "10.1.2.3");
+            let hop = Hop {
+                client_ip: "10.1.2.3",
+                via: "switchyard-1a2b3c4d",
+            };
+            req.write_upstream_head(&mut out, &req.target, "items.svc.local", &hop);
             black_box(out.len())
         })
     });

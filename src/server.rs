@@ -149,6 +149,7 @@ impl Switchyard {
             cfg: config.proxy.clone(),
             access_log: config.log.access_log,
             workers: Default::default(),
+            via: crate::engine::via_name(),
         };
         let mut service = ListeningService::new("proxy".to_string(), engine);
         // The engine reads into its own buffer and writes whole heads: pingora's per-connection

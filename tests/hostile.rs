@@ -646,3 +646,46 @@ async fn request_heads_have_a_total_deadline_and_tunnels_an_idle_one() {
         "tunnel closed after {idle:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_comes_back_through_another_proxy_is_a_loop() {
+    let (etcd, proxy, b) = setup("").await;
+    // an instance that is another proxy in front of this one: a plain TCP relay
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let port = proxy.port;
+    let relayed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = relayed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                if let Ok(mut out) = TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    etcd.put("/services/loop/1", relay_addr.to_string()).await;
+    proxy.wait_usable("loop", 1).await;
+    let a = once(port, b"GET /x HTTP/1.1\r\nHost: loop\r\n\r\n").await;
+    assert_eq!(a.status, 508, "{a:?}");
+    assert!(String::from_utf8_lossy(&a.body).contains("loop"), "{a:?}");
+    assert_eq!(
+        relayed.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the request went round more than once"
+    );
+    // the instance saw this proxy's name in Via, once
+    let a = once(
+        port,
+        b"GET /raw/via HTTP/1.1\r\nHost: x\r\nVia: 1.0 edge\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let seen = &b.seen_at("/via")[0];
+    let via = seen.header("via");
+    assert_eq!(via.len(), 2, "{via:?}");
+    assert_eq!(via[0], "1.0 edge");
+    assert!(via[1].starts_with("1.1 switchyard-"), "{via:?}");
+}

@@ -75,6 +75,15 @@ pub struct Engine {
     pub cfg: ProxyConfig,
     pub access_log: bool,
     pub workers: Workers,
+    /// This process's name in `Via` ([`via_name`]).
+    pub via: Arc<str>,
+}
+
+/// A name for this process in `Via` fields: unique enough that a request which comes back to the
+/// same process (a registration that leads to the proxy itself, directly or through other
+/// proxies) is recognised as a loop.
+pub fn via_name() -> Arc<str> {
+    Arc::from(format!("switchyard-{:08x}", rand::random::<u32>()))
 }
 
 #[async_trait]

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use super::exchange::{Attempt, UpstreamError};
 use super::{timer, write_own, Conn, Engine, Step};
-use crate::http1::{self, Framing, HeadError, MAX_HEAD, MAX_HEADERS};
+use crate::http1::{self, Framing, HeadError, Hop, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
 use crate::routing::{Instance, Service};
 use timer::timed;
@@ -156,6 +156,17 @@ impl Engine {
                 ),
             )));
         }
+        if req.via_has(&self.via) {
+            // RFC 9110 §7.6.3 / RFC 5842 §7.2: this request has been here before (an instance
+            // that is, or leads back to, this proxy); forwarding it again would recurse
+            let head = Head {
+                keep_alive: false,
+                ..head
+            };
+            let why =
+                "switchyard: request loop: this request already passed through this proxy (Via)\n";
+            return Ok(Some((head, Route::Own(508, why.into(), None, None))));
+        }
         let table = self.table.load();
         let outcome = crate::proxy::route_request(&self.router, &table, req.host, &req.target);
         let route = match outcome {
@@ -164,7 +175,11 @@ impl Engine {
                 // an HTTP/1.0 request may come without Host; the instance gets HTTP/1.1, which
                 // needs one: the service's name (as nginx sends its upstream's name)
                 let host = req.host.unwrap_or(&service.name);
-                req.write_upstream_head(&mut conn.out, target, host, &conn.ip);
+                let hop = Hop {
+                    client_ip: &conn.ip,
+                    via: &self.via,
+                };
+                req.write_upstream_head(&mut conn.out, target, host, &hop);
                 Route::Service(service)
             }
             Outcome::Answer {

@@ -301,6 +301,15 @@ fn itoa_buf(mut n: u64) -> smallvec::SmallVec<[u8; 20]> {
     d
 }
 
+/// This hop, as a forwarded request names it.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop<'a> {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub client_ip: &'a str,
+    /// This proxy's name in `Via` (unique per process: a request that comes back is a loop).
+    pub via: &'a str,
+}
+
 /// A parsed request head: the facts the proxy needs, borrowed from the read buffer.
 #[derive(Debug)]
 pub struct Request<'a> {
@@ -476,16 +485,26 @@ impl Request<'_> {
         self.method == "HEAD"
     }
 
+    /// Whether a `Via` field lists `id` as a recipient (RFC 9110 §7.6.3): the request has already
+    /// passed through this proxy, so forwarding it again would be a loop.
+    pub fn via_has(&self, id: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("via"))
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .filter_map(|entry| {
+                // received-protocol SP received-by [ SP comment ]
+                let mut words = trim(entry).split(|b| *b == b' ' || *b == b'\t');
+                words.next();
+                words.find(|w| !w.is_empty())
+            })
+            .any(|by| by == id.as_bytes())
+    }
+
     /// Writes the head to send upstream into `out` (cleared first): the request line with `target`
     /// (possibly rewritten), `Host: host`, the end-to-end fields, the proxy's own framing field
-    /// for `self.framing`, and X-Forwarded-For/-Proto/-Host.
-    pub fn write_upstream_head(
-        &self,
-        out: &mut Vec<u8>,
-        target: &str,
-        host: &str,
-        client_ip: &str,
-    ) {
+    /// for `self.framing`, `Via` with this hop, and X-Forwarded-For/-Proto/-Host.
+    pub fn write_upstream_head(&self, out: &mut Vec<u8>, target: &str, host: &str, hop: &Hop<'_>) {
         out.clear();
         out.reserve(self.head_len + 192);
         out.extend_from_slice(self.method.as_bytes());
@@ -526,12 +545,15 @@ impl Request<'_> {
             push_header(out, b"Connection", b"upgrade");
             push_header(out, b"Upgrade", proto);
         }
-        out.extend_from_slice(b"X-Forwarded-For: ");
+        // RFC 9110 §7.6.3: a proxy adds itself to Via (earlier Via fields were copied above)
+        out.extend_from_slice(b"Via: 1.1 ");
+        out.extend_from_slice(hop.via.as_bytes());
+        out.extend_from_slice(b"\r\nX-Forwarded-For: ");
         if let Some(prev) = xff {
             out.extend_from_slice(prev);
             out.extend_from_slice(b", ");
         }
-        out.extend_from_slice(client_ip.as_bytes());
+        out.extend_from_slice(hop.client_ip.as_bytes());
         out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
         if let Some(host) = self.host {
             push_header(out, b"X-Forwarded-Host", host.as_bytes());

@@ -42,7 +42,7 @@ pub mod verify;
 pub use body::{BodyError, BodyOut, Reframe};
 pub use chunked::{ChunkError, Chunked};
 pub use head::{
-    parse_request, parse_response, parse_status_line, ClientConnection, HeadError, OutFraming,
+    parse_request, parse_response, parse_status_line, ClientConnection, HeadError, Hop, OutFraming,
     Request, Response,
 };
 

@@ -9,7 +9,11 @@ fn req(text: &str) -> Result<Option<Parsed>, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let parsed = parse_request(text.as_bytes(), &mut hs)?.map(|r| {
         let mut out = Vec::new();
-        r.write_upstream_head(&mut out, &r.target, r.host.unwrap_or("svc"), "10.0.0.1");
+        let hop = Hop {
+            client_ip: "10.0.0.1",
+            via: "sy-1",
+        };
+        r.write_upstream_head(&mut out, &r.target, r.host.unwrap_or("svc"), &hop);
         (
             r.framing,
             r.keep_alive,
@@ -37,7 +41,7 @@ fn request_heads_are_rewritten_for_the_upstream() {
     assert!(keep);
     assert_eq!(
         head,
-        "GET /a?b HTTP/1.1\r\nHost: svc\r\nAccept: */*\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: svc\r\n\r\n"
+        "GET /a?b HTTP/1.1\r\nHost: svc\r\nAccept: */*\r\nVia: 1.1 sy-1\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: svc\r\n\r\n"
     );
 }
 
@@ -372,4 +376,30 @@ fn status_lines_parse() {
     assert!(parse_status_line(b"HTTP/1.1 2000 x").is_err());
     assert!(parse_status_line(b"HTTP/1.1 099 x").is_err());
     assert!(parse_status_line(b"HTTP/2 200").is_err());
+}
+
+#[test]
+fn via_names_each_proxy_a_request_passed() {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let text = b"GET / HTTP/1.1\r\nHost: a\r\nVia: 1.0 fred, 1.1 sy-1 (switchyard)\r\nVia: HTTP/1.1 edge\r\n\r\n";
+    let r = parse_request(text, &mut hs).unwrap().unwrap();
+    assert!(r.via_has("sy-1") && r.via_has("edge") && r.via_has("fred"));
+    assert!(!r.via_has("sy") && !r.via_has("1.1"));
+    let mut out = Vec::new();
+    r.write_upstream_head(
+        &mut out,
+        "/",
+        "a",
+        &Hop {
+            client_ip: "10.0.0.1",
+            via: "sy-2",
+        },
+    );
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains(
+            "Via: 1.0 fred, 1.1 sy-1 (switchyard)\r\nVia: HTTP/1.1 edge\r\nVia: 1.1 sy-2\r\n"
+        ),
+        "{out}"
+    );
 }

@@ -168,12 +168,11 @@ pub fn forward_request(input: &[u8], piece: usize) -> Result<Option<(Vec<u8>, us
         return Ok(None);
     };
     let mut out = Vec::new();
-    req.write_upstream_head(
-        &mut out,
-        &req.target,
-        req.host.unwrap_or("svc"),
-        "192.0.2.1",
-    );
+    let hop = super::Hop {
+        client_ip: "192.0.2.1",
+        via: "switchyard-test",
+    };
+    req.write_upstream_head(&mut out, &req.target, req.host.unwrap_or("svc"), &hop);
     let mut body = Reframe::new(req.framing, BodyOut::Chunked);
     let at = feed(&mut body, input, req.head_len, piece, &mut out)?;
     Ok(body.done().then_some((out, at)))
@@ -264,7 +263,7 @@ pub fn request_invariant(input: &[u8]) -> Result<(), String> {
     }
     let (msg2, _) = read(&again.0, Kind::Request)?;
     // what the proxy adds for a hop: one more address, and X-Forwarded-Host once a Host is known
-    let hop = ["x-forwarded-for", "x-forwarded-host"];
+    let hop = ["x-forwarded-for", "x-forwarded-host", "via"];
     if msg.start_line != msg2.start_line
         || without(&msg.fields, &hop) != without(&msg2.fields, &hop)
         || msg.body != msg2.body
