@@ -78,6 +78,7 @@ pub struct ProxySection {
     pub downstream_read_timeout_ms: u64,
     pub request_header_timeout_ms: u64,
     pub tunnel_idle_timeout_ms: u64,
+    pub max_client_connections: usize,
     pub keepalive_pool_size: usize,
     pub max_tries: usize,
     pub grace_period_seconds: u64,
@@ -98,6 +99,7 @@ impl Default for ProxySection {
             downstream_read_timeout_ms: 60_000,
             request_header_timeout_ms: 10_000,
             tunnel_idle_timeout_ms: 300_000,
+            max_client_connections: 0,
             keepalive_pool_size: 256,
             max_tries: 3,
             grace_period_seconds: 0,
@@ -330,6 +332,9 @@ pub struct ProxyConfig {
     pub request_header_timeout: Duration,
     /// An upgraded connection (WebSocket) with no bytes either way for this long is closed.
     pub tunnel_idle_timeout: Duration,
+    /// Open client connections at most (0: what the open-file limit carries, see
+    /// [`crate::limits`]); more are answered 503 and closed.
+    pub max_client_connections: usize,
     pub keepalive_pool_size: usize,
     pub max_tries: usize,
     pub grace_period: Duration,
@@ -437,6 +442,7 @@ impl FileConfig {
                 p.request_header_timeout_ms,
             )?,
             tunnel_idle_timeout: ms("proxy.tunnel_idle_timeout_ms", p.tunnel_idle_timeout_ms)?,
+            max_client_connections: p.max_client_connections,
             keepalive_pool_size: p.keepalive_pool_size,
             max_tries: p.max_tries,
             grace_period: Duration::from_secs(p.grace_period_seconds),

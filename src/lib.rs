@@ -40,6 +40,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
 //! - [`metrics`]: every Prometheus metric family.
 //! - [`events`]: a small ring of recent notable events for the status page.
+//! - [`limits`]: the open-file limit, raised at start, and the client connections it carries.
 //! - [`memory`]: giving freed memory back to the system after a burst (initial list, big scrape).
 //! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
 //! - [`server`]: wiring of all of the above into one pingora server.
@@ -51,6 +52,7 @@ pub mod engine;
 pub mod events;
 pub mod health;
 pub mod http1;
+pub mod limits;
 pub mod memory;
 pub mod metrics;
 pub mod proxy;

@@ -36,6 +36,8 @@ pub const UNKNOWN_SERVICE: &str = "(unknown)";
 
 pub struct Metrics {
     pub client_connections: IntGaugeVec,
+    pub client_connections_refused: IntCounter,
+    pub local_errors: IntCounter,
     pub health_checks_running: IntGauge,
     pub health_first_checks_queued: IntGauge,
     pub health_connections: IntGauge,
@@ -72,6 +74,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "switchyard_client_connections",
             "Open client connections, by proxy thread (native engine; threads are numbered in the order they got their first connection).",
             &["thread"]
+        )?,
+        client_connections_refused: register_int_counter!(
+            "switchyard_client_connections_refused_total",
+            "Client connections answered 503 and closed because proxy.max_client_connections were open."
+        )?,
+        local_errors: register_int_counter!(
+            "switchyard_proxy_local_errors_total",
+            "Connections to instances that failed for a shortage on the proxy's side (open files, memory, local ports): answered 503, never counted against the instance."
         )?,
         health_checks_running: register_int_gauge!(
             "switchyard_health_checks_running",

@@ -150,6 +150,9 @@ impl Switchyard {
             access_log: config.log.access_log,
             workers: Default::default(),
             via: crate::engine::via_name(),
+            max_clients: crate::limits::client_connection_limit(
+                config.proxy.max_client_connections,
+            ),
         };
         let mut service = ListeningService::new("proxy".to_string(), engine);
         // The engine reads into its own buffer and writes whole heads: pingora's per-connection

@@ -30,6 +30,8 @@ use timer::timed;
 pub(super) enum UpstreamError {
     /// No instance left to try (none usable, or all tried).
     NoInstance,
+    /// The proxy itself ran short (open files, memory, local ports): no instance is to blame.
+    Local(io::Error),
     Connect(io::Error),
     /// The connection closed or failed before any response byte arrived.
     NoResponse(io::Error),
@@ -127,6 +129,10 @@ impl Engine {
                     Some(s) => s,
                     None => match Box::pin(connect(addr, cfg.connect_timeout)).await {
                         Ok(s) => s,
+                        Err(e) if is_local(&e) => {
+                            crate::metrics::METRICS.local_errors.inc();
+                            return Err((UpstreamError::Local(e), None));
+                        }
                         Err(e) => {
                             crate::health::passive_failure(service, &inst, &e);
                             if attempt.can_retry(service, cfg.max_tries) {
@@ -336,6 +342,14 @@ where
     }
 }
 
+/// A failure of the proxy's own resources, not of the instance it was connecting to.
+fn is_local(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EADDRNOTAVAIL)
+    )
+}
+
 async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
     let s = timed(limit, TcpStream::connect(addr)).await?;
     s.set_nodelay(true)?;
@@ -357,5 +371,32 @@ pub(super) async fn read_first<R: AsyncRead + Unpin>(
         Ok(n) => Ok(n),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(UpstreamError::Timeout),
         Err(e) => Err(UpstreamError::NoResponse(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_proxys_own_shortages_are_local() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::ENOBUFS,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ECONNRESET,
+        ] {
+            assert!(!is_local(&io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        assert!(!is_local(&io::Error::from(io::ErrorKind::TimedOut)));
     }
 }

@@ -43,7 +43,7 @@ mod request;
 pub mod threads;
 pub mod timer;
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,7 +77,12 @@ pub struct Engine {
     pub workers: Workers,
     /// This process's name in `Via` ([`via_name`]).
     pub via: Arc<str>,
+    /// Open client connections at most ([`crate::limits::client_connection_limit`]).
+    pub max_clients: usize,
 }
+
+/// The answer to a connection over `proxy.max_client_connections`.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 51\r\nconnection: close\r\nretry-after: 1\r\n\r\nswitchyard: too many client connections, try again\n";
 
 /// A name for this process in `Via` fields: unique enough that a request which comes back to the
 /// same process (a registration that leads to the proxy itself, directly or through other
@@ -103,7 +108,14 @@ impl ServerApp for Engine {
         };
         drop(io);
         let here = self.workers.local();
-        let (there, serving) = self.workers.place(here.clone());
+        let Some((there, serving)) = self.workers.place(here.clone(), self.max_clients) else {
+            // at proxy.max_client_connections: say so and close (the socket is still blocking-
+            // free: a short answer fits the send buffer, or is dropped)
+            crate::metrics::METRICS.client_connections_refused.inc();
+            let _ = (&socket).write(TOO_MANY_CONNECTIONS);
+            debug!("client connection from {ip} refused: proxy.max_client_connections reached");
+            return None;
+        };
         let shutdown = shutdown.clone();
         // The connection gets a task of its own, also on this thread: pingora's task for it (2 KiB,
         // sized for its accept and handshake steps) and this boxed future (1.4 KiB) end now

@@ -372,6 +372,10 @@ fn error_status(e: &UpstreamError, attempt: &Attempt) -> (u16, String) {
     let tries = attempt.tried.len();
     match e {
         UpstreamError::Timeout => (504, "upstream timed out".into()),
+        UpstreamError::Local(err) => (
+            503,
+            format!("the proxy is short of resources ({err}); no instance was tried"),
+        ),
         UpstreamError::NoInstance => (
             if tries == 0 { 503 } else { 502 },
             format!("no usable instance left after {tries} tries"),

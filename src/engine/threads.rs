@@ -93,17 +93,24 @@ impl Workers {
     }
 
     /// The worker for a new connection: the least loaded one, `here` unless another has fewer
-    /// connections. The connection is counted on it until the returned guard drops.
-    pub fn place(&self, here: Arc<Worker>) -> (Arc<Worker>, Serving) {
+    /// connections. The connection is counted on it until the returned guard drops. `None` when
+    /// `max` connections are open already.
+    pub fn place(&self, here: Arc<Worker>, max: usize) -> Option<(Arc<Worker>, Serving)> {
         let mut best = here;
+        let mut open = 0;
         for w in self.all.lock().unwrap().iter() {
-            if w.connections() < best.connections() {
+            let n = w.connections();
+            open += n;
+            if n < best.connections() {
                 best = w.clone();
             }
         }
+        if open >= max {
+            return None;
+        }
         best.conns.fetch_add(1, Ordering::Relaxed);
         best.gauge.inc();
-        (best.clone(), Serving(best))
+        Some((best.clone(), Serving(best)))
     }
 
     /// Open client connections per known thread, in the order the threads joined.
@@ -139,13 +146,16 @@ mod tests {
         assert_eq!(workers.connections(), vec![0, 0]);
 
         // a tie stays where it is
-        let (first, g1) = workers.place(a.clone());
+        let (first, g1) = workers.place(a.clone(), 3).unwrap();
         assert!(Arc::ptr_eq(&first, &a));
         // a has one, b none: the next goes to b even when it was accepted on a
-        let (second, g2) = workers.place(a.clone());
+        let (second, g2) = workers.place(a.clone(), 3).unwrap();
         assert!(Arc::ptr_eq(&second, &b));
-        let (third, g3) = workers.place(b.clone());
+        let (third, g3) = workers.place(b.clone(), 3).unwrap();
         assert!(Arc::ptr_eq(&third, &b));
+        assert_eq!(workers.connections(), vec![1, 2]);
+        // at the bound, none more
+        assert!(workers.place(a.clone(), 3).is_none());
         assert_eq!(workers.connections(), vec![1, 2]);
         drop((g2, g3));
         assert_eq!(workers.connections(), vec![1, 0]);
