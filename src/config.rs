@@ -79,6 +79,9 @@ pub struct ProxySection {
     pub request_header_timeout_ms: u64,
     pub tunnel_idle_timeout_ms: u64,
     pub max_client_connections: usize,
+    pub per_try_timeout_ms: u64,
+    pub min_request_body_rate: u64,
+    pub request_body_rate_grace_ms: u64,
     pub keepalive_pool_size: usize,
     pub max_tries: usize,
     pub grace_period_seconds: u64,
@@ -100,6 +103,9 @@ impl Default for ProxySection {
             request_header_timeout_ms: 10_000,
             tunnel_idle_timeout_ms: 300_000,
             max_client_connections: 0,
+            per_try_timeout_ms: 0,
+            min_request_body_rate: 256,
+            request_body_rate_grace_ms: 10_000,
             keepalive_pool_size: 256,
             max_tries: 3,
             grace_period_seconds: 0,
@@ -335,6 +341,13 @@ pub struct ProxyConfig {
     /// Open client connections at most (0: what the open-file limit carries, see
     /// [`crate::limits`]); more are answered 503 and closed.
     pub max_client_connections: usize,
+    /// First-byte limit of one try of an idempotent request (then another instance is tried);
+    /// `read_timeout` when not set.
+    pub per_try_timeout: Duration,
+    /// Bytes per second a streamed request body must average once its grace time is over
+    /// (0: no minimum).
+    pub min_request_body_rate: u64,
+    pub request_body_rate_grace: Duration,
     pub keepalive_pool_size: usize,
     pub max_tries: usize,
     pub grace_period: Duration,
@@ -443,6 +456,16 @@ impl FileConfig {
             )?,
             tunnel_idle_timeout: ms("proxy.tunnel_idle_timeout_ms", p.tunnel_idle_timeout_ms)?,
             max_client_connections: p.max_client_connections,
+            per_try_timeout: if p.per_try_timeout_ms == 0 {
+                Duration::from_millis(p.read_timeout_ms)
+            } else {
+                ms("proxy.per_try_timeout_ms", p.per_try_timeout_ms)?
+            },
+            min_request_body_rate: p.min_request_body_rate,
+            request_body_rate_grace: ms(
+                "proxy.request_body_rate_grace_ms",
+                p.request_body_rate_grace_ms,
+            )?,
             keepalive_pool_size: p.keepalive_pool_size,
             max_tries: p.max_tries,
             grace_period: Duration::from_secs(p.grace_period_seconds),

@@ -1,5 +1,6 @@
-//! The proxy's own limits (issue 17, finding 5): client connections are bounded with a clear
-//! answer. (That a local shortage is never blamed on an instance is a unit test of
+//! The proxy's own limits (issue 17, findings 5-7): client connections are bounded with a clear
+//! answer, a slow request body is cut off, and a silent or ejected instance costs an idempotent
+//! request one try, not the read timeout. (That a local shortage is never blamed on an instance is a unit test of
 //! `engine::exchange`: running a real proxy out of descriptors at the moment it connects is a
 //! race, since every failed accept frees the descriptor it took.)
 
@@ -67,5 +68,114 @@ async fn client_connections_over_the_bound_are_answered_503() {
     assert!(
         metrics.contains("switchyard_client_connections_refused_total"),
         "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_slower_than_the_minimum_rate_is_answered_408() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nmin_request_body_rate = 1000\nrequest_body_rate_grace_ms = 300\nconnect_timeout_ms = 500\nread_timeout_ms = 5000\n")
+        .start()
+        .await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/b/1", b.addr_string()).await;
+    proxy.wait_usable("b", 1).await;
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let started = std::time::Instant::now();
+    // 10 bytes of 100,000, then a byte every 200 ms: well within the per-read timeout
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: b\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        tokio::select! {
+            r = s.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                let _ = s.write_all(b"x").await;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no answer: {out:?}"
+        );
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("too slowly"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "408 after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instance_costs_an_idempotent_request_one_try_not_the_read_timeout() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nper_try_timeout_ms = 300\nconnect_timeout_ms = 500\nread_timeout_ms = 20000\n[health]\nenabled = false\n")
+        .start()
+        .await;
+    let (hung, live) = (Backend::start("hung").await, Backend::start("live").await);
+    etcd.put("/services/s/hung", hung.addr_string()).await;
+    etcd.put("/services/s/live", live.addr_string()).await;
+    proxy.wait_usable("s", 2).await;
+    hung.set_hang(true);
+    let c = support::client();
+    for i in 0..6 {
+        let started = std::time::Instant::now();
+        let r = c
+            .get(proxy.url("/s/x"))
+            .header("host", "s")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "request {i} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_an_instance_that_gets_ejected_go_to_another_one() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nconnect_timeout_ms = 500\nread_timeout_ms = 30000\n[health]\ninterval_ms = 200\ntimeout_ms = 200\njitter_ms = 0\n")
+        .start()
+        .await;
+    let (hung, live) = (Backend::start("hung").await, Backend::start("live").await);
+    etcd.put("/services/s/hung", hung.addr_string()).await;
+    etcd.put("/services/s/live", live.addr_string()).await;
+    proxy.wait_usable("s", 2).await;
+    hung.set_hang(true);
+    // requests in flight on the hung instance finish on the live one once checks eject it
+    let started = std::time::Instant::now();
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/x");
+        calls.push(tokio::spawn(async move {
+            support::client()
+                .get(url)
+                .header("host", "s")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "requests waited {:?} (read_timeout is 30 s)",
+        started.elapsed()
     );
 }

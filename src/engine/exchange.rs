@@ -23,7 +23,7 @@ use super::request::Head;
 use super::{pool, read_more, timer, Conn, Engine, CLIENT_BUF, UPSTREAM_BUF};
 use crate::config::ProxyConfig;
 use crate::http1::{BodyError, BodyOut, Framing, HeadError, Reframe};
-use crate::routing::{Instance, InstanceState, Service};
+use crate::routing::{Health, Instance, InstanceState, Service};
 use timer::timed;
 
 /// Why proxying to an instance failed.
@@ -32,6 +32,8 @@ pub(super) enum UpstreamError {
     NoInstance,
     /// The proxy itself ran short (open files, memory, local ports): no instance is to blame.
     Local(io::Error),
+    /// The instance was ejected (by its checks) while the request waited for its first byte.
+    Ejected,
     Connect(io::Error),
     /// The connection closed or failed before any response byte arrived.
     NoResponse(io::Error),
@@ -45,6 +47,8 @@ pub(super) enum UpstreamError {
     Client(io::Error),
     /// The client's request body broke its framing.
     ClientBody(BodyError),
+    /// The client sent its body slower than `proxy.min_request_body_rate`.
+    SlowClient,
 }
 
 /// Why streaming a request body stopped early.
@@ -55,6 +59,39 @@ enum PumpError {
     Body(BodyError),
     /// Writing to the instance failed: it may have answered early and closed.
     Upstream,
+    /// The client sent its body slower than `proxy.min_request_body_rate`.
+    TooSlow,
+}
+
+/// The minimum rate of a streamed request body: once `grace` is over, `received` bytes must have
+/// come by `start + grace + received / rate`.
+struct BodyRate {
+    start: Instant,
+    grace: Duration,
+    bytes_per_sec: u64,
+}
+
+impl BodyRate {
+    fn new(cfg: &ProxyConfig) -> BodyRate {
+        BodyRate {
+            start: Instant::now(),
+            grace: cfg.request_body_rate_grace,
+            bytes_per_sec: cfg.min_request_body_rate,
+        }
+    }
+
+    /// How long the next read may take (at most `per_read`).
+    fn wait_limit(&self, received: u64, per_read: Duration) -> Duration {
+        if self.bytes_per_sec == 0 {
+            return per_read;
+        }
+        let earned =
+            self.grace + Duration::from_secs_f64(received as f64 / self.bytes_per_sec as f64);
+        let due = self.start + earned;
+        due.saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+            .min(per_read)
+    }
 }
 
 /// The instance(s) one request has tried, and the in-flight count of the current one.
@@ -147,6 +184,18 @@ impl Engine {
                 // response is read
                 let failed = match timed(cfg.write_timeout, up.write_all(&conn.out)).await {
                     Ok(()) if !inline => break 'instances (up, None, started, inst),
+                    Ok(()) if head.idempotent => {
+                        let first = read_first_watching(
+                            &mut up,
+                            &mut conn.rbuf,
+                            cfg.per_try_timeout,
+                            &inst,
+                        );
+                        match first.await {
+                            Ok(n) => break 'instances (up, Some(n), started, inst),
+                            Err(e) => e,
+                        }
+                    }
                     Ok(()) => match read_first(&mut up, &mut conn.rbuf, cfg.read_timeout).await {
                         Ok(n) => break 'instances (up, Some(n), started, inst),
                         Err(e) => e,
@@ -173,6 +222,10 @@ impl Engine {
                         if head.idempotent && attempt.can_retry(service, cfg.max_tries) =>
                     {
                         crate::health::passive_failure(service, &inst, &"upstream read timed out");
+                        continue 'instances;
+                    }
+                    // ejected while this request waited on it: another instance, at once
+                    UpstreamError::Ejected if attempt.can_retry(service, cfg.max_tries) => {
                         continue 'instances;
                     }
                     e => return Err((e, None)),
@@ -269,6 +322,7 @@ async fn streamed(
                 Err(PumpError::Upstream) => None,
                 Err(PumpError::Client(e)) => return Err(UpstreamError::Client(e)),
                 Err(PumpError::Body(e)) => return Err(UpstreamError::ClientBody(e)),
+                Err(PumpError::TooSlow) => return Err(UpstreamError::SlowClient),
             }
         }
         r = ur.read_buf(rbuf) => match r {
@@ -292,6 +346,7 @@ async fn streamed(
                     Err(PumpError::Upstream) => {}
                     Err(PumpError::Client(e)) => return Err(UpstreamError::Client(e)),
                     Err(PumpError::Body(e)) => return Err(UpstreamError::ClientBody(e)),
+                    Err(PumpError::TooSlow) => return Err(UpstreamError::SlowClient),
                 }
             }
             r = &mut run => return r,
@@ -314,6 +369,8 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut body = Reframe::new(framing, BodyOut::Chunked);
+    let rate = BodyRate::new(cfg);
+    let mut received = cbuf.len() as u64;
     loop {
         if !cbuf.is_empty() {
             encoded.clear();
@@ -328,15 +385,22 @@ where
         if body.done() {
             return Ok(());
         }
+        let before = cbuf.len();
         let read = read_more(client, cbuf, CLIENT_BUF, CLIENT_BUF);
-        match timed(cfg.downstream_read_timeout, read).await {
+        let limit = rate.wait_limit(received, cfg.downstream_read_timeout);
+        match timed(limit, read).await {
             Ok(0) => {
                 return Err(PumpError::Client(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "client closed inside the request body",
                 )))
             }
-            Ok(_) => {}
+            Ok(_) => received += (cbuf.len() - before) as u64,
+            Err(e)
+                if e.kind() == io::ErrorKind::TimedOut && limit < cfg.downstream_read_timeout =>
+            {
+                return Err(PumpError::TooSlow)
+            }
             Err(e) => return Err(PumpError::Client(e)),
         }
     }
@@ -354,6 +418,42 @@ async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
     let s = timed(limit, TcpStream::connect(addr)).await?;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// How often a request waiting for its first byte looks whether its instance was ejected.
+const EJECTION_POLL: Duration = Duration::from_millis(250);
+
+/// [`read_first`] for a request that may go to another instance: within `limit`, and ending with
+/// [`UpstreamError::Ejected`] as soon as the instance is found ejected while it stays silent (a
+/// hung instance takes no waiting request down with it).
+async fn read_first_watching<R: AsyncRead + Unpin>(
+    up: &mut R,
+    rbuf: &mut Vec<u8>,
+    limit: Duration,
+    inst: &Instance,
+) -> Result<usize, UpstreamError> {
+    rbuf.clear();
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(UpstreamError::Timeout);
+        }
+        // read_buf is cancel-safe: a slice that ends without bytes loses none
+        match timed(left.min(EJECTION_POLL), up.read_buf(rbuf)).await {
+            Ok(0) => {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before responding");
+                return Err(UpstreamError::NoResponse(e));
+            }
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                if inst.state.health() == Health::Unhealthy {
+                    return Err(UpstreamError::Ejected);
+                }
+            }
+            Err(e) => return Err(UpstreamError::NoResponse(e)),
+        }
+    }
 }
 
 /// Reads until at least one byte of the response arrived. Returns the bytes buffered.

@@ -306,7 +306,9 @@ impl Engine {
                 // the client may still be sending a body nobody reads
                 let body_read = head.framing.is_empty() || matches!(e, UpstreamError::Client(_));
                 let error = match &e {
-                    UpstreamError::Client(_) | UpstreamError::ClientBody(_) => "downstream",
+                    UpstreamError::Client(_)
+                    | UpstreamError::ClientBody(_)
+                    | UpstreamError::SlowClient => "downstream",
                     UpstreamError::Timeout => "timeout",
                     _ => "upstream",
                 };
@@ -376,6 +378,11 @@ fn error_status(e: &UpstreamError, attempt: &Attempt) -> (u16, String) {
             503,
             format!("the proxy is short of resources ({err}); no instance was tried"),
         ),
+        UpstreamError::Ejected => (
+            502,
+            format!("the instance was ejected while the request waited, after {tries} tries"),
+        ),
+        UpstreamError::SlowClient => (408, "request body sent too slowly".into()),
         UpstreamError::NoInstance => (
             if tries == 0 { 503 } else { 502 },
             format!("no usable instance left after {tries} tries"),
