@@ -433,9 +433,10 @@ async fn read_first_watching<R: AsyncRead + Unpin>(
     inst: &Instance,
 ) -> Result<usize, UpstreamError> {
     rbuf.clear();
-    let deadline = Instant::now() + limit;
+    // on the coarse clock: no clock read on the common path beyond the wheel's own
+    let deadline = timer::now_ms() + limit.as_millis() as u64;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = Duration::from_millis(deadline.saturating_sub(timer::now_ms()));
         if left.is_zero() {
             return Err(UpstreamError::Timeout);
         }
