@@ -62,6 +62,8 @@ pub struct FileConfig {
     pub services: BTreeMap<String, ServiceSection>,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub consul: ConsulSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +290,25 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[consul]`: the Consul-compatible agent API ([`crate::consul`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsulSection {
+    pub enabled: bool,
+    pub listen: String,
+    pub token: Option<String>,
+}
+
+impl Default for ConsulSection {
+    fn default() -> Self {
+        ConsulSection {
+            enabled: true,
+            listen: "127.0.0.1:8500".into(),
+            token: None,
+        }
+    }
+}
+
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -309,6 +330,8 @@ pub struct Config {
     pub default_service: ServiceSettings,
     pub health: HealthConfig,
     pub log: LogSection,
+    /// The Consul-compatible API; `None` when `consul.enabled = false`.
+    pub consul: Option<crate::consul::ConsulConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -608,6 +631,30 @@ impl FileConfig {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
         }
+        let consul = match self.consul.enabled {
+            false => None,
+            true => {
+                let listen = parse_addr("consul.listen", &self.consul.listen)?;
+                if listen == proxy.listen || listen == admin_listen {
+                    return Err(invalid(
+                        "consul.listen",
+                        format!("{listen} is the same address as proxy.listen or admin.listen"),
+                    ));
+                }
+                if self
+                    .consul
+                    .token
+                    .as_deref()
+                    .is_some_and(|t| t.trim().is_empty())
+                {
+                    return Err(invalid("consul.token", "must not be empty when set"));
+                }
+                Some(crate::consul::ConsulConfig {
+                    listen,
+                    token: self.consul.token.clone(),
+                })
+            }
+        };
         Ok(Config {
             proxy,
             admin_listen,
@@ -617,6 +664,7 @@ impl FileConfig {
             default_service,
             health,
             log: self.log,
+            consul,
         })
     }
 }
@@ -744,6 +792,10 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.etcd.endpoints, ["http://127.0.0.1:2379"]);
         assert_eq!(c.etcd.prefix, "/services/");
+        let consul = c.consul.as_ref().expect("the Consul API is on by default");
+        assert_eq!(consul.listen.to_string(), "127.0.0.1:8500");
+        assert_eq!(consul.token, None);
+        assert!(check("[consul]\nenabled = false").unwrap().consul.is_none());
         // the embedded file and the code defaults agree
         let d = check("").unwrap();
         assert_eq!(format!("{:?}", c.proxy), format!("{:?}", d.proxy));
@@ -792,6 +844,9 @@ mod tests {
             ),
             ("[services.a.health]\ntypo = 1", "typo"),
             ("[log]\nformat = \"xml\"", "xml"),
+            ("[consul]\nlisten = \"8500\"", "consul.listen"),
+            ("[consul]\ntoken = \" \"", "consul.token"),
+            ("[consul]\nport = 1", "port"),
             ("not toml at all [", "invalid config"),
         ];
         for (text, want) in cases {

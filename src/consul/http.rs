@@ -1,0 +1,550 @@
+//! The HTTP side: the listener (hyper, HTTP/1.1), the ACL token, routing to the endpoints,
+//! query parameters, blocking queries and Consul's response headers.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::Request;
+use rand::Rng;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::decode::{check_update, parse_go_duration, Status};
+use super::view::View;
+use super::{ApiError, ConsulApi};
+
+/// Largest request body accepted (a registration is a few hundred bytes).
+const MAX_BODY: usize = 1 << 20;
+/// A blocking query's `wait` when none is given, and the most it may be (Consul's).
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// Query parameters, decoded; a key may repeat (`tag=a&tag=b`).
+#[derive(Debug, Default)]
+pub struct Query(Vec<(String, String)>);
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A path segment: like a query value, but `+` is a plus.
+fn decode_segment(s: &str) -> String {
+    percent_decode(&s.replace('+', "%2B"))
+}
+
+impl Query {
+    pub fn parse(q: Option<&str>) -> Query {
+        Query(
+            q.unwrap_or("")
+                .split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn all(&self, key: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// `?flag`, `?flag=1`, `?flag=true` → true; absent → false.
+    fn flag(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some("" | "1" | "true" | "t" | "T" | "TRUE" | "True") => Ok(true),
+            Some("0" | "false" | "f" | "F" | "FALSE" | "False") => Ok(false),
+            Some(_) => Err(ApiError::BadRequest(format!("Invalid value for ?{key}"))),
+        }
+    }
+
+    /// `index` and `wait` of a blocking query; `None` for a plain query.
+    fn blocking(&self) -> Result<Option<(u64, Duration)>, ApiError> {
+        let index = match self.get("index") {
+            None | Some("") => return Ok(None),
+            Some(v) => v
+                .parse::<u64>()
+                .map_err(|_| ApiError::BadRequest("Invalid index".into()))?,
+        };
+        if index == 0 {
+            return Ok(None);
+        }
+        let wait = match self.get("wait") {
+            None | Some("") => DEFAULT_WAIT,
+            Some(v) => parse_go_duration(v)
+                .map_err(|_| ApiError::BadRequest("Invalid wait time".into()))?,
+        };
+        Ok(Some((index, wait.min(MAX_WAIT))))
+    }
+}
+
+/// A successful answer: JSON (or nothing), and the index for `X-Consul-Index`.
+struct Reply {
+    body: Option<Value>,
+    index: Option<u64>,
+}
+
+impl Reply {
+    fn empty() -> Reply {
+        Reply {
+            body: None,
+            index: None,
+        }
+    }
+    fn json(body: Value, index: Option<u64>) -> Reply {
+        Reply {
+            body: Some(body),
+            index,
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let status = match e {
+        ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+    };
+    response(
+        status,
+        "text/plain; charset=utf-8",
+        e.to_string().into_bytes(),
+    )
+}
+
+impl ConsulApi {
+    /// Serves `listener` until `shutdown` turns true.
+    pub(super) async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // out of descriptors and the like: do not spin
+                        warn!(error = %e, "Consul API: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let api = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(peer, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    debug!(peer = %peer, error = %e, "Consul API connection ended");
+                }
+            });
+        }
+    }
+
+    /// Is the request allowed? The token from `X-Consul-Token`, `Authorization: Bearer` or
+    /// `?token=`.
+    fn authorize(&self, req: &Request<Incoming>, query: &Query) -> Result<(), ApiError> {
+        let Some(want) = &self.token else {
+            return Ok(());
+        };
+        let headers = req.headers();
+        let given = headers
+            .get("x-consul-token")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            })
+            .or_else(|| query.get("token"))
+            .filter(|t| !t.is_empty());
+        match given {
+            None => Err(ApiError::Forbidden(
+                "Permission denied: token required".into(),
+            )),
+            Some(t) if constant_time_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::Forbidden("ACL not found".into())),
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        let query = Query::parse(req.uri().query());
+        let pretty = query.get("pretty").is_some();
+        let path = req.uri().path().to_string();
+        let open = path.starts_with("/v1/status/");
+        let result = match (open, self.authorize(&req, &query)) {
+            (false, Err(e)) => Err(e),
+            _ => self.route(peer, req, &path, &query).await,
+        };
+        match result {
+            Err(e) => {
+                debug!(path = %path, error = %e, "Consul API request refused");
+                error_response(&e)
+            }
+            Ok(reply) => {
+                let mut resp = match reply.body {
+                    None => response(StatusCode::OK, "text/plain; charset=utf-8", Vec::new()),
+                    Some(v) => {
+                        let mut body = if pretty {
+                            serde_json::to_vec_pretty(&v)
+                        } else {
+                            serde_json::to_vec(&v)
+                        }
+                        .unwrap_or_default();
+                        body.push(b'\n');
+                        response(StatusCode::OK, "application/json", body)
+                    }
+                };
+                let h = resp.headers_mut();
+                if let Some(index) = reply.index {
+                    h.insert("x-consul-index", HeaderValue::from(index.max(1)));
+                    h.insert("x-consul-knownleader", HeaderValue::from_static("true"));
+                    h.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+                }
+                resp
+            }
+        }
+    }
+
+    async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(
+                format!("Request body too large (more than {MAX_BODY} bytes)"),
+            )),
+            Err(e) => Err(ApiError::BadRequest(format!("Request body not read: {e}"))),
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View {
+            node: &self.node,
+            datacenter: super::DATACENTER,
+        }
+    }
+
+    /// Waits as a blocking query asks: until `index_of()` passes the client's index, or `wait`
+    /// (plus up to 1/16 of it, as Consul, so clients do not come back all at once) is over.
+    /// An index ahead of ours (from before a restart) is answered at once. Returns the index
+    /// to answer with.
+    async fn block(
+        &self,
+        query: &Query,
+        index_of: impl Fn() -> (u64, u64),
+    ) -> Result<u64, ApiError> {
+        let Some((min, wait)) = query.blocking()? else {
+            return Ok(index_of().1);
+        };
+        let jitter = wait.as_millis() as u64 / 16;
+        let wait = wait + Duration::from_millis(rand::thread_rng().gen_range(0..=jitter));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.dir.subscribe();
+        loop {
+            let (wake, answer) = index_of();
+            if wake > min || min > self.dir.index() {
+                return Ok(answer);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(index_of().1);
+            }
+        }
+    }
+
+    /// `(index that wakes a blocking query on the service, index to answer with)`.
+    fn service_index(&self, name: &str) -> (u64, u64) {
+        match self.dir.service_index(name) {
+            Some(i) => (i, i),
+            // a service never seen: only its appearance is a change for it
+            None => (0, self.dir.index()),
+        }
+    }
+
+    fn datacenter(query: &Query) -> Result<(), ApiError> {
+        match query.get("dc") {
+            None | Some("") => Ok(()),
+            Some(dc) if dc == super::DATACENTER => Ok(()),
+            Some(_) => Err(ApiError::Internal("No path to datacenter".into())),
+        }
+    }
+
+    async fn route(
+        &self,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        path: &str,
+        query: &Query,
+    ) -> Result<Reply, ApiError> {
+        let method = req.method().clone();
+        let get = method == Method::GET || method == Method::HEAD;
+        let put = method == Method::PUT;
+        let wrong_method = || ApiError::MethodNotAllowed(format!("method {method} not allowed"));
+        let tail = |prefix: &str| path.strip_prefix(prefix).map(decode_segment);
+        Self::datacenter(query)?;
+
+        if let Some(name) = tail("/v1/health/service/") {
+            if !get {
+                return Err(wrong_method());
+            }
+            let passing = query.flag("passing")?;
+            let tags = query.all("tag");
+            let index = self.block(query, || self.service_index(&name)).await?;
+            let table = self.table.load();
+            let body = self
+                .view()
+                .health_service(&table, &name, passing, &tags, index);
+            return Ok(Reply::json(body, Some(index)));
+        }
+        if let Some(name) = tail("/v1/health/checks/") {
+            if !get {
+                return Err(wrong_method());
+            }
+            let index = self.block(query, || self.service_index(&name)).await?;
+            let table = self.table.load();
+            return Ok(Reply::json(
+                self.view().health_checks(&table, &name, index),
+                Some(index),
+            ));
+        }
+        if let Some(name) = tail("/v1/catalog/service/") {
+            if !get {
+                return Err(wrong_method());
+            }
+            let tags = query.all("tag");
+            let index = self.block(query, || self.service_index(&name)).await?;
+            let table = self.table.load();
+            let body = self.view().catalog_service(&table, &name, &tags, index);
+            return Ok(Reply::json(body, Some(index)));
+        }
+        if path == "/v1/catalog/services" {
+            if !get {
+                return Err(wrong_method());
+            }
+            let index = self
+                .block(query, || {
+                    let i = self.dir.index();
+                    (i, i)
+                })
+                .await?;
+            let table = self.table.load();
+            return Ok(Reply::json(
+                self.view().catalog_services(&table),
+                Some(index),
+            ));
+        }
+        if path == "/v1/agent/services" {
+            if !get {
+                return Err(wrong_method());
+            }
+            let table = self.table.load();
+            return Ok(Reply::json(self.view().agent_services(&table), None));
+        }
+        if path == "/v1/agent/checks" {
+            if !get {
+                return Err(wrong_method());
+            }
+            let table = self.table.load();
+            let index = self.dir.index();
+            return Ok(Reply::json(self.view().agent_checks(&table, index), None));
+        }
+        if path == "/v1/agent/service/register" {
+            if !put {
+                return Err(wrong_method());
+            }
+            let replace = query.flag("replace-existing-checks")?;
+            let body = Self::body(req).await?;
+            self.agent.register(&body, replace, peer.ip()).await?;
+            return Ok(Reply::empty());
+        }
+        if let Some(id) = tail("/v1/agent/service/deregister/") {
+            if !put {
+                return Err(wrong_method());
+            }
+            self.agent.deregister(&id).await?;
+            return Ok(Reply::empty());
+        }
+        if let Some(id) = tail("/v1/agent/service/") {
+            if !get {
+                return Err(wrong_method());
+            }
+            let table = self.table.load();
+            return match self.view().agent_service_by_id(&table, &id) {
+                Some(v) => Ok(Reply::json(v, None)),
+                None => Err(ApiError::NotFound(format!("unknown service ID: {id}"))),
+            };
+        }
+        for (verb, status) in [
+            ("pass", Status::Passing),
+            ("warn", Status::Warning),
+            ("fail", Status::Critical),
+        ] {
+            if let Some(id) = tail(&format!("/v1/agent/check/{verb}/")) {
+                if !put {
+                    return Err(wrong_method());
+                }
+                let note = query.get("note").unwrap_or("");
+                self.agent.update_ttl(&id, status, note).await?;
+                return Ok(Reply::empty());
+            }
+        }
+        if let Some(id) = tail("/v1/agent/check/update/") {
+            if !put {
+                return Err(wrong_method());
+            }
+            let body = Self::body(req).await?;
+            let (status, output) = check_update(&body)
+                .map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
+            self.agent.update_ttl(&id, status, &output).await?;
+            return Ok(Reply::empty());
+        }
+        if path == "/v1/agent/self" {
+            if !get {
+                return Err(wrong_method());
+            }
+            return Ok(Reply::json(self.agent_self(), None));
+        }
+        if path == "/v1/status/leader" {
+            return Ok(Reply::json(Value::String(self.leader.clone()), None));
+        }
+        if path == "/v1/status/peers" {
+            return Ok(Reply::json(serde_json::json!([self.leader]), None));
+        }
+        let what = path
+            .strip_prefix("/v1/")
+            .and_then(|p| p.split('/').next())
+            .unwrap_or("");
+        let endpoint: String = match what {
+            "agent" | "catalog" | "health" | "status" => path.to_string(),
+            other => format!("/v1/{other}"),
+        };
+        Err(ApiError::NotImplemented(format!(
+            "switchyard does not implement the Consul endpoint {endpoint} (supported: agent \
+             service and check endpoints, health, catalog, status; see the README)"
+        )))
+    }
+
+    fn agent_self(&self) -> Value {
+        let meta: BTreeMap<String, String> = BTreeMap::new();
+        serde_json::json!({
+            "Config": {
+                "Datacenter": super::DATACENTER,
+                "NodeName": self.node,
+                "NodeID": "",
+                "Server": false,
+                "Revision": "switchyard",
+                "Version": env!("CARGO_PKG_VERSION"),
+            },
+            "Member": {
+                "Name": self.node,
+                "Addr": self.listen.ip().to_string(),
+                "Port": self.listen.port(),
+                "Tags": {"dc": super::DATACENTER, "role": "node"},
+                "Status": 1,
+            },
+            "Meta": meta,
+        })
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_decode_and_repeat() {
+        let q = Query::parse(Some("passing&tag=a%20b&tag=c&index=12&wait=5s&token=x%2By"));
+        assert_eq!(q.flag("passing"), Ok(true));
+        assert_eq!(q.all("tag"), ["a b", "c"]);
+        assert_eq!(q.get("token"), Some("x+y"));
+        assert_eq!(q.blocking(), Ok(Some((12, Duration::from_secs(5)))));
+        assert_eq!(Query::parse(Some("index=0")).blocking(), Ok(None));
+        assert_eq!(
+            Query::parse(Some("index=3&wait=1h")).blocking(),
+            Ok(Some((3, MAX_WAIT)))
+        );
+        assert!(Query::parse(Some("index=x")).blocking().is_err());
+        assert!(Query::parse(Some("passing=maybe")).flag("passing").is_err());
+        assert_eq!(decode_segment("service%3Aweb+1"), "service:web+1");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secre"));
+    }
+}
