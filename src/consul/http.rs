@@ -28,6 +28,56 @@ const MAX_BODY: usize = 1 << 20;
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
+/// The API's metrics.
+struct Metrics {
+    /// `switchyard_consul_blocking_queries`: blocking queries being held now.
+    blocking: prometheus::IntGauge,
+    /// `switchyard_consul_requests_total{method, code}`: requests answered.
+    requests: prometheus::IntCounterVec,
+}
+
+// Registration fails only on a duplicate name or invalid label, both programming errors caught by
+// the first test that starts the API.
+fn build_metrics() -> Result<Metrics, prometheus::Error> {
+    Ok(Metrics {
+        blocking: prometheus::register_int_gauge!(
+            "switchyard_consul_blocking_queries",
+            "Consul API blocking queries being held (waiting for a change or their wait time)."
+        )?,
+        requests: prometheus::register_int_counter_vec!(
+            "switchyard_consul_requests_total",
+            "Consul API requests answered, by method (GET, PUT, other) and status code.",
+            &["method", "code"]
+        )?,
+    })
+}
+
+static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| match build_metrics() {
+    Ok(m) => m,
+    Err(e) => panic!("metric registration failed (a programming error): {e}"),
+});
+
+/// Makes the API's metric families exist (at 0) from the start.
+pub(super) fn init_metrics() {
+    std::sync::LazyLock::force(&METRICS);
+}
+
+/// Counts a blocking query as held while it lives.
+struct Held;
+
+impl Held {
+    fn new() -> Held {
+        METRICS.blocking.inc();
+        Held
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        METRICS.blocking.dec();
+    }
+}
+
 /// Query parameters, decoded; a key may repeat (`tag=a&tag=b`).
 #[derive(Debug, Default)]
 pub struct Query(Vec<(String, String)>);
@@ -234,6 +284,11 @@ impl ConsulApi {
         peer: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
+        let method = match *req.method() {
+            Method::GET => "GET",
+            Method::PUT => "PUT",
+            _ => "other",
+        };
         let query = Query::parse(req.uri().query());
         let pretty = query.get("pretty").is_some();
         let path = req.uri().path().to_string();
@@ -242,7 +297,7 @@ impl ConsulApi {
             (false, Err(e)) => Err(e),
             _ => self.route(peer, req, &path, &query).await,
         };
-        match result {
+        let resp = match result {
             Err(e) => {
                 debug!(path = %path, error = %e, "Consul API request refused");
                 error_response(&e)
@@ -269,7 +324,12 @@ impl ConsulApi {
                 }
                 resp
             }
-        }
+        };
+        METRICS
+            .requests
+            .with_label_values(&[method, resp.status().as_str()])
+            .inc();
+        resp
     }
 
     async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
@@ -305,6 +365,7 @@ impl ConsulApi {
         let wait = wait + Duration::from_millis(rand::thread_rng().gen_range(0..=jitter));
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.dir.subscribe();
+        let _held = Held::new();
         loop {
             let (wake, answer) = index_of();
             if wake > min || min > self.dir.index() {

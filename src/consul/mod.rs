@@ -130,6 +130,7 @@ pub struct ConsulApi {
 
 impl ConsulApi {
     pub fn new(cfg: &ConsulConfig, etcd: EtcdConfig, table: SharedTable) -> Arc<ConsulApi> {
+        http::init_metrics();
         let dir = Arc::new(Directory::default());
         let prefix = etcd.prefix.clone();
         Arc::new(ConsulApi {

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod consul;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
