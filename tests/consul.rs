@@ -257,6 +257,49 @@ async fn ttl_fail_keeps_the_instance_registered_but_not_routed_and_warn_uses_the
 }
 
 #[tokio::test]
+async fn checks_can_be_added_to_a_service_and_removed_again() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let c = ConsulClient::new(proxy.consul_port);
+    c.register(json!({"name": "late", "service_id": "l1", "address": "127.0.0.1", "port": 1}))
+        .await;
+    wait_passing(&c, "late", 1).await;
+    let out = c
+        .call(&[
+            "check_register",
+            &json!({"name": "heartbeat", "check_id": "hb", "service_id": "l1",
+                    "check": {"kind": "ttl", "ttl": "30s"}})
+            .to_string(),
+        ])
+        .await;
+    assert_eq!(out["ok"], true, "{out}");
+    // the new TTL check starts critical
+    let (_, all) = c.health("late", false).await;
+    assert_eq!(
+        all.first().map(service_check_statuses),
+        Some(vec!["critical".to_string()])
+    );
+    assert_eq!(c.call(&["ttl", "pass", "hb"]).await["ok"], true);
+    wait_passing(&c, "late", 1).await;
+    assert_eq!(c.call(&["check_deregister", "hb"]).await["ok"], true);
+    let (_, all) = c.health("late", true).await;
+    assert_eq!(
+        all.first().map(service_check_statuses),
+        Some(vec![]),
+        "{all:?}"
+    );
+    // a check for a service that does not exist
+    let out = c
+        .call(&[
+            "check_register",
+            &json!({"name": "x", "service_id": "nope", "check": {"kind": "ttl", "ttl": "5s"}})
+                .to_string(),
+        ])
+        .await;
+    assert_eq!(out["error"], "BadRequest", "{out}");
+}
+
+#[tokio::test]
 async fn deregister_removes_the_instance_at_once() {
     let etcd = EtcdServer::start();
     let proxy = Proxy::builder(&etcd).start().await;

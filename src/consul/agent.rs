@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::decode::{self, Status};
 use super::directory::Directory;
-use super::record::Record;
+use super::record::{Record, StoredCheck};
 use super::store::Store;
 use super::view::instance_checks;
 use super::ApiError;
@@ -148,6 +148,77 @@ impl Agent {
         }
         let revision = self.store.delete(&keys).await.map_err(internal)?;
         info!(id = %id, keys = keys.len(), "Consul API: service deregistered");
+        self.seen(revision).await;
+        Ok(())
+    }
+
+    /// Rewrites the registration at `key` with `change` applied to its record (a new lease when
+    /// it has a TTL check, none when not).
+    async fn rewrite(&self, key: &str, change: impl FnOnce(&mut Record)) -> Result<i64, ApiError> {
+        let Some(current) = self.store.get(key).await.map_err(internal)? else {
+            return Err(ApiError::NotFound(format!(
+                "{key} is not registered any more"
+            )));
+        };
+        let reg = decode_value(&current.value).map_err(internal)?;
+        let mut record = Record::of_metadata(&reg.metadata)
+            .ok_or_else(|| internal(format!("{key} is not a Consul registration")))?;
+        change(&mut record);
+        let value = record.to_value(&reg.addr);
+        self.store
+            .put(key, &value, record.lease_ttl(), &[])
+            .await
+            .map_err(internal)
+    }
+
+    /// `PUT /v1/agent/check/register`: a check added to (or replacing one of) a service.
+    pub async fn register_check(&self, body: &[u8]) -> Result<(), ApiError> {
+        let (def, service_id) = decode::check_registration(body).map_err(|e| {
+            if e.field == "Name" || e.field == "ServiceID" {
+                ApiError::BadRequest(e.message)
+            } else {
+                ApiError::BadRequest(format!("Request decode failed: {e}"))
+            }
+        })?;
+        let keys = self.dir.keys_of_id(&service_id);
+        if keys.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "ServiceID {service_id:?} does not exist"
+            )));
+        }
+        let id = def.id.clone().unwrap_or_default();
+        let mut revision = 0;
+        for (key, service) in keys {
+            let name = format!("Service '{service}' check");
+            revision = self
+                .rewrite(&key, |record| {
+                    let mut check = StoredCheck::new(id.clone(), name, &def);
+                    if let Some(old) = record.checks.iter().find(|c| c.id == id) {
+                        if old.is_ttl() && check.is_ttl() {
+                            check.status = old.status;
+                            check.output = old.output.clone();
+                        }
+                    }
+                    record.checks.retain(|c| c.id != id);
+                    record.checks.push(check);
+                })
+                .await?;
+        }
+        info!(check = %id, service = %service_id, "Consul API: check registered");
+        self.seen(revision).await;
+        Ok(())
+    }
+
+    /// `PUT /v1/agent/check/deregister/<id>`: the check removed from its service.
+    pub async fn deregister_check(&self, check_id: &str) -> Result<(), ApiError> {
+        let (key, _) = self
+            .dir
+            .key_of_check(check_id)
+            .ok_or_else(|| unknown_check(check_id))?;
+        let revision = self
+            .rewrite(&key, |record| record.checks.retain(|c| c.id != check_id))
+            .await?;
+        info!(check = %check_id, key = %key, "Consul API: check deregistered");
         self.seen(revision).await;
         Ok(())
     }

@@ -368,10 +368,16 @@ fn check_definition(f: &Fields<'_>) -> Result<Option<CheckDefinition>, DecodeErr
         ("AliasService", "alias"),
         ("AliasNode", "alias"),
     ];
+    // clients that send every field send those of other check kinds empty
+    let empty = |v: &Value| match v {
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(b) => !b,
+        _ => false,
+    };
     for (field, kind) in unsupported {
-        if f.get(field)
-            .is_some_and(|v| v != &Value::String(String::new()))
-        {
+        if f.get(field).is_some_and(|v| !empty(v)) {
             return Err(err(
                 &f.field(field),
                 format!(
@@ -502,6 +508,27 @@ pub fn service_definition(body: &[u8]) -> Result<ServiceDefinition, DecodeError>
     })
 }
 
+/// The body of `PUT /v1/agent/check/register`: the check (its id defaults to its name) and the
+/// `ServiceID` it belongs to.
+pub fn check_registration(body: &[u8]) -> Result<(CheckDefinition, String), DecodeError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| err("body", e.to_string()))?;
+    let f = Fields::new(String::new(), &value)?;
+    let name = f.string("Name")?.unwrap_or_default();
+    if name.is_empty() {
+        return Err(err("Name", "Missing check name"));
+    }
+    let service = f.string("ServiceID")?.unwrap_or_default();
+    if service.is_empty() {
+        return Err(err(
+            "ServiceID",
+            "switchyard keeps the checks of services only: ServiceID is required",
+        ));
+    }
+    let mut check = check_definition(&f)?.ok_or_else(|| err("body", "an empty check"))?;
+    check.id.get_or_insert(name);
+    Ok((check, service))
+}
+
 /// The body of `PUT /v1/agent/check/update/<id>`: `{"Status": "...", "Output": "..."}`.
 pub fn check_update(body: &[u8]) -> Result<(Status, String), DecodeError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| err("body", e.to_string()))?;
@@ -584,6 +611,12 @@ mod tests {
         let d = service_definition(br#"{"Name":"db","Port":5432,"Checks":[{}]}"#).unwrap();
         assert_eq!(d.id, "db");
         assert!(d.checks.is_empty());
+        // Go's client sends the fields of other check kinds empty
+        let d = service_definition(
+            br#"{"Name":"db","Port":5432,"Check":{"TTL":"5s","Args":[],"DockerContainerID":"","Header":{},"TLSSkipVerify":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.checks.len(), 1);
     }
 
     #[test]

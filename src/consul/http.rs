@@ -407,14 +407,17 @@ impl ConsulApi {
         let method = req.method().clone();
         let get = method == Method::GET || method == Method::HEAD;
         let put = method == Method::PUT;
-        let wrong_method = || ApiError::MethodNotAllowed(format!("method {method} not allowed"));
+        let allowed = |ok: bool| match ok {
+            true => Ok(()),
+            false => Err(ApiError::MethodNotAllowed(format!(
+                "method {method} not allowed"
+            ))),
+        };
         let tail = |prefix: &str| path.strip_prefix(prefix).map(decode_segment);
         Self::datacenter(query)?;
 
         if let Some(name) = tail("/v1/health/service/") {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let passing = query.flag("passing")?;
             let tags = query.all("tag");
             let index = self.block(query, || self.service_index(&name)).await?;
@@ -425,9 +428,7 @@ impl ConsulApi {
             return Ok(Reply::json(body, Some(index)));
         }
         if let Some(name) = tail("/v1/health/checks/") {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let index = self.block(query, || self.service_index(&name)).await?;
             let table = self.table.load();
             return Ok(Reply::json(
@@ -436,9 +437,7 @@ impl ConsulApi {
             ));
         }
         if let Some(name) = tail("/v1/catalog/service/") {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let tags = query.all("tag");
             let index = self.block(query, || self.service_index(&name)).await?;
             let table = self.table.load();
@@ -446,9 +445,7 @@ impl ConsulApi {
             return Ok(Reply::json(body, Some(index)));
         }
         if path == "/v1/catalog/services" {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let index = self
                 .block(query, || {
                     let i = self.dir.index();
@@ -462,40 +459,30 @@ impl ConsulApi {
             ));
         }
         if path == "/v1/agent/services" {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let table = self.table.load();
             return Ok(Reply::json(self.view().agent_services(&table), None));
         }
         if path == "/v1/agent/checks" {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let table = self.table.load();
             let index = self.dir.index();
             return Ok(Reply::json(self.view().agent_checks(&table, index), None));
         }
         if path == "/v1/agent/service/register" {
-            if !put {
-                return Err(wrong_method());
-            }
+            allowed(put)?;
             let replace = query.flag("replace-existing-checks")?;
             let body = Self::body(req).await?;
             self.agent.register(&body, replace, peer.ip()).await?;
             return Ok(Reply::empty());
         }
         if let Some(id) = tail("/v1/agent/service/deregister/") {
-            if !put {
-                return Err(wrong_method());
-            }
+            allowed(put)?;
             self.agent.deregister(&id).await?;
             return Ok(Reply::empty());
         }
         if let Some(id) = tail("/v1/agent/service/") {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             let table = self.table.load();
             return match self.view().agent_service_by_id(&table, &id) {
                 Some(v) => Ok(Reply::json(v, None)),
@@ -508,28 +495,33 @@ impl ConsulApi {
             ("fail", Status::Critical),
         ] {
             if let Some(id) = tail(&format!("/v1/agent/check/{verb}/")) {
-                if !put {
-                    return Err(wrong_method());
-                }
+                allowed(put)?;
                 let note = query.get("note").unwrap_or("");
                 self.agent.update_ttl(&id, status, note).await?;
                 return Ok(Reply::empty());
             }
         }
         if let Some(id) = tail("/v1/agent/check/update/") {
-            if !put {
-                return Err(wrong_method());
-            }
+            allowed(put)?;
             let body = Self::body(req).await?;
             let (status, output) = check_update(&body)
                 .map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
             self.agent.update_ttl(&id, status, &output).await?;
             return Ok(Reply::empty());
         }
+        if path == "/v1/agent/check/register" {
+            allowed(put)?;
+            let body = Self::body(req).await?;
+            self.agent.register_check(&body).await?;
+            return Ok(Reply::empty());
+        }
+        if let Some(id) = tail("/v1/agent/check/deregister/") {
+            allowed(put)?;
+            self.agent.deregister_check(&id).await?;
+            return Ok(Reply::empty());
+        }
         if path == "/v1/agent/self" {
-            if !get {
-                return Err(wrong_method());
-            }
+            allowed(get)?;
             return Ok(Reply::json(self.agent_self(), None));
         }
         if path == "/v1/status/leader" {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::decode::{CheckKind, ServiceDefinition, Status, Weights};
+use super::decode::{CheckDefinition, CheckKind, ServiceDefinition, Status, Weights};
 use crate::registry::codec::{HostPort, MAX_WEIGHT};
 
 /// The metadata key that holds the [`Record`].
@@ -61,6 +61,31 @@ fn is_zero(v: &u32) -> bool {
 }
 
 impl StoredCheck {
+    /// The stored form of definition `c`, with its id and the name it has when `c` gives none.
+    pub fn new(id: String, default_name: String, c: &CheckDefinition) -> StoredCheck {
+        let (kind, target, ttl) = match &c.kind {
+            CheckKind::Http { url } => ("http", url.clone(), None),
+            CheckKind::Tcp { addr } => ("tcp", addr.clone(), None),
+            CheckKind::Grpc { target } => ("grpc", target.clone(), None),
+            CheckKind::Ttl { ttl } => ("ttl", String::new(), Some(*ttl)),
+        };
+        StoredCheck {
+            id,
+            name: c.name.clone().unwrap_or(default_name),
+            kind: kind.into(),
+            target,
+            interval_ms: millis(c.interval),
+            timeout_ms: millis(c.timeout),
+            ttl_ms: millis(ttl),
+            deregister_after_ms: millis(c.deregister_after),
+            status: c.status.unwrap_or(Status::Critical),
+            output: String::new(),
+            notes: c.notes.clone(),
+            success_before_passing: c.success_before_passing,
+            failures_before_critical: c.failures_before_critical,
+        }
+    }
+
     pub fn is_ttl(&self) -> bool {
         self.kind == "ttl"
     }
@@ -114,30 +139,8 @@ impl Record {
                         format!("service:{}", def.id)
                     }
                 });
-                let (kind, target, ttl) = match &c.kind {
-                    CheckKind::Http { url } => ("http", url.clone(), None),
-                    CheckKind::Tcp { addr } => ("tcp", addr.clone(), None),
-                    CheckKind::Grpc { target } => ("grpc", target.clone(), None),
-                    CheckKind::Ttl { ttl } => ("ttl", String::new(), Some(*ttl)),
-                };
-                let mut check = StoredCheck {
-                    id,
-                    name: c
-                        .name
-                        .clone()
-                        .unwrap_or_else(|| format!("Service '{}' check", def.name)),
-                    kind: kind.into(),
-                    target,
-                    interval_ms: millis(c.interval),
-                    timeout_ms: millis(c.timeout),
-                    ttl_ms: millis(ttl),
-                    deregister_after_ms: millis(c.deregister_after),
-                    status: c.status.unwrap_or(Status::Critical),
-                    output: String::new(),
-                    notes: c.notes.clone(),
-                    success_before_passing: c.success_before_passing,
-                    failures_before_critical: c.failures_before_critical,
-                };
+                let name = format!("Service '{}' check", def.name);
+                let mut check = StoredCheck::new(id, name, c);
                 let before = previous.and_then(|p| p.checks.iter().find(|o| o.id == check.id));
                 if let Some(before) = before.filter(|b| b.is_ttl() && check.is_ttl()) {
                     check.status = before.status;

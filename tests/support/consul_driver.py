@@ -10,6 +10,8 @@ OPs:
   register JSON          agent.service.register(**JSON); "check": {"kind": "http"|"tcp"|"ttl", ...}
                          is built with consul.Check.http/tcp/ttl; "token" is passed as is
   deregister ID
+  check_register JSON    agent.check.register(name, check, check_id=, service_id=)
+  check_deregister CHECK_ID
   ttl pass|warn|fail CHECK_ID [NOTE]
   heartbeat CHECK_ID EVERY_S FOR_S      ttl_pass every EVERY_S seconds for FOR_S seconds
   health NAME [passing] [tag=T]         health.service -> {"index", "nodes"}
@@ -46,6 +48,13 @@ def run(c, op, args):
         if "check" in kwargs:
             kwargs["check"] = build_check(kwargs["check"])
         return {"ok": c.agent.service.register(**kwargs)}
+    if op == "check_register":
+        spec = json.loads(args[0])
+        check = build_check(spec.pop("check"))
+        return {"ok": c.agent.check.register(spec["name"], check, check_id=spec.get("check_id"),
+                                             service_id=spec.get("service_id"))}
+    if op == "check_deregister":
+        return {"ok": c.agent.check.deregister(args[0])}
     if op == "deregister":
         return {"ok": c.agent.service.deregister(args[0])}
     if op == "ttl":
