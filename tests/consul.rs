@@ -380,7 +380,7 @@ async fn a_blocking_query_returns_on_a_change_and_after_its_wait_otherwise() {
 }
 
 #[tokio::test]
-async fn two_switchyards_on_one_etcd_route_a_service_registered_through_one() {
+async fn two_switchyards_on_one_etcd_route_a_service_registered_through_one_and_it_outlives_it() {
     let etcd = EtcdServer::start();
     let one = Proxy::builder(&etcd).start().await;
     let two = Proxy::builder(&etcd).start().await;
@@ -400,6 +400,9 @@ async fn two_switchyards_on_one_etcd_route_a_service_registered_through_one() {
     one.terminate(Duration::from_secs(15));
     drop(one);
     wait_routed(&two, "shared", 200).await;
+    // a switchyard started afterwards finds it too (a restart of the first one)
+    let three = Proxy::builder(&etcd).start().await;
+    wait_routed(&three, "shared", 200).await;
     // and the other agent can deregister it
     assert_eq!(other.call(&["deregister", "s1"]).await["ok"], true);
     assert_eq!(two.get_service("shared", "/").await.0, 404);
