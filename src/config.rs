@@ -53,6 +53,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: AdminSection,
     #[serde(default)]
+    pub consul: ConsulSection,
+    #[serde(default)]
     pub etcd: EtcdSection,
     #[serde(default)]
     pub routing: RoutingSection,
@@ -62,8 +64,6 @@ pub struct FileConfig {
     pub services: BTreeMap<String, ServiceSection>,
     #[serde(default)]
     pub log: LogSection,
-    #[serde(default)]
-    pub consul: ConsulSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -323,6 +323,8 @@ pub struct Overrides {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub admin_listen: SocketAddr,
+    /// The Consul-compatible API; `None` when `consul.enabled = false`.
+    pub consul: Option<crate::consul::ConsulConfig>,
     pub etcd: EtcdConfig,
     pub router: Router,
     pub services: BTreeMap<String, ServiceSettings>,
@@ -330,8 +332,6 @@ pub struct Config {
     pub default_service: ServiceSettings,
     pub health: HealthConfig,
     pub log: LogSection,
-    /// The Consul-compatible API; `None` when `consul.enabled = false`.
-    pub consul: Option<crate::consul::ConsulConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -454,6 +454,30 @@ impl FileConfig {
                 format!("{admin_listen} is the same address as proxy.listen"),
             ));
         }
+        let consul = match self.consul.enabled {
+            false => None,
+            true => {
+                let listen = parse_addr("consul.listen", &self.consul.listen)?;
+                if listen == proxy.listen || listen == admin_listen {
+                    return Err(invalid(
+                        "consul.listen",
+                        format!("{listen} is the same address as proxy.listen or admin.listen"),
+                    ));
+                }
+                if self
+                    .consul
+                    .token
+                    .as_deref()
+                    .is_some_and(|t| t.trim().is_empty())
+                {
+                    return Err(invalid("consul.token", "must not be empty when set"));
+                }
+                Some(crate::consul::ConsulConfig {
+                    listen,
+                    token: self.consul.token.clone(),
+                })
+            }
+        };
 
         let e = &self.etcd;
         if e.endpoints.is_empty() {
@@ -631,40 +655,16 @@ impl FileConfig {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
         }
-        let consul = match self.consul.enabled {
-            false => None,
-            true => {
-                let listen = parse_addr("consul.listen", &self.consul.listen)?;
-                if listen == proxy.listen || listen == admin_listen {
-                    return Err(invalid(
-                        "consul.listen",
-                        format!("{listen} is the same address as proxy.listen or admin.listen"),
-                    ));
-                }
-                if self
-                    .consul
-                    .token
-                    .as_deref()
-                    .is_some_and(|t| t.trim().is_empty())
-                {
-                    return Err(invalid("consul.token", "must not be empty when set"));
-                }
-                Some(crate::consul::ConsulConfig {
-                    listen,
-                    token: self.consul.token.clone(),
-                })
-            }
-        };
         Ok(Config {
             proxy,
             admin_listen,
+            consul,
             etcd,
             router,
             services,
             default_service,
             health,
             log: self.log,
-            consul,
         })
     }
 }
@@ -792,10 +792,6 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.etcd.endpoints, ["http://127.0.0.1:2379"]);
         assert_eq!(c.etcd.prefix, "/services/");
-        let consul = c.consul.as_ref().expect("the Consul API is on by default");
-        assert_eq!(consul.listen.to_string(), "127.0.0.1:8500");
-        assert_eq!(consul.token, None);
-        assert!(check("[consul]\nenabled = false").unwrap().consul.is_none());
         // the embedded file and the code defaults agree
         let d = check("").unwrap();
         assert_eq!(format!("{:?}", c.proxy), format!("{:?}", d.proxy));
@@ -844,9 +840,6 @@ mod tests {
             ),
             ("[services.a.health]\ntypo = 1", "typo"),
             ("[log]\nformat = \"xml\"", "xml"),
-            ("[consul]\nlisten = \"8500\"", "consul.listen"),
-            ("[consul]\ntoken = \" \"", "consul.token"),
-            ("[consul]\nport = 1", "port"),
             ("not toml at all [", "invalid config"),
         ];
         for (text, want) in cases {
@@ -889,6 +882,31 @@ mod tests {
             short.service_settings("s").passive_cooldown,
             Some(Duration::from_millis(500))
         );
+    }
+
+    #[test]
+    fn the_consul_api_is_on_at_8500_by_default_and_validated() {
+        let c = FileConfig::embedded().unwrap().validate().unwrap();
+        let consul = c.consul.as_ref().expect("the Consul API is on by default");
+        assert_eq!(consul.listen.to_string(), "127.0.0.1:8500");
+        assert_eq!(consul.token, None);
+        assert_eq!(
+            check("").unwrap().consul,
+            c.consul,
+            "the file and the code agree"
+        );
+        assert!(check("[consul]\nenabled = false").unwrap().consul.is_none());
+        let with_token = check("[consul]\ntoken = \"s\"").unwrap().consul.unwrap();
+        assert_eq!(with_token.token.as_deref(), Some("s"));
+        for (text, want) in [
+            ("[consul]\nlisten = \"8500\"", "consul.listen"),
+            ("[consul]\ntoken = \" \"", "consul.token"),
+            ("[consul]\nport = 1", "port"),
+            ("[consul]\nlisten = \"127.0.0.1:9090\"", "consul.listen"),
+        ] {
+            let err = check(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err} should mention {want}");
+        }
     }
 
     #[test]

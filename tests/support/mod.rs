@@ -10,7 +10,6 @@
 #![allow(dead_code)]
 
 pub mod backend;
-pub mod consul;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -544,3 +543,6 @@ pub fn temp_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).expect("writing temp file");
     p
 }
+
+/// py-consul driven from the tests (tests/consul.rs).
+pub mod consul;
