@@ -284,7 +284,7 @@ impl ConsulApi {
         peer: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
-        let method = match *req.method() {
+        let method_label = match *req.method() {
             Method::GET => "GET",
             Method::PUT => "PUT",
             _ => "other",
@@ -293,9 +293,17 @@ impl ConsulApi {
         let pretty = query.get("pretty").is_some();
         let path = req.uri().path().to_string();
         let open = path.starts_with("/v1/status/");
-        let result = match (open, self.authorize(&req, &query)) {
-            (false, Err(e)) => Err(e),
-            _ => self.route(peer, req, &path, &query).await,
+        let allowed = match open {
+            true => Ok(()),
+            false => self.authorize(&req, &query),
+        };
+        // only the method and the body are needed from here on: the head (headers, URI) is
+        // not held by a blocking query
+        let (head, body) = req.into_parts();
+        let method = head.method;
+        let result = match allowed {
+            Err(e) => Err(e),
+            Ok(()) => self.route(peer, &method, body, &path, &query).await,
         };
         let resp = match result {
             Err(e) => {
@@ -327,13 +335,16 @@ impl ConsulApi {
         };
         METRICS
             .requests
-            .with_label_values(&[method, resp.status().as_str()])
+            .with_label_values(&[method_label, resp.status().as_str()])
             .inc();
         resp
     }
 
-    async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    async fn read_body(body: Option<Incoming>) -> Result<Bytes, ApiError> {
+        let Some(body) = body else {
+            return Ok(Bytes::new());
+        };
+        match Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => Ok(b.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(
                 format!("Request body too large (more than {MAX_BODY} bytes)"),
@@ -400,13 +411,15 @@ impl ConsulApi {
     async fn route(
         &self,
         peer: SocketAddr,
-        req: Request<Incoming>,
+        method: &Method,
+        body: Incoming,
         path: &str,
         query: &Query,
     ) -> Result<Reply, ApiError> {
-        let method = req.method().clone();
         let get = method == Method::GET || method == Method::HEAD;
         let put = method == Method::PUT;
+        // only PUTs have a body to read; otherwise dropped now, not held while a query blocks
+        let body = put.then_some(body);
         let allowed = |ok: bool| match ok {
             true => Ok(()),
             false => Err(ApiError::MethodNotAllowed(format!(
@@ -472,7 +485,7 @@ impl ConsulApi {
         if path == "/v1/agent/service/register" {
             allowed(put)?;
             let replace = query.flag("replace-existing-checks")?;
-            let body = Self::body(req).await?;
+            let body = Self::read_body(body).await?;
             self.agent.register(&body, replace, peer.ip()).await?;
             return Ok(Reply::empty());
         }
@@ -503,7 +516,7 @@ impl ConsulApi {
         }
         if let Some(id) = tail("/v1/agent/check/update/") {
             allowed(put)?;
-            let body = Self::body(req).await?;
+            let body = Self::read_body(body).await?;
             let (status, output) = check_update(&body)
                 .map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
             self.agent.update_ttl(&id, status, &output).await?;
@@ -511,7 +524,7 @@ impl ConsulApi {
         }
         if path == "/v1/agent/check/register" {
             allowed(put)?;
-            let body = Self::body(req).await?;
+            let body = Self::read_body(body).await?;
             self.agent.register_check(&body).await?;
             return Ok(Reply::empty());
         }
