@@ -170,7 +170,7 @@ impl Query {
 
 /// A successful answer: JSON (or nothing), and the index for `X-Consul-Index`.
 struct Reply {
-    body: Option<Value>,
+    body: Option<Bytes>,
     index: Option<u64>,
 }
 
@@ -181,7 +181,7 @@ impl Reply {
             index: None,
         }
     }
-    fn json(body: Value, index: Option<u64>) -> Reply {
+    fn rendered(body: Bytes, index: Option<u64>) -> Reply {
         Reply {
             body: Some(body),
             index,
@@ -189,8 +189,47 @@ impl Reply {
     }
 }
 
-fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+/// JSON text of `v`, compact or indented (`?pretty`), with a final newline.
+fn render(v: &Value, pretty: bool) -> Bytes {
+    let mut body = if pretty {
+        serde_json::to_vec_pretty(v)
+    } else {
+        serde_json::to_vec(v)
+    }
+    .unwrap_or_default();
+    body.push(b'\n');
+    Bytes::from(body)
+}
+
+/// Distinct reads whose last rendering is kept, at most; then it starts over (the key is made of
+/// what clients ask for).
+const RENDERED_MAX: usize = 4096;
+
+/// The last rendering of each read (endpoint, name, filters) with its index: the blocking queries
+/// one change wakes are mostly the same query, rendered once.
+#[derive(Default)]
+pub(super) struct Rendered(std::sync::Mutex<std::collections::HashMap<String, (u64, Bytes)>>);
+
+impl Rendered {
+    fn get_or_render(&self, key: String, index: u64, make: impl FnOnce() -> Bytes) -> Bytes {
+        let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((i, b)) = lock().get(&key) {
+            if *i == index {
+                return b.clone();
+            }
+        }
+        let body = make();
+        let mut g = lock();
+        if g.len() >= RENDERED_MAX {
+            g.clear();
+        }
+        g.insert(key, (index, body.clone()));
+        body
+    }
+}
+
+fn response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     if let Ok(v) = HeaderValue::from_str(content_type) {
         resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
@@ -211,7 +250,7 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     response(
         status,
         "text/plain; charset=utf-8",
-        e.to_string().into_bytes(),
+        Bytes::from(e.to_string()),
     )
 }
 
@@ -290,7 +329,6 @@ impl ConsulApi {
             _ => "other",
         };
         let query = Query::parse(req.uri().query());
-        let pretty = query.get("pretty").is_some();
         let path = req.uri().path().to_string();
         let open = path.starts_with("/v1/status/");
         let allowed = match open {
@@ -312,17 +350,8 @@ impl ConsulApi {
             }
             Ok(reply) => {
                 let mut resp = match reply.body {
-                    None => response(StatusCode::OK, "text/plain; charset=utf-8", Vec::new()),
-                    Some(v) => {
-                        let mut body = if pretty {
-                            serde_json::to_vec_pretty(&v)
-                        } else {
-                            serde_json::to_vec(&v)
-                        }
-                        .unwrap_or_default();
-                        body.push(b'\n');
-                        response(StatusCode::OK, "application/json", body)
-                    }
+                    None => response(StatusCode::OK, "text/plain; charset=utf-8", Bytes::new()),
+                    Some(body) => response(StatusCode::OK, "application/json", body),
                 };
                 let h = resp.headers_mut();
                 if let Some(index) = reply.index {
@@ -351,6 +380,27 @@ impl ConsulApi {
             )),
             Err(e) => Err(ApiError::BadRequest(format!("Request body not read: {e}"))),
         }
+    }
+
+    /// An answer that is not cached.
+    fn json(query: &Query, body: Value, index: Option<u64>) -> Reply {
+        Reply::rendered(render(&body, query.get("pretty").is_some()), index)
+    }
+
+    /// A read at `index`, rendered once per index (see [`Rendered`]).
+    fn read(
+        &self,
+        query: &Query,
+        key: String,
+        index: u64,
+        make: impl FnOnce(&crate::routing::RoutingTable, &View<'_>) -> Value,
+    ) -> Bytes {
+        let pretty = query.get("pretty").is_some();
+        let key = format!("{key} {pretty}");
+        self.rendered.get_or_render(key, index, || {
+            let table = self.table.load();
+            render(&make(&table, &self.view()), pretty)
+        })
     }
 
     fn view(&self) -> View<'_> {
@@ -434,28 +484,29 @@ impl ConsulApi {
             let passing = query.flag("passing")?;
             let tags = query.all("tag");
             let index = self.block(query, || self.service_index(&name)).await?;
-            let table = self.table.load();
-            let body = self
-                .view()
-                .health_service(&table, &name, passing, &tags, index);
-            return Ok(Reply::json(body, Some(index)));
+            let key = format!("health/service {name} {passing} {tags:?}");
+            let body = self.read(query, key, index, |table, view| {
+                view.health_service(table, &name, passing, &tags, index)
+            });
+            return Ok(Reply::rendered(body, Some(index)));
         }
         if let Some(name) = tail("/v1/health/checks/") {
             allowed(get)?;
             let index = self.block(query, || self.service_index(&name)).await?;
-            let table = self.table.load();
-            return Ok(Reply::json(
-                self.view().health_checks(&table, &name, index),
-                Some(index),
-            ));
+            let body = self.read(query, format!("health/checks {name}"), index, |t, v| {
+                v.health_checks(t, &name, index)
+            });
+            return Ok(Reply::rendered(body, Some(index)));
         }
         if let Some(name) = tail("/v1/catalog/service/") {
             allowed(get)?;
             let tags = query.all("tag");
             let index = self.block(query, || self.service_index(&name)).await?;
-            let table = self.table.load();
-            let body = self.view().catalog_service(&table, &name, &tags, index);
-            return Ok(Reply::json(body, Some(index)));
+            let key = format!("catalog/service {name} {tags:?}");
+            let body = self.read(query, key, index, |t, v| {
+                v.catalog_service(t, &name, &tags, index)
+            });
+            return Ok(Reply::rendered(body, Some(index)));
         }
         if path == "/v1/catalog/services" {
             allowed(get)?;
@@ -465,22 +516,25 @@ impl ConsulApi {
                     (i, i)
                 })
                 .await?;
-            let table = self.table.load();
-            return Ok(Reply::json(
-                self.view().catalog_services(&table),
-                Some(index),
-            ));
+            let body = self.read(query, "catalog/services".into(), index, |t, v| {
+                v.catalog_services(t)
+            });
+            return Ok(Reply::rendered(body, Some(index)));
         }
         if path == "/v1/agent/services" {
             allowed(get)?;
             let table = self.table.load();
-            return Ok(Reply::json(self.view().agent_services(&table), None));
+            return Ok(Self::json(query, self.view().agent_services(&table), None));
         }
         if path == "/v1/agent/checks" {
             allowed(get)?;
             let table = self.table.load();
             let index = self.dir.index();
-            return Ok(Reply::json(self.view().agent_checks(&table, index), None));
+            return Ok(Self::json(
+                query,
+                self.view().agent_checks(&table, index),
+                None,
+            ));
         }
         if path == "/v1/agent/service/register" {
             allowed(put)?;
@@ -498,7 +552,7 @@ impl ConsulApi {
             allowed(get)?;
             let table = self.table.load();
             return match self.view().agent_service_by_id(&table, &id) {
-                Some(v) => Ok(Reply::json(v, None)),
+                Some(v) => Ok(Self::json(query, v, None)),
                 None => Err(ApiError::NotFound(format!("unknown service ID: {id}"))),
             };
         }
@@ -535,13 +589,13 @@ impl ConsulApi {
         }
         if path == "/v1/agent/self" {
             allowed(get)?;
-            return Ok(Reply::json(self.agent_self(), None));
+            return Ok(Self::json(query, self.agent_self(), None));
         }
         if path == "/v1/status/leader" {
-            return Ok(Reply::json(Value::String(self.leader.clone()), None));
+            return Ok(Self::json(query, Value::String(self.leader.clone()), None));
         }
         if path == "/v1/status/peers" {
-            return Ok(Reply::json(serde_json::json!([self.leader]), None));
+            return Ok(Self::json(query, serde_json::json!([self.leader]), None));
         }
         let what = path
             .strip_prefix("/v1/")
@@ -605,6 +659,26 @@ mod tests {
         assert!(Query::parse(Some("passing=maybe")).flag("passing").is_err());
         assert_eq!(decode_segment("service%3Aweb+1"), "service:web+1");
         assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn a_read_is_rendered_once_per_index() {
+        let r = Rendered::default();
+        let mut made = 0;
+        let mut get = |index: u64| {
+            r.get_or_render("k".into(), index, || {
+                made += 1;
+                Bytes::from(format!("{index}"))
+            })
+        };
+        assert_eq!(get(5), "5");
+        assert_eq!(get(5), "5");
+        assert_eq!(get(6), "6");
+        assert_eq!(made, 2);
+        for i in 0..RENDERED_MAX + 1 {
+            r.get_or_render(format!("{i}"), 1, Bytes::new);
+        }
+        assert!(r.0.lock().unwrap().len() <= RENDERED_MAX, "bounded");
     }
 
     #[test]

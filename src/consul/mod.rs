@@ -126,6 +126,8 @@ pub struct ConsulApi {
     listen: SocketAddr,
     /// What `/v1/status/leader` answers: this node, at Consul's server port.
     leader: String,
+    /// The last rendering of each read.
+    rendered: http::Rendered,
 }
 
 impl ConsulApi {
@@ -146,6 +148,7 @@ impl ConsulApi {
             node: host_name(),
             listen: cfg.listen,
             leader: format!("{}:8300", cfg.listen.ip()),
+            rendered: http::Rendered::default(),
         })
     }
 
