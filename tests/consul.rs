@@ -254,6 +254,18 @@ async fn ttl_fail_keeps_the_instance_registered_but_not_routed_and_warn_uses_the
         "warning: the Warning weight"
     );
     wait_routed(&proxy, "job", 200).await;
+
+    // Go's UpdateTTL: /v1/agent/check/update/<id> with a status and an output
+    let path = "/v1/agent/check/update/service:j1";
+    let body = r#"{"Status":"passing","Output":"all good"}"#;
+    let (status, text) = raw(&proxy, reqwest::Method::PUT, path, body).await;
+    assert_eq!(status, 200, "{text}");
+    let (_, all) = c.health("job", true).await;
+    assert_eq!(all[0]["Checks"][1]["Output"], "all good", "{all:?}");
+    assert_eq!(weight(&proxy, "job").await, Some(5));
+    let (status, text) = raw(&proxy, reqwest::Method::PUT, path, r#"{"Status":"fine"}"#).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("Invalid check status"), "{text}");
 }
 
 #[tokio::test]
