@@ -528,6 +528,49 @@ async fn errors_are_the_ones_consul_gives() {
 }
 
 #[tokio::test]
+async fn checks_by_state_datacenters_and_nodes_are_answered() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let c = ConsulClient::new(proxy.consul_port);
+    c.register(json!({
+        "name": "down", "service_id": "d1", "address": "127.0.0.1", "port": 1,
+        "check": {"kind": "tcp", "addr": "127.0.0.1:1", "interval": "10s"},
+    }))
+    .await;
+    eventually(PATIENCE, "the TCP check to be critical", || async {
+        let (_, body) = raw(
+            &proxy,
+            reqwest::Method::GET,
+            "/v1/health/state/critical",
+            "",
+        )
+        .await;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        match v
+            .as_array()
+            .map(|a| a.iter().any(|c| c["CheckID"] == "service:d1"))
+        {
+            Some(true) => Ok(()),
+            _ => Err(body),
+        }
+    })
+    .await;
+    let (_, body) = raw(&proxy, reqwest::Method::GET, "/v1/health/state/passing", "").await;
+    assert!(
+        !body.contains("service:d1") && body.contains("serfHealth"),
+        "{body}"
+    );
+    let (status, body) = raw(&proxy, reqwest::Method::GET, "/v1/health/state/sick", "").await;
+    assert_eq!(status, 400, "{body}");
+    let (_, body) = raw(&proxy, reqwest::Method::GET, "/v1/catalog/datacenters", "").await;
+    assert_eq!(body.trim(), r#"["dc1"]"#);
+    let (_, body) = raw(&proxy, reqwest::Method::GET, "/v1/catalog/nodes", "").await;
+    let nodes: Value = serde_json::from_str(&body).expect("nodes json");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(nodes[0]["Datacenter"], "dc1");
+}
+
+#[tokio::test]
 async fn a_token_is_required_when_configured() {
     let etcd = EtcdServer::start();
     let port = support::free_port();

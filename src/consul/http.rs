@@ -441,6 +441,12 @@ impl ConsulApi {
         }
     }
 
+    /// The whole view's index, to wake on and to answer with.
+    fn global_index(&self) -> (u64, u64) {
+        let i = self.dir.index();
+        (i, i)
+    }
+
     /// `(index that wakes a blocking query on the service, index to answer with)`.
     fn service_index(&self, name: &str) -> (u64, u64) {
         match self.dir.service_index(name) {
@@ -510,16 +516,40 @@ impl ConsulApi {
         }
         if path == "/v1/catalog/services" {
             allowed(get)?;
-            let index = self
-                .block(query, || {
-                    let i = self.dir.index();
-                    (i, i)
-                })
-                .await?;
+            let index = self.block(query, || self.global_index()).await?;
             let body = self.read(query, "catalog/services".into(), index, |t, v| {
                 v.catalog_services(t)
             });
             return Ok(Reply::rendered(body, Some(index)));
+        }
+        if let Some(state) = tail("/v1/health/state/") {
+            allowed(get)?;
+            let state =
+                match state.as_str() {
+                    "any" => None,
+                    s => Some(Status::parse(s).ok_or_else(|| {
+                        ApiError::BadRequest(format!("Invalid check state: {s:?}"))
+                    })?),
+                };
+            let index = self.block(query, || self.global_index()).await?;
+            let key = format!("health/state {state:?}");
+            let body = self.read(query, key, index, |t, v| v.health_state(t, state, index));
+            return Ok(Reply::rendered(body, Some(index)));
+        }
+        if path == "/v1/catalog/datacenters" {
+            allowed(get)?;
+            return Ok(Self::json(
+                query,
+                serde_json::json!([super::DATACENTER]),
+                None,
+            ));
+        }
+        if path == "/v1/catalog/nodes" {
+            allowed(get)?;
+            let index = self.dir.index();
+            let address = self.listen.ip().to_string();
+            let body = self.view().catalog_nodes(&address, index);
+            return Ok(Self::json(query, body, Some(index)));
         }
         if path == "/v1/agent/services" {
             allowed(get)?;

@@ -252,12 +252,54 @@ impl View<'_> {
             return json!([]);
         };
         let mut out = Vec::new();
+        self.checks_of(name, svc, None, index, &mut out);
+        Value::Array(out)
+    }
+
+    fn checks_of(
+        &self,
+        name: &str,
+        svc: &Service,
+        state: Option<Status>,
+        index: u64,
+        out: &mut Vec<Value>,
+    ) {
         for e in entries(svc) {
             for c in instance_checks(e.inst, e.record.as_ref()) {
-                out.push(self.check(name, &e, &c, index));
+                if state.is_none_or(|s| s == c.status) {
+                    out.push(self.check(name, &e, &c, index));
+                }
             }
         }
+    }
+
+    /// `GET /v1/health/state/<state>`: every check in `state` (`None`: any), the node's own
+    /// (passing) included.
+    pub fn health_state(&self, table: &RoutingTable, state: Option<Status>, index: u64) -> Value {
+        let mut out = Vec::new();
+        if state.is_none_or(|s| s == Status::Passing) {
+            out.push(self.serf_check(index));
+        }
+        let mut names: Vec<(&Arc<str>, &Arc<Service>)> = table.services.iter().collect();
+        names.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, svc) in names {
+            self.checks_of(name, svc, state, index, &mut out);
+        }
         Value::Array(out)
+    }
+
+    /// `GET /v1/catalog/nodes`: this node.
+    pub fn catalog_nodes(&self, address: &str, index: u64) -> Value {
+        json!([{
+            "ID": "",
+            "Node": self.node,
+            "Address": address,
+            "Datacenter": self.datacenter,
+            "TaggedAddresses": {"lan": address, "wan": address},
+            "Meta": {},
+            "CreateIndex": index,
+            "ModifyIndex": index,
+        }])
     }
 
     /// `GET /v1/catalog/service/<name>`: every instance, health aside.
