@@ -155,25 +155,18 @@ async fn ttl_check_stays_while_heartbeats_come_and_goes_within_the_ttl_after() {
     let proxy = Proxy::builder(&etcd).start().await;
     let backend = Backend::start("worker-a").await;
     let c = ConsulClient::new(proxy.consul_port);
-    let reg = c
-        .register(json!({
-            "name": "worker", "service_id": "w1", "address": "127.0.0.1",
-            "port": backend.addr.port(), "check": {"kind": "ttl", "ttl": "2s"},
-        }))
-        .await;
-    assert_eq!(reg["ok"], true, "register: {reg}");
-    // a TTL check starts critical (as Consul's): registered, not routed
-    let (_, all) = c.health("worker", false).await;
-    assert_eq!(
-        all.first().map(service_check_statuses),
-        Some(vec!["critical".to_string()])
-    );
-    assert_eq!(proxy.get_service("worker", "/").await.0, 503);
-
-    // heartbeats every 500 ms for 3x the TTL: passing and routed all along
+    // register, then heartbeats every 500 ms for 3x the TTL: passing and routed all along
+    let registration = json!({
+        "name": "worker", "service_id": "w1", "address": "127.0.0.1",
+        "port": backend.addr.port(), "check": {"kind": "ttl", "ttl": "2s"},
+    })
+    .to_string();
     let heartbeats = tokio::spawn({
         let c = ConsulClient::new(proxy.consul_port);
-        async move { c.call(&["heartbeat", "service:w1", "0.5", "6"]).await }
+        async move {
+            c.call(&["heartbeat", "service:w1", "0.5", "6", &registration])
+                .await
+        }
     });
     wait_passing(&c, "worker", 1).await;
     let started = Instant::now();
@@ -188,7 +181,6 @@ async fn ttl_check_stays_while_heartbeats_come_and_goes_within_the_ttl_after() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let beats = heartbeats.await.expect("heartbeat task");
-    let stopped = Instant::now();
     assert_eq!(beats["ok"], true, "heartbeats: {beats}");
     assert!(
         started.elapsed() >= Duration::from_secs(5),
@@ -196,20 +188,26 @@ async fn ttl_check_stays_while_heartbeats_come_and_goes_within_the_ttl_after() {
         started.elapsed()
     );
 
-    // no more heartbeats: gone within the TTL (2 s) + 1 s
+    // no more heartbeats: gone within the TTL (2 s) + 1 s of the last one
+    let last_beat = beats["last_beat"].as_f64().unwrap_or(0.0);
     eventually(Duration::from_secs(5), "worker to be gone", || async {
-        let (_, all) = c.health("worker", false).await;
-        if all.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("still there: {all:?}"))
+        let (_, body) = raw(
+            &proxy,
+            reqwest::Method::GET,
+            "/v1/health/service/worker",
+            "",
+        )
+        .await;
+        match body.trim() {
+            "[]" => Ok(()),
+            _ => Err(format!("still there: {body}")),
         }
     })
     .await;
-    let gone_after = stopped.elapsed();
+    let gone_after = unix_now() - last_beat;
     assert!(
-        gone_after <= Duration::from_secs(3),
-        "gone {gone_after:?} after the last heartbeat; the TTL is 2 s"
+        gone_after <= 3.0,
+        "gone {gone_after:.2} s after the last heartbeat; the TTL is 2 s"
     );
     wait_routed(&proxy, "worker", 404).await;
 }
@@ -225,6 +223,13 @@ async fn ttl_fail_keeps_the_instance_registered_but_not_routed_and_warn_uses_the
         "weights": {"Passing": 5, "Warning": 1}, "check": {"kind": "ttl", "ttl": "30s"},
     }))
     .await;
+    // a TTL check starts critical (as Consul's): registered, not routed
+    let (_, all) = c.health("job", false).await;
+    assert_eq!(
+        all.first().map(service_check_statuses),
+        Some(vec!["critical".to_string()])
+    );
+    assert_eq!(proxy.get_service("job", "/").await.0, 503);
     assert_eq!(c.call(&["ttl", "pass", "service:j1"]).await["ok"], true);
     wait_routed(&proxy, "job", 200).await;
     assert_eq!(weight(&proxy, "job").await, Some(5));

@@ -261,14 +261,11 @@ impl Agent {
             let Some(current) = self.store.get(&key).await.map_err(internal)? else {
                 return Err(unknown_check(check_id));
             };
-            if current.lease != 0
-                && self
-                    .store
-                    .keep_alive(current.lease)
-                    .await
-                    .map_err(internal)?
-                    <= 0
-            {
+            let alive = match current.lease {
+                0 => true,
+                lease => self.store.keep_alive(lease).await.map_err(internal)?,
+            };
+            if !alive {
                 // expired just now: the key goes with it
                 return Err(unknown_check(check_id));
             }

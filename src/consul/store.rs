@@ -130,14 +130,23 @@ impl Store {
         }))
     }
 
-    /// Renews `lease` once; the TTL left (0 or less: the lease is gone).
-    pub async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+    /// Renews `lease` once; false when the lease is gone (expired).
+    pub async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
         let mut c = self.client().await?;
-        let (mut keeper, mut stream) = self.timed("keep-alive", c.lease_keep_alive(lease)).await?;
-        self.timed("keep-alive", keeper.keep_alive()).await?;
-        match self.timed("keep-alive", stream.message()).await? {
-            Some(r) => Ok(r.ttl()),
-            None => Err(self.error("keep-alive", "stream ended without an answer")),
+        // lease_keep_alive sends the first keep-alive itself and fails when it is not granted
+        match self.timed("keep-alive", c.lease_keep_alive(lease)).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                // an expired lease is one of its errors: ask etcd whether the lease is still there
+                let left = self
+                    .timed("lease time-to-live", c.lease_time_to_live(lease, None))
+                    .await?;
+                if left.ttl() <= 0 {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
         }
     }
 

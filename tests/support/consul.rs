@@ -1,8 +1,9 @@
 //! A real Consul client library (py-consul, from PyPI) driven from the tests: each call runs
 //! `consul_driver.py` (next to this file) in a `python3` process and returns its JSON answer.
 //!
-//! [`ensure_py_consul`] installs py-consul with pip when `import consul` fails, once per test
-//! binary; when that is impossible the test fails with what to install, it never skips.
+//! [`ensure_py_consul`] installs py-consul with pip when `import consul` fails (Debian's
+//! `python3-consul` when pip cannot), once per test binary; when that is impossible the test
+//! fails with what to install, it never skips.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -48,12 +49,22 @@ pub fn ensure_py_consul() {
                 Err(e) => tried.push(e.to_string()),
             }
         }
+        // no pip at all: Debian's packaged client (python-consul, the library py-consul continues)
+        let apt = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "python3-consul"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output();
+        match apt {
+            Ok(o) if o.status.success() && imports() => return Ok(()),
+            Ok(o) => tried.push(String::from_utf8_lossy(&o.stderr).into_owned()),
+            Err(e) => tried.push(format!("apt-get: {e}")),
+        }
         Err(tried.join("\n"))
     });
     if let Err(e) = ready {
         panic!(
             "the Consul tests need the py-consul client library (`python3 -m pip install \
-             py-consul`), and installing it failed:\n{e}"
+             py-consul`, or Debian's python3-consul), and installing it failed:\n{e}"
         );
     }
 }

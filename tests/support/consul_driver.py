@@ -13,7 +13,8 @@ OPs:
   check_register JSON    agent.check.register(name, check, check_id=, service_id=)
   check_deregister CHECK_ID
   ttl pass|warn|fail CHECK_ID [NOTE]
-  heartbeat CHECK_ID EVERY_S FOR_S      ttl_pass every EVERY_S seconds for FOR_S seconds
+  heartbeat CHECK_ID EVERY_S FOR_S [JSON]  ttl_pass every EVERY_S seconds for FOR_S seconds
+                         (after registering JSON, as `register`, when given)
   health NAME [passing] [tag=T]         health.service -> {"index", "nodes"}
   block NAME INDEX WAIT [passing]       a blocking health.service; also "returned_at" (unix s)
   catalog_services | agent_services | agent_checks
@@ -65,14 +66,21 @@ def run(c, op, args):
         return {"ok": fn(check_id, note)}
     if op == "heartbeat":
         check_id, every, total = args[0], float(args[1]), float(args[2])
+        if len(args) > 3:
+            # register first, in this process: the first heartbeat follows at once, as in a
+            # service (a second python process can take longer to start than a short TTL)
+            registered = run(c, "register", args[3:4])
+            if not registered["ok"]:
+                return registered
         end = time.time() + total
-        beats = 0
+        beats, last_beat = 0, None
         while time.time() < end:
             if not c.agent.check.ttl_pass(check_id, "alive"):
                 return {"ok": False, "beats": beats}
             beats += 1
+            last_beat = time.time()
             time.sleep(every)
-        return {"ok": True, "beats": beats}
+        return {"ok": True, "beats": beats, "last_beat": last_beat}
     if op == "health":
         passing = "passing" in args
         tag = next((a[4:] for a in args if a.startswith("tag=")), None)
