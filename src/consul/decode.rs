@@ -620,6 +620,34 @@ mod tests {
     }
 
     #[test]
+    fn bodies_as_go_and_java_clients_send_them_decode() {
+        // Go's api.AgentServiceRegistration with an HTTP check: every field, most of them empty
+        let go = br#"{"Kind":"","ID":"web-1","Name":"web","Tags":["a"],"Port":8080,
+            "Address":"127.0.0.1","TaggedAddresses":null,"EnableTagOverride":false,
+            "Meta":{"k":"v"},"Weights":null,"Check":{"CheckID":"","Name":"","Args":null,
+            "DockerContainerID":"","Shell":"","Interval":"10s","Timeout":"3s","TTL":"",
+            "HTTP":"http://127.0.0.1:8080/health","Header":null,"Method":"","TCP":"",
+            "Status":"","Notes":"","TLSSkipVerify":false,"GRPC":"","GRPCUseTLS":false,
+            "AliasNode":"","AliasService":"","DeregisterCriticalServiceAfter":"1m0s"},
+            "Checks":null,"Proxy":null,"Connect":null,"Namespace":"","Partition":""}"#;
+        let d = service_definition(go).unwrap();
+        assert_eq!((d.id.as_str(), d.port, d.checks.len()), ("web-1", 8080, 1));
+        assert_eq!(d.checks[0].timeout, Some(Duration::from_secs(3)));
+        assert_eq!(d.checks[0].deregister_after, Some(Duration::from_secs(60)));
+        // Spring Cloud Consul's heartbeat registration: a TTL check, snake-less camel case
+        let spring =
+            br#"{"id":"app-8080","name":"app","tags":["secure=false"],"address":"10.0.0.7",
+            "meta":{},"port":8080,"check":{"ttl":"30s","deregisterCriticalServiceAfter":"90m"}}"#;
+        let d = service_definition(spring).unwrap();
+        assert_eq!(
+            d.checks[0].kind,
+            CheckKind::Ttl {
+                ttl: Duration::from_secs(30)
+            }
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases: &[(&[u8], &str)] = &[
             (b"{not json", "body"),
