@@ -397,6 +397,51 @@ async fn a_blocking_query_returns_on_a_change_and_after_its_wait_otherwise() {
 }
 
 #[tokio::test]
+async fn a_blocking_query_returns_when_an_instance_turns_critical() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let backend = Backend::start("watched-a").await;
+    let c = ConsulClient::new(proxy.consul_port);
+    c.register(json!({
+        "name": "watched", "service_id": "wa", "address": "127.0.0.1", "port": backend.addr.port(),
+        "check": {"kind": "http", "url": format!("http://127.0.0.1:{}/health", backend.addr.port()),
+                  "interval": "1s", "timeout": "1s"},
+    }))
+    .await;
+    wait_passing(&c, "watched", 1).await;
+    let (index, _) = c.health("watched", true).await;
+    // etcd never hears of a health change: the index moves with it all the same
+    let blocked = tokio::spawn({
+        let c = ConsulClient::new(proxy.consul_port);
+        async move {
+            c.call(&["block", "watched", &index.to_string(), "30s", "passing"])
+                .await
+        }
+    });
+    eventually(PATIENCE, "the blocking query to be held", || async {
+        let text = proxy.metrics().await;
+        match metric_value(&text, "switchyard_consul_blocking_queries") {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("held: {other:?}")),
+        }
+    })
+    .await;
+    backend.set_health(503);
+    let answer = blocked.await.expect("blocking query task");
+    let elapsed = answer["elapsed"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        elapsed < 5.0,
+        "answered after {elapsed} s, not at the health change"
+    );
+    assert!(answer["index"].as_u64() > Some(index), "{answer}");
+    assert_eq!(
+        answer["nodes"],
+        json!([]),
+        "no passing instance left: {answer}"
+    );
+}
+
+#[tokio::test]
 async fn two_switchyards_on_one_etcd_route_a_service_registered_through_one_and_it_outlives_it() {
     let etcd = EtcdServer::start();
     let one = Proxy::builder(&etcd).start().await;
