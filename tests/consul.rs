@@ -317,6 +317,43 @@ async fn checks_can_be_added_to_a_service_and_removed_again() {
 }
 
 #[tokio::test]
+async fn maintenance_mode_keeps_an_instance_registered_but_not_routed() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let backend = Backend::start("maint-a").await;
+    let c = ConsulClient::new(proxy.consul_port);
+    c.register(
+        json!({"name": "maint", "service_id": "m1", "address": "127.0.0.1",
+                      "port": backend.addr.port()}),
+    )
+    .await;
+    wait_routed(&proxy, "maint", 200).await;
+    let out = c.call(&["maintenance", "m1", "true", "deploying"]).await;
+    assert_eq!(out["ok"], true, "{out}");
+    let (_, all) = c.health("maint", false).await;
+    assert_eq!(all.len(), 1, "still registered: {all:?}");
+    let check = &all[0]["Checks"][1];
+    assert_eq!(check["CheckID"], "_service_maintenance:m1", "{all:?}");
+    assert_eq!(
+        (check["Status"].as_str(), check["Notes"].as_str()),
+        (Some("critical"), Some("deploying"))
+    );
+    assert!(c.health("maint", true).await.1.is_empty());
+    assert_eq!(proxy.get_service("maint", "/").await.0, 503);
+    assert_eq!(c.call(&["maintenance", "m1", "false"]).await["ok"], true);
+    wait_passing(&c, "maint", 1).await;
+    wait_routed(&proxy, "maint", 200).await;
+    let (status, body) = raw(
+        &proxy,
+        reqwest::Method::PUT,
+        "/v1/agent/service/maintenance/m1",
+        "",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (400, "Missing value for enable"));
+}
+
+#[tokio::test]
 async fn deregister_removes_the_instance_at_once() {
     let etcd = EtcdServer::start();
     let proxy = Proxy::builder(&etcd).start().await;

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::decode::{self, Status};
 use super::directory::Directory;
-use super::record::{Record, StoredCheck};
+use super::record::{Record, StoredCheck, DEFAULT_MAINTENANCE_REASON};
 use super::store::Store;
 use super::view::instance_checks;
 use super::ApiError;
@@ -223,6 +223,27 @@ impl Agent {
         Ok(())
     }
 
+    /// `PUT /v1/agent/service/maintenance/<id>?enable=&reason=`: in maintenance an instance stays
+    /// registered, is not routed and has a critical `_service_maintenance:<id>` check.
+    pub async fn maintenance(&self, id: &str, enable: bool, reason: &str) -> Result<(), ApiError> {
+        let keys = self.dir.keys_of_id(id);
+        if keys.is_empty() {
+            return Err(unknown_service(id));
+        }
+        let reason = match reason {
+            "" => DEFAULT_MAINTENANCE_REASON.to_string(),
+            r => r.to_string(),
+        };
+        let mut revision = 0;
+        for (key, _) in keys {
+            let reason = enable.then(|| reason.clone());
+            revision = self.rewrite(&key, |r| r.maintenance = reason).await?;
+        }
+        info!(id = %id, enable, "Consul API: service maintenance mode");
+        self.seen(revision).await;
+        Ok(())
+    }
+
     /// `PUT /v1/agent/check/{pass,warn,fail}/<id>` and `/v1/agent/check/update/<id>`: renews the
     /// TTL lease and, when the status or output changed, writes them.
     pub async fn update_ttl(
@@ -322,9 +343,17 @@ impl Agent {
                 let Some(record) = Record::of_metadata(&inst.metadata) else {
                     continue;
                 };
+                // only the checks that have the setting count (as in Consul: not, for one,
+                // the maintenance check)
+                let reaping = |id: &str| {
+                    record
+                        .checks
+                        .iter()
+                        .any(|c| c.id == id && c.deregister_after_ms.is_some())
+                };
                 let critical = instance_checks(&inst, Some(&record))
                     .iter()
-                    .any(|c| c.status == Status::Critical);
+                    .any(|c| c.status == Status::Critical && reaping(&c.id));
                 if !critical {
                     continue;
                 }

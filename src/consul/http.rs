@@ -578,6 +578,24 @@ impl ConsulApi {
             self.agent.deregister(&id).await?;
             return Ok(Reply::empty());
         }
+        if let Some(id) = tail("/v1/agent/service/maintenance/") {
+            allowed(put)?;
+            let enable = match query.get("enable") {
+                None => return Err(ApiError::BadRequest("Missing value for enable".into())),
+                Some(v) => match v {
+                    "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+                    "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+                    other => {
+                        return Err(ApiError::BadRequest(format!(
+                            "Invalid value for enable: {other:?}"
+                        )))
+                    }
+                },
+            };
+            let reason = query.get("reason").unwrap_or("");
+            self.agent.maintenance(&id, enable, reason).await?;
+            return Ok(Reply::empty());
+        }
         if let Some(id) = tail("/v1/agent/service/") {
             allowed(get)?;
             let table = self.table.load();

@@ -114,7 +114,15 @@ pub struct Record {
     pub enable_tag_override: bool,
     #[serde(default)]
     pub checks: Vec<StoredCheck>,
+    /// Maintenance mode (`/v1/agent/service/maintenance/<id>?enable=true`): its reason. The
+    /// instance stays registered with weight 0 and a critical maintenance check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<String>,
 }
+
+/// What Consul says when maintenance mode is enabled without a reason.
+pub const DEFAULT_MAINTENANCE_REASON: &str =
+    "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.";
 
 fn millis(d: Option<Duration>) -> Option<u64> {
     d.map(|d| d.as_millis().min(u64::MAX as u128) as u64)
@@ -165,6 +173,8 @@ impl Record {
             weights: def.weights,
             enable_tag_override: def.enable_tag_override,
             checks,
+            // a re-registration does not end maintenance (Consul keeps its check too)
+            maintenance: previous.and_then(|p| p.maintenance.clone()),
         }
     }
 
@@ -184,6 +194,9 @@ impl Record {
     /// The routing weight: `Weights.Passing`, `Weights.Warning` while a TTL check warns, 0 while
     /// one is critical.
     pub fn weight(&self) -> u32 {
+        if self.maintenance.is_some() {
+            return 0;
+        }
         let w = match self.ttl_status() {
             Status::Passing => self.weights.passing,
             Status::Warning => self.weights.warning,
@@ -375,6 +388,8 @@ mod tests {
         assert_eq!(r.weight(), 2);
         r.checks[0].status = Status::Passing;
         assert_eq!(r.weight(), 5);
+        r.maintenance = Some("deploy".into());
+        assert_eq!(r.weight(), 0, "in maintenance: not routed");
         assert_eq!(r.lease_ttl(), Some(3));
     }
 

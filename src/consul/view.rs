@@ -65,10 +65,19 @@ pub fn instance_checks(inst: &Instance, record: Option<&Record>) -> Vec<CheckSta
         }];
     };
     let probed = health_status(inst);
-    record
-        .checks
-        .iter()
-        .map(|c: &StoredCheck| {
+    let maintenance = record.maintenance.as_ref().map(|reason| CheckState {
+        id: format!("_service_maintenance:{}", record.id),
+        name: "Service Maintenance Mode".into(),
+        status: Status::Critical,
+        output: String::new(),
+        notes: reason.clone(),
+        kind: "maintenance".into(),
+        interval: String::new(),
+        timeout: String::new(),
+    });
+    maintenance
+        .into_iter()
+        .chain(record.checks.iter().map(|c: &StoredCheck| {
             let (status, output) = if c.is_ttl() {
                 (c.status, c.output.clone())
             } else {
@@ -85,7 +94,7 @@ pub fn instance_checks(inst: &Instance, record: Option<&Record>) -> Vec<CheckSta
                 interval: d(c.interval_ms),
                 timeout: d(c.timeout_ms),
             }
-        })
+        }))
         .collect()
 }
 

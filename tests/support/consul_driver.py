@@ -12,6 +12,7 @@ OPs:
   deregister ID
   check_register JSON    agent.check.register(name, check, check_id=, service_id=)
   check_deregister CHECK_ID
+  maintenance ID true|false [REASON]    agent.service.maintenance
   ttl pass|warn|fail CHECK_ID [NOTE]
   heartbeat CHECK_ID EVERY_S FOR_S [JSON]  ttl_pass every EVERY_S seconds for FOR_S seconds
                          (after registering JSON, as `register`, when given)
@@ -56,6 +57,9 @@ def run(c, op, args):
                                              service_id=spec.get("service_id"))}
     if op == "check_deregister":
         return {"ok": c.agent.check.deregister(args[0])}
+    if op == "maintenance":
+        reason = args[2] if len(args) > 2 else None
+        return {"ok": c.agent.service.maintenance(args[0], args[1], reason)}
     if op == "deregister":
         return {"ok": c.agent.service.deregister(args[0])}
     if op == "ttl":
