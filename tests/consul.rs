@@ -20,6 +20,20 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A real etcd, a switchyard on it, and py-consul pointed at the switchyard's Consul API.
+struct World {
+    etcd: EtcdServer,
+    proxy: Proxy,
+    c: ConsulClient,
+}
+
+async fn world() -> World {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let c = ConsulClient::new(proxy.consul_port);
+    World { etcd, proxy, c }
+}
+
 /// Waits until `name` has exactly `n` instances whose checks all pass.
 async fn wait_passing(c: &ConsulClient, name: &str, n: usize) -> Vec<Value> {
     eventually(
@@ -71,10 +85,12 @@ async fn raw(proxy: &Proxy, method: reqwest::Method, path: &str, body: &str) -> 
 
 #[tokio::test]
 async fn http_check_registration_is_routed_and_turns_critical_with_its_health_endpoint() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("web-a").await;
-    let c = ConsulClient::new(proxy.consul_port);
     let reg = c
         .register(json!({
             "name": "web", "service_id": "web-1", "address": "127.0.0.1",
@@ -151,10 +167,12 @@ async fn http_check_registration_is_routed_and_turns_critical_with_its_health_en
 
 #[tokio::test]
 async fn ttl_check_stays_while_heartbeats_come_and_goes_within_the_ttl_after() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("worker-a").await;
-    let c = ConsulClient::new(proxy.consul_port);
     // register, then heartbeats every 500 ms for 3x the TTL: passing and routed all along
     let registration = json!({
         "name": "worker", "service_id": "w1", "address": "127.0.0.1",
@@ -214,10 +232,12 @@ async fn ttl_check_stays_while_heartbeats_come_and_goes_within_the_ttl_after() {
 
 #[tokio::test]
 async fn ttl_fail_keeps_the_instance_registered_but_not_routed_and_warn_uses_the_warning_weight() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("job-a").await;
-    let c = ConsulClient::new(proxy.consul_port);
     c.register(json!({
         "name": "job", "service_id": "j1", "address": "127.0.0.1", "port": backend.addr.port(),
         "weights": {"Passing": 5, "Warning": 1}, "check": {"kind": "ttl", "ttl": "30s"},
@@ -275,9 +295,11 @@ async fn ttl_fail_keeps_the_instance_registered_but_not_routed_and_warn_uses_the
 
 #[tokio::test]
 async fn checks_can_be_added_to_a_service_and_removed_again() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
-    let c = ConsulClient::new(proxy.consul_port);
+    let World {
+        etcd: _etcd,
+        proxy: _proxy,
+        c,
+    } = world().await;
     c.register(json!({"name": "late", "service_id": "l1", "address": "127.0.0.1", "port": 1}))
         .await;
     wait_passing(&c, "late", 1).await;
@@ -318,10 +340,12 @@ async fn checks_can_be_added_to_a_service_and_removed_again() {
 
 #[tokio::test]
 async fn maintenance_mode_keeps_an_instance_registered_but_not_routed() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("maint-a").await;
-    let c = ConsulClient::new(proxy.consul_port);
     c.register(
         json!({"name": "maint", "service_id": "m1", "address": "127.0.0.1",
                       "port": backend.addr.port()}),
@@ -355,10 +379,12 @@ async fn maintenance_mode_keeps_an_instance_registered_but_not_routed() {
 
 #[tokio::test]
 async fn deregister_removes_the_instance_at_once() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("api-a").await;
-    let c = ConsulClient::new(proxy.consul_port);
     c.register(
         json!({"name": "api", "service_id": "api-1", "address": "127.0.0.1",
                       "port": backend.addr.port()}),
@@ -385,9 +411,7 @@ async fn deregister_removes_the_instance_at_once() {
 
 #[tokio::test]
 async fn a_blocking_query_returns_on_a_change_and_after_its_wait_otherwise() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
-    let c = ConsulClient::new(proxy.consul_port);
+    let World { etcd, proxy, c } = world().await;
     c.register(json!({"name": "blk", "service_id": "b1", "address": "127.0.0.1", "port": 1}))
         .await;
     let (index, _) = c.health("blk", false).await;
@@ -435,10 +459,12 @@ async fn a_blocking_query_returns_on_a_change_and_after_its_wait_otherwise() {
 
 #[tokio::test]
 async fn a_blocking_query_returns_when_an_instance_turns_critical() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("watched-a").await;
-    let c = ConsulClient::new(proxy.consul_port);
     c.register(json!({
         "name": "watched", "service_id": "wa", "address": "127.0.0.1", "port": backend.addr.port(),
         "check": {"kind": "http", "url": format!("http://127.0.0.1:{}/health", backend.addr.port()),
@@ -509,11 +535,13 @@ async fn two_switchyards_on_one_etcd_route_a_service_registered_through_one_and_
 
 #[tokio::test]
 async fn deregister_critical_service_after_removes_an_instance_that_stays_critical() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let World {
+        etcd: _etcd,
+        proxy: _proxy,
+        c,
+    } = world().await;
     let backend = Backend::start("flaky-a").await;
     backend.set_health(500);
-    let c = ConsulClient::new(proxy.consul_port);
     c.register(json!({
         "name": "flaky", "service_id": "f1", "address": "127.0.0.1", "port": backend.addr.port(),
         "check": {"kind": "http", "url": format!("http://127.0.0.1:{}/health", backend.addr.port()),
@@ -538,9 +566,11 @@ async fn deregister_critical_service_after_removes_an_instance_that_stays_critic
 
 #[tokio::test]
 async fn errors_are_the_ones_consul_gives() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
-    let c = ConsulClient::new(proxy.consul_port);
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     c.register(json!({
         "name": "err", "service_id": "e1", "address": "127.0.0.1", "port": 1,
         "check": {"kind": "tcp", "addr": "127.0.0.1:1", "interval": "10s"},
@@ -616,9 +646,11 @@ async fn errors_are_the_ones_consul_gives() {
 
 #[tokio::test]
 async fn checks_by_state_datacenters_and_nodes_are_answered() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
-    let c = ConsulClient::new(proxy.consul_port);
+    let World {
+        etcd: _etcd,
+        proxy,
+        c,
+    } = world().await;
     c.register(json!({
         "name": "down", "service_id": "d1", "address": "127.0.0.1", "port": 1,
         "check": {"kind": "tcp", "addr": "127.0.0.1:1", "interval": "10s"},
