@@ -98,7 +98,12 @@ impl Agent {
             ));
         }
         let host = match def.address.trim() {
-            // Consul uses the agent's address; the registering client is where the service is
+            // Consul uses the agent's (node's) address: the registering client is where the
+            // service is, but loopback means nothing to the other switchyards
+            "" if peer.is_loopback() => match self.store.local_address().await {
+                Some(ip) => ip.to_string(),
+                None => peer.to_string(),
+            },
             "" => peer.to_string(),
             a => a.trim_start_matches('[').trim_end_matches(']').to_string(),
         };

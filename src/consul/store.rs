@@ -119,6 +119,24 @@ impl Store {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
+    /// This host's address towards the first etcd endpoint: where the other switchyards (which
+    /// reach etcd too) can most likely reach a service on this host. No packet is sent.
+    pub async fn local_address(&self) -> Option<std::net::IpAddr> {
+        let endpoint = self.cfg.endpoints.first()?;
+        let authority = endpoint
+            .split_once("://")
+            .map_or(endpoint.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()?;
+        let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.ok()?;
+        let connect = socket.connect(authority);
+        tokio::time::timeout(self.cfg.dial_timeout, connect)
+            .await
+            .ok()?
+            .ok()?;
+        socket.local_addr().ok().map(|a| a.ip())
+    }
+
     /// `key` as etcd has it, if it exists.
     pub async fn get(&self, key: &str) -> Result<Option<Current>, StoreError> {
         let mut c = self.client().await?;
