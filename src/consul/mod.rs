@@ -7,6 +7,7 @@
 //!               │                                         (TTL check: under a lease of that TTL)
 //!               ├─PUT /v1/agent/check/pass|warn|fail|update──▶ lease keep-alive, status → etcd
 //!               ├─PUT /v1/agent/service/deregister/<id>──▶ etcd delete
+//!               ├─PUT /v1/agent/check/register, .../maintenance/<id>──▶ the Record rewritten
 //!               │        (each write answers once this switchyard's view has it)
 //!               └─GET /v1/health|catalog/...──▶ view: routing snapshot + health, blocking on
 //!                                                directory's index
@@ -19,7 +20,8 @@
 //! - [`decode`]: request bodies the way Consul reads them (keys in any case, Go durations).
 //! - [`record`]: a Consul registration as an etcd value (`health_*` metadata for its check).
 //! - [`store`]: the etcd writes.
-//! - [`agent`]: register, deregister, TTL updates, the reaper.
+//! - [`agent`]: register, deregister, TTL updates, checks added or removed, maintenance, the
+//!   reaper.
 //! - [`directory`]: the index for `X-Consul-Index` and blocking queries; lookups by id.
 //! - [`view`]: the read answers (health, catalog, agent).
 //! - [`http`]: the listener, the ACL token, routing, blocking queries, headers.
