@@ -568,11 +568,7 @@ async fn deregister_critical_service_after_removes_an_instance_that_stays_critic
 
 #[tokio::test]
 async fn errors_are_the_ones_consul_gives() {
-    let World {
-        etcd: _etcd,
-        proxy,
-        c,
-    } = world().await;
+    let World { mut etcd, proxy, c } = world().await;
     c.register(json!({
         "name": "err", "service_id": "e1", "address": "127.0.0.1", "port": 1,
         "check": {"kind": "tcp", "addr": "127.0.0.1:1", "interval": "10s"},
@@ -644,6 +640,18 @@ async fn errors_are_the_ones_consul_gives() {
             resp.headers()
         );
     }
+    // etcd gone: a registration fails loudly (500), it is never reported as done
+    etcd.kill();
+    let body = r#"{"Name":"later","Port":1,"Address":"127.0.0.1"}"#;
+    let (status, text) = raw(
+        &proxy,
+        reqwest::Method::PUT,
+        "/v1/agent/service/register",
+        body,
+    )
+    .await;
+    assert_eq!(status, 500, "{text}");
+    assert!(text.starts_with("etcd at "), "{text}");
 }
 
 #[tokio::test]
