@@ -366,9 +366,21 @@ async fn maintenance_mode_keeps_an_instance_registered_but_not_routed() {
     );
     assert!(c.health("maint", true).await.1.is_empty());
     assert_eq!(proxy.get_service("maint", "/").await.0, 503);
+    // the agent's own health endpoints answer with the worst status as the code
+    let by_id = "/v1/agent/health/service/id/m1?format=text";
+    let (status, body) = raw(&proxy, reqwest::Method::GET, by_id, "").await;
+    assert_eq!((status, body.as_str()), (503, "critical"));
+    let by_name = "/v1/agent/health/service/name/maint";
+    let (status, body) = raw(&proxy, reqwest::Method::GET, by_name, "").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"AggregatedStatus\":\"critical\""), "{body}");
     assert_eq!(c.call(&["maintenance", "m1", "false"]).await["ok"], true);
     wait_passing(&c, "maint", 1).await;
     wait_routed(&proxy, "maint", 200).await;
+    let (status, body) = raw(&proxy, reqwest::Method::GET, by_id, "").await;
+    assert_eq!((status, body.as_str()), (200, "passing"));
+    let nobody = "/v1/agent/health/service/id/nobody";
+    assert_eq!(raw(&proxy, reqwest::Method::GET, nobody, "").await.0, 404);
     let (status, body) = raw(
         &proxy,
         reqwest::Method::PUT,

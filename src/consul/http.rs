@@ -170,6 +170,10 @@ impl Query {
 
 /// A successful answer: JSON (or nothing), and the index for `X-Consul-Index`.
 struct Reply {
+    /// 200, but for the agent's health endpoints (429 warning, 503 critical).
+    status: StatusCode,
+    /// JSON, but for the agent's health endpoints' `?format=text`.
+    content_type: &'static str,
     body: Option<Bytes>,
     index: Option<u64>,
 }
@@ -177,15 +181,28 @@ struct Reply {
 impl Reply {
     fn empty() -> Reply {
         Reply {
+            status: StatusCode::OK,
+            content_type: "application/json",
             body: None,
             index: None,
         }
     }
     fn rendered(body: Bytes, index: Option<u64>) -> Reply {
         Reply {
+            status: StatusCode::OK,
+            content_type: "application/json",
             body: Some(body),
             index,
         }
+    }
+}
+
+/// The status code of the agent's health endpoints: passing 200, warning 429, critical 503.
+fn health_code(status: Status) -> StatusCode {
+    match status {
+        Status::Passing => StatusCode::OK,
+        Status::Warning => StatusCode::TOO_MANY_REQUESTS,
+        Status::Critical => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -350,8 +367,8 @@ impl ConsulApi {
             }
             Ok(reply) => {
                 let mut resp = match reply.body {
-                    None => response(StatusCode::OK, "text/plain; charset=utf-8", Bytes::new()),
-                    Some(body) => response(StatusCode::OK, "application/json", body),
+                    None => response(reply.status, "text/plain; charset=utf-8", Bytes::new()),
+                    Some(body) => response(reply.status, reply.content_type, body),
                 };
                 let h = resp.headers_mut();
                 if let Some(index) = reply.index {
@@ -555,6 +572,38 @@ impl ConsulApi {
             allowed(get)?;
             let table = self.table.load();
             return Ok(Self::json(query, self.view().agent_services(&table), None));
+        }
+        for (prefix, by_id) in [
+            ("/v1/agent/health/service/id/", true),
+            ("/v1/agent/health/service/name/", false),
+        ] {
+            let Some(wanted) = tail(prefix) else {
+                continue;
+            };
+            allowed(get)?;
+            let table = self.table.load();
+            let (worst, entries) =
+                self.view()
+                    .agent_health(&table, by_id, &wanted, self.dir.index());
+            let Some(worst) = worst else {
+                let what = if by_id { "ServiceId" } else { "ServiceName" };
+                return Err(ApiError::NotFound(format!("{what} {wanted} not found")));
+            };
+            let pretty = query.get("pretty").is_some();
+            let (content_type, body) = match (query.get("format"), by_id) {
+                (Some("text"), _) => ("text/plain; charset=utf-8", Bytes::from(worst.as_str())),
+                (_, true) => {
+                    let one = entries.into_iter().next().unwrap_or_default();
+                    ("application/json", render(&one, pretty))
+                }
+                (_, false) => ("application/json", render(&Value::Array(entries), pretty)),
+            };
+            return Ok(Reply {
+                status: health_code(worst),
+                content_type,
+                body: Some(body),
+                index: None,
+            });
         }
         if path == "/v1/agent/checks" {
             allowed(get)?;

@@ -409,6 +409,41 @@ impl View<'_> {
             .map(|(name, e)| self.agent_service(name, &e))
     }
 
+    /// `GET /v1/agent/health/service/id/<id>` (`by_id`) or `.../name/<name>`: each matching
+    /// Consul-registered instance with its checks and their worst status (`AggregatedStatus`),
+    /// and the worst of all (`None`: nothing matched).
+    pub fn agent_health(
+        &self,
+        table: &RoutingTable,
+        by_id: bool,
+        wanted: &str,
+        index: u64,
+    ) -> (Option<Status>, Vec<Value>) {
+        let mut worst: Option<Status> = None;
+        let mut out = Vec::new();
+        for (name, e) in Self::registered(table) {
+            let hit = if by_id {
+                e.id() == wanted
+            } else {
+                **name == *wanted
+            };
+            if !hit {
+                continue;
+            }
+            let checks = instance_checks(e.inst, e.record.as_ref());
+            let status = checks
+                .iter()
+                .fold(Status::Passing, |s, c| s.worst(c.status));
+            worst = Some(worst.map_or(status, |w| w.worst(status)));
+            out.push(json!({
+                "AggregatedStatus": status.as_str(),
+                "Service": self.agent_service(name, &e),
+                "Checks": checks.iter().map(|c| self.check(name, &e, c, index)).collect::<Vec<_>>(),
+            }));
+        }
+        (worst, out)
+    }
+
     /// `GET /v1/agent/checks`: check id → check, for the instances registered through the
     /// Consul API.
     pub fn agent_checks(&self, table: &RoutingTable, index: u64) -> Value {
