@@ -652,6 +652,32 @@ async fn errors_are_the_ones_consul_gives() {
             resp.headers()
         );
     }
+    // a key some other registrar keeps is not overwritten
+    etcd.put("/services/plain/p1", "127.0.0.1:9").await;
+    eventually(PATIENCE, "plain/p1 in the view", || async {
+        match raw(
+            &proxy,
+            reqwest::Method::GET,
+            "/v1/catalog/service/plain",
+            "",
+        )
+        .await
+        {
+            (200, body) if body.contains("\"p1\"") => Ok(()),
+            (status, body) => Err(format!("{status}: {body}")),
+        }
+    })
+    .await;
+    let body = r#"{"Name":"plain","ID":"p1","Port":1,"Address":"127.0.0.1"}"#;
+    let (status, text) = raw(
+        &proxy,
+        reqwest::Method::PUT,
+        "/v1/agent/service/register",
+        body,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("other than the Consul API"), "{text}");
     // etcd gone: a registration fails loudly (500), it is never reported as done
     etcd.kill();
     let body = r#"{"Name":"later","Port":1,"Address":"127.0.0.1"}"#;

@@ -121,6 +121,17 @@ impl Agent {
         let addr = parse_host_port(&joined)
             .map_err(|e| ApiError::BadRequest(format!("Request decode failed: Address: {e}")))?;
         let key = format!("{}{}/{}", self.prefix, def.name, def.id);
+        // never overwrite what another registrar keeps (its lease, its deregistration)
+        let taken = self
+            .instance(&def.name, &key)
+            .is_some_and(|i| Record::of_metadata(&i.metadata).is_none());
+        if taken {
+            return Err(ApiError::BadRequest(format!(
+                "Service ID {:?} of {:?} is registered in etcd ({key}) by something other than \
+                 the Consul API; choose another ID",
+                def.id, def.name
+            )));
+        }
         let existing = self.dir.keys_of_id(&def.id);
         let previous = existing
             .iter()
