@@ -1,7 +1,6 @@
-//! The HTTP side: the listener (hyper, HTTP/1.1), the ACL token, routing to the endpoints,
-//! query parameters, blocking queries and Consul's response headers.
+//! The HTTP side: the listener (hyper, HTTP/1.1), the ACL token, Consul's response headers,
+//! the request metrics and the renderings shared by the queries one change wakes.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,21 +11,17 @@ use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::Request;
-use rand::Rng;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::decode::{check_update, parse_go_duration, Status};
-use super::view::View;
+use super::decode::Status;
+use super::query::Query;
 use super::{ApiError, ConsulApi};
 
 /// Largest request body accepted (a registration is a few hundred bytes).
 const MAX_BODY: usize = 1 << 20;
-/// A blocking query's `wait` when none is given, and the most it may be (Consul's).
-const DEFAULT_WAIT: Duration = Duration::from_secs(300);
-const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// The API's metrics.
 struct Metrics {
@@ -63,10 +58,10 @@ pub(super) fn init_metrics() {
 }
 
 /// Counts a blocking query as held while it lives.
-struct Held;
+pub(super) struct Held;
 
 impl Held {
-    fn new() -> Held {
+    pub(super) fn new() -> Held {
         METRICS.blocking.inc();
         Held
     }
@@ -78,108 +73,18 @@ impl Drop for Held {
     }
 }
 
-/// Query parameters, decoded; a key may repeat (`tag=a&tag=b`).
-#[derive(Debug, Default)]
-pub struct Query(Vec<(String, String)>);
-
-fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A path segment: like a query value, but `+` is a plus.
-fn decode_segment(s: &str) -> String {
-    percent_decode(&s.replace('+', "%2B"))
-}
-
-impl Query {
-    pub fn parse(q: Option<&str>) -> Query {
-        Query(
-            q.unwrap_or("")
-                .split('&')
-                .filter(|kv| !kv.is_empty())
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (percent_decode(k), percent_decode(v))
-                })
-                .collect(),
-        )
-    }
-
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn all(&self, key: &str) -> Vec<String> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    /// `?flag`, `?flag=1`, `?flag=true` → true; absent → false.
-    fn flag(&self, key: &str) -> Result<bool, ApiError> {
-        match self.get(key) {
-            None => Ok(false),
-            Some("" | "1" | "true" | "t" | "T" | "TRUE" | "True") => Ok(true),
-            Some("0" | "false" | "f" | "F" | "FALSE" | "False") => Ok(false),
-            Some(_) => Err(ApiError::BadRequest(format!("Invalid value for ?{key}"))),
-        }
-    }
-
-    /// `index` and `wait` of a blocking query; `None` for a plain query.
-    fn blocking(&self) -> Result<Option<(u64, Duration)>, ApiError> {
-        let index = match self.get("index") {
-            None | Some("") => return Ok(None),
-            Some(v) => v
-                .parse::<u64>()
-                .map_err(|_| ApiError::BadRequest("Invalid index".into()))?,
-        };
-        if index == 0 {
-            return Ok(None);
-        }
-        let wait = match self.get("wait") {
-            None | Some("") => DEFAULT_WAIT,
-            Some(v) => parse_go_duration(v)
-                .map_err(|_| ApiError::BadRequest("Invalid wait time".into()))?,
-        };
-        Ok(Some((index, wait.min(MAX_WAIT))))
-    }
-}
-
 /// A successful answer: JSON (or nothing), and the index for `X-Consul-Index`.
-struct Reply {
+pub(super) struct Reply {
     /// 200, but for the agent's health endpoints (429 warning, 503 critical).
-    status: StatusCode,
+    pub(super) status: StatusCode,
     /// JSON, but for the agent's health endpoints' `?format=text`.
-    content_type: &'static str,
-    body: Option<Bytes>,
-    index: Option<u64>,
+    pub(super) content_type: &'static str,
+    pub(super) body: Option<Bytes>,
+    pub(super) index: Option<u64>,
 }
 
 impl Reply {
-    fn empty() -> Reply {
+    pub(super) fn empty() -> Reply {
         Reply {
             status: StatusCode::OK,
             content_type: "application/json",
@@ -187,7 +92,7 @@ impl Reply {
             index: None,
         }
     }
-    fn rendered(body: Bytes, index: Option<u64>) -> Reply {
+    pub(super) fn rendered(body: Bytes, index: Option<u64>) -> Reply {
         Reply {
             status: StatusCode::OK,
             content_type: "application/json",
@@ -198,7 +103,7 @@ impl Reply {
 }
 
 /// The status code of the agent's health endpoints: passing 200, warning 429, critical 503.
-fn health_code(status: Status) -> StatusCode {
+pub(super) fn health_code(status: Status) -> StatusCode {
     match status {
         Status::Passing => StatusCode::OK,
         Status::Warning => StatusCode::TOO_MANY_REQUESTS,
@@ -207,7 +112,7 @@ fn health_code(status: Status) -> StatusCode {
 }
 
 /// JSON text of `v`, compact or indented (`?pretty`), with a final newline.
-fn render(v: &Value, pretty: bool) -> Bytes {
+pub(super) fn render(v: &Value, pretty: bool) -> Bytes {
     let mut body = if pretty {
         serde_json::to_vec_pretty(v)
     } else {
@@ -228,7 +133,12 @@ const RENDERED_MAX: usize = 4096;
 pub(super) struct Rendered(std::sync::Mutex<std::collections::HashMap<String, (u64, Bytes)>>);
 
 impl Rendered {
-    fn get_or_render(&self, key: String, index: u64, make: impl FnOnce() -> Bytes) -> Bytes {
+    pub(super) fn get_or_render(
+        &self,
+        key: String,
+        index: u64,
+        make: impl FnOnce() -> Bytes,
+    ) -> Bytes {
         let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((i, b)) = lock().get(&key) {
             if *i == index {
@@ -385,349 +295,19 @@ impl ConsulApi {
             .inc();
         resp
     }
+}
 
-    async fn read_body(body: Option<Incoming>) -> Result<Bytes, ApiError> {
-        let Some(body) = body else {
-            return Ok(Bytes::new());
-        };
-        match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => Ok(b.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(
-                format!("Request body too large (more than {MAX_BODY} bytes)"),
-            )),
-            Err(e) => Err(ApiError::BadRequest(format!("Request body not read: {e}"))),
-        }
-    }
-
-    /// An answer that is not cached.
-    fn json(query: &Query, body: Value, index: Option<u64>) -> Reply {
-        Reply::rendered(render(&body, query.get("pretty").is_some()), index)
-    }
-
-    /// A read at `index`, rendered once per index (see [`Rendered`]).
-    fn read(
-        &self,
-        query: &Query,
-        key: String,
-        index: u64,
-        make: impl FnOnce(&crate::routing::RoutingTable, &View<'_>) -> Value,
-    ) -> Bytes {
-        let pretty = query.get("pretty").is_some();
-        let key = format!("{key} {pretty}");
-        self.rendered.get_or_render(key, index, || {
-            let table = self.table.load();
-            render(&make(&table, &self.view()), pretty)
-        })
-    }
-
-    fn view(&self) -> View<'_> {
-        View {
-            node: &self.node,
-            datacenter: super::DATACENTER,
-        }
-    }
-
-    /// Waits as a blocking query asks: until `index_of()` passes the client's index, or `wait`
-    /// (plus up to 1/16 of it, as Consul, so clients do not come back all at once) is over.
-    /// An index ahead of ours (from before a restart) is answered at once. Returns the index
-    /// to answer with.
-    async fn block(
-        &self,
-        query: &Query,
-        index_of: impl Fn() -> (u64, u64),
-    ) -> Result<u64, ApiError> {
-        let Some((min, wait)) = query.blocking()? else {
-            return Ok(index_of().1);
-        };
-        let jitter = wait.as_millis() as u64 / 16;
-        let wait = wait + Duration::from_millis(rand::thread_rng().gen_range(0..=jitter));
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut changes = self.dir.subscribe();
-        let _held = Held::new();
-        loop {
-            let (wake, answer) = index_of();
-            if wake > min || min > self.dir.index() {
-                return Ok(answer);
-            }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                return Ok(index_of().1);
-            }
-        }
-    }
-
-    /// The whole view's index, to wake on and to answer with.
-    fn global_index(&self) -> (u64, u64) {
-        let i = self.dir.index();
-        (i, i)
-    }
-
-    /// `(index that wakes a blocking query on the service, index to answer with)`.
-    fn service_index(&self, name: &str) -> (u64, u64) {
-        match self.dir.service_index(name) {
-            Some(i) => (i, i),
-            // a service never seen: only its appearance is a change for it
-            None => (0, self.dir.index()),
-        }
-    }
-
-    fn datacenter(query: &Query) -> Result<(), ApiError> {
-        match query.get("dc") {
-            None | Some("") => Ok(()),
-            Some(dc) if dc == super::DATACENTER => Ok(()),
-            Some(_) => Err(ApiError::Internal("No path to datacenter".into())),
-        }
-    }
-
-    async fn route(
-        &self,
-        peer: SocketAddr,
-        method: &Method,
-        body: Incoming,
-        path: &str,
-        query: &Query,
-    ) -> Result<Reply, ApiError> {
-        let get = method == Method::GET || method == Method::HEAD;
-        let put = method == Method::PUT;
-        // only PUTs have a body to read; otherwise dropped now, not held while a query blocks
-        let body = put.then_some(body);
-        let allowed = |ok: bool| match ok {
-            true => Ok(()),
-            false => Err(ApiError::MethodNotAllowed(format!(
-                "method {method} not allowed"
-            ))),
-        };
-        let tail = |prefix: &str| path.strip_prefix(prefix).map(decode_segment);
-        Self::datacenter(query)?;
-
-        if let Some(name) = tail("/v1/health/service/") {
-            allowed(get)?;
-            let passing = query.flag("passing")?;
-            let tags = query.all("tag");
-            let index = self.block(query, || self.service_index(&name)).await?;
-            let key = format!("health/service {name} {passing} {tags:?}");
-            let body = self.read(query, key, index, |table, view| {
-                view.health_service(table, &name, passing, &tags, index)
-            });
-            return Ok(Reply::rendered(body, Some(index)));
-        }
-        if let Some(name) = tail("/v1/health/checks/") {
-            allowed(get)?;
-            let index = self.block(query, || self.service_index(&name)).await?;
-            let body = self.read(query, format!("health/checks {name}"), index, |t, v| {
-                v.health_checks(t, &name, index)
-            });
-            return Ok(Reply::rendered(body, Some(index)));
-        }
-        if let Some(name) = tail("/v1/catalog/service/") {
-            allowed(get)?;
-            let tags = query.all("tag");
-            let index = self.block(query, || self.service_index(&name)).await?;
-            let key = format!("catalog/service {name} {tags:?}");
-            let body = self.read(query, key, index, |t, v| {
-                v.catalog_service(t, &name, &tags, index)
-            });
-            return Ok(Reply::rendered(body, Some(index)));
-        }
-        if path == "/v1/catalog/services" {
-            allowed(get)?;
-            let index = self.block(query, || self.global_index()).await?;
-            let body = self.read(query, "catalog/services".into(), index, |t, v| {
-                v.catalog_services(t)
-            });
-            return Ok(Reply::rendered(body, Some(index)));
-        }
-        if let Some(state) = tail("/v1/health/state/") {
-            allowed(get)?;
-            let state =
-                match state.as_str() {
-                    "any" => None,
-                    s => Some(Status::parse(s).ok_or_else(|| {
-                        ApiError::BadRequest(format!("Invalid check state: {s:?}"))
-                    })?),
-                };
-            let index = self.block(query, || self.global_index()).await?;
-            let key = format!("health/state {state:?}");
-            let body = self.read(query, key, index, |t, v| v.health_state(t, state, index));
-            return Ok(Reply::rendered(body, Some(index)));
-        }
-        if path == "/v1/catalog/datacenters" {
-            allowed(get)?;
-            return Ok(Self::json(
-                query,
-                serde_json::json!([super::DATACENTER]),
-                None,
-            ));
-        }
-        if path == "/v1/catalog/nodes" {
-            allowed(get)?;
-            let index = self.dir.index();
-            let address = self.listen.ip().to_string();
-            let body = self.view().catalog_nodes(&address, index);
-            return Ok(Self::json(query, body, Some(index)));
-        }
-        if path == "/v1/agent/services" {
-            allowed(get)?;
-            let table = self.table.load();
-            return Ok(Self::json(query, self.view().agent_services(&table), None));
-        }
-        for (prefix, by_id) in [
-            ("/v1/agent/health/service/id/", true),
-            ("/v1/agent/health/service/name/", false),
-        ] {
-            let Some(wanted) = tail(prefix) else {
-                continue;
-            };
-            allowed(get)?;
-            let table = self.table.load();
-            let (worst, entries) =
-                self.view()
-                    .agent_health(&table, by_id, &wanted, self.dir.index());
-            let Some(worst) = worst else {
-                let what = if by_id { "ServiceId" } else { "ServiceName" };
-                return Err(ApiError::NotFound(format!("{what} {wanted} not found")));
-            };
-            let pretty = query.get("pretty").is_some();
-            let (content_type, body) = match (query.get("format"), by_id) {
-                (Some("text"), _) => ("text/plain; charset=utf-8", Bytes::from(worst.as_str())),
-                (_, true) => {
-                    let one = entries.into_iter().next().unwrap_or_default();
-                    ("application/json", render(&one, pretty))
-                }
-                (_, false) => ("application/json", render(&Value::Array(entries), pretty)),
-            };
-            return Ok(Reply {
-                status: health_code(worst),
-                content_type,
-                body: Some(body),
-                index: None,
-            });
-        }
-        if path == "/v1/agent/checks" {
-            allowed(get)?;
-            let table = self.table.load();
-            let index = self.dir.index();
-            return Ok(Self::json(
-                query,
-                self.view().agent_checks(&table, index),
-                None,
-            ));
-        }
-        if path == "/v1/agent/service/register" {
-            allowed(put)?;
-            let replace = query.flag("replace-existing-checks")?;
-            let body = Self::read_body(body).await?;
-            self.agent.register(&body, replace, peer.ip()).await?;
-            return Ok(Reply::empty());
-        }
-        if let Some(id) = tail("/v1/agent/service/deregister/") {
-            allowed(put)?;
-            self.agent.deregister(&id).await?;
-            return Ok(Reply::empty());
-        }
-        if let Some(id) = tail("/v1/agent/service/maintenance/") {
-            allowed(put)?;
-            let enable = match query.get("enable") {
-                None => return Err(ApiError::BadRequest("Missing value for enable".into())),
-                Some(v) => match v {
-                    "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
-                    "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
-                    other => {
-                        return Err(ApiError::BadRequest(format!(
-                            "Invalid value for enable: {other:?}"
-                        )))
-                    }
-                },
-            };
-            let reason = query.get("reason").unwrap_or("");
-            self.agent.maintenance(&id, enable, reason).await?;
-            return Ok(Reply::empty());
-        }
-        if let Some(id) = tail("/v1/agent/service/") {
-            allowed(get)?;
-            let table = self.table.load();
-            return match self.view().agent_service_by_id(&table, &id) {
-                Some(v) => Ok(Self::json(query, v, None)),
-                None => Err(ApiError::NotFound(format!("unknown service ID: {id}"))),
-            };
-        }
-        for (verb, status) in [
-            ("pass", Status::Passing),
-            ("warn", Status::Warning),
-            ("fail", Status::Critical),
-        ] {
-            if let Some(id) = tail(&format!("/v1/agent/check/{verb}/")) {
-                allowed(put)?;
-                let note = query.get("note").unwrap_or("");
-                self.agent.update_ttl(&id, status, note).await?;
-                return Ok(Reply::empty());
-            }
-        }
-        if let Some(id) = tail("/v1/agent/check/update/") {
-            allowed(put)?;
-            let body = Self::read_body(body).await?;
-            let (status, output) = check_update(&body)
-                .map_err(|e| ApiError::BadRequest(format!("Request decode failed: {e}")))?;
-            self.agent.update_ttl(&id, status, &output).await?;
-            return Ok(Reply::empty());
-        }
-        if path == "/v1/agent/check/register" {
-            allowed(put)?;
-            let body = Self::read_body(body).await?;
-            self.agent.register_check(&body).await?;
-            return Ok(Reply::empty());
-        }
-        if let Some(id) = tail("/v1/agent/check/deregister/") {
-            allowed(put)?;
-            self.agent.deregister_check(&id).await?;
-            return Ok(Reply::empty());
-        }
-        if path == "/v1/agent/self" {
-            allowed(get)?;
-            return Ok(Self::json(query, self.agent_self(), None));
-        }
-        if path == "/v1/status/leader" {
-            return Ok(Self::json(query, Value::String(self.leader.clone()), None));
-        }
-        if path == "/v1/status/peers" {
-            return Ok(Self::json(query, serde_json::json!([self.leader]), None));
-        }
-        let what = path
-            .strip_prefix("/v1/")
-            .and_then(|p| p.split('/').next())
-            .unwrap_or("");
-        let endpoint: String = match what {
-            "agent" | "catalog" | "health" | "status" => path.to_string(),
-            other => format!("/v1/{other}"),
-        };
-        Err(ApiError::NotImplemented(format!(
-            "switchyard does not implement the Consul endpoint {endpoint} (supported: agent \
-             service and check endpoints, health, catalog, status; see the README)"
-        )))
-    }
-
-    fn agent_self(&self) -> Value {
-        let meta: BTreeMap<String, String> = BTreeMap::new();
-        serde_json::json!({
-            "Config": {
-                "Datacenter": super::DATACENTER,
-                "NodeName": self.node,
-                "NodeID": "",
-                "Server": false,
-                "Revision": "switchyard",
-                "Version": env!("CARGO_PKG_VERSION"),
-            },
-            "Member": {
-                "Name": self.node,
-                "Addr": self.listen.ip().to_string(),
-                "Port": self.listen.port(),
-                "Tags": {"dc": super::DATACENTER, "role": "node"},
-                "Status": 1,
-            },
-            "Meta": meta,
-        })
+/// The body of a PUT (`None`: not read, dropped).
+pub(super) async fn read_body(body: Option<Incoming>) -> Result<Bytes, ApiError> {
+    let Some(body) = body else {
+        return Ok(Bytes::new());
+    };
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge(format!(
+            "Request body too large (more than {MAX_BODY} bytes)"
+        ))),
+        Err(e) => Err(ApiError::BadRequest(format!("Request body not read: {e}"))),
     }
 }
 
@@ -739,24 +319,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_parameters_decode_and_repeat() {
-        let q = Query::parse(Some("passing&tag=a%20b&tag=c&index=12&wait=5s&token=x%2By"));
-        assert_eq!(q.flag("passing"), Ok(true));
-        assert_eq!(q.all("tag"), ["a b", "c"]);
-        assert_eq!(q.get("token"), Some("x+y"));
-        assert_eq!(q.blocking(), Ok(Some((12, Duration::from_secs(5)))));
-        assert_eq!(Query::parse(Some("index=0")).blocking(), Ok(None));
-        assert_eq!(
-            Query::parse(Some("index=3&wait=1h")).blocking(),
-            Ok(Some((3, MAX_WAIT)))
-        );
-        assert!(Query::parse(Some("index=x")).blocking().is_err());
-        assert!(Query::parse(Some("passing=maybe")).flag("passing").is_err());
-        assert_eq!(decode_segment("service%3Aweb+1"), "service:web+1");
-        assert_eq!(percent_decode("100%"), "100%");
-    }
 
     #[test]
     fn a_read_is_rendered_once_per_index() {

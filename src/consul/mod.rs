@@ -24,13 +24,17 @@
 //!   reaper.
 //! - [`directory`]: the index for `X-Consul-Index` and blocking queries; lookups by id.
 //! - [`view`]: the read answers (health, catalog, agent).
-//! - [`http`]: the listener, the ACL token, routing, blocking queries, headers.
+//! - [`http`]: the listener, the ACL token, headers, metrics, shared renderings.
+//! - [`query`]: query parameters (flags, repeated keys, `index` and `wait`) and path segments.
+//! - [`routes`]: the endpoints, their blocking queries and answers.
 
 pub mod agent;
 pub mod decode;
 pub mod directory;
 pub mod http;
+pub mod query;
 pub mod record;
+pub mod routes;
 pub mod store;
 pub mod view;
 
