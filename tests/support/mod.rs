@@ -320,7 +320,11 @@ impl ProxyBuilder {
         // never Consul's default 8500: tests run many proxies at once
         let mut consul_port = 0;
         if !text.contains("[consul]") {
+            // a port just released can come back at once: not the proxy's or the admin's
             consul_port = free_port();
+            while consul_port == port || consul_port == admin_port {
+                consul_port = free_port();
+            }
             text.push_str(&format!(
                 "\n[consul]\nlisten = \"127.0.0.1:{consul_port}\"\n"
             ));
