@@ -53,6 +53,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: AdminSection,
     #[serde(default)]
+    pub consul: ConsulSection,
+    #[serde(default)]
     pub etcd: EtcdSection,
     #[serde(default)]
     pub routing: RoutingSection,
@@ -301,6 +303,25 @@ pub enum LogFormat {
     Json,
 }
 
+/// `[consul]`: the Consul-compatible agent API ([`crate::consul`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsulSection {
+    pub enabled: bool,
+    pub listen: String,
+    pub token: Option<String>,
+}
+
+impl Default for ConsulSection {
+    fn default() -> Self {
+        ConsulSection {
+            enabled: true,
+            listen: "127.0.0.1:8500".into(),
+            token: None,
+        }
+    }
+}
+
 /// Command-line values that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -315,6 +336,8 @@ pub struct Overrides {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub admin_listen: SocketAddr,
+    /// The Consul-compatible API; `None` when `consul.enabled = false`.
+    pub consul: Option<crate::consul::ConsulConfig>,
     pub etcd: EtcdConfig,
     pub router: Router,
     pub services: BTreeMap<String, ServiceSettings>,
@@ -478,6 +501,30 @@ impl FileConfig {
                 format!("{admin_listen} is the same address as proxy.listen"),
             ));
         }
+        let consul = match self.consul.enabled {
+            false => None,
+            true => {
+                let listen = parse_addr("consul.listen", &self.consul.listen)?;
+                if listen == proxy.listen || listen == admin_listen {
+                    return Err(invalid(
+                        "consul.listen",
+                        format!("{listen} is the same address as proxy.listen or admin.listen"),
+                    ));
+                }
+                if self
+                    .consul
+                    .token
+                    .as_deref()
+                    .is_some_and(|t| t.trim().is_empty())
+                {
+                    return Err(invalid("consul.token", "must not be empty when set"));
+                }
+                Some(crate::consul::ConsulConfig {
+                    listen,
+                    token: self.consul.token.clone(),
+                })
+            }
+        };
 
         let e = &self.etcd;
         if e.endpoints.is_empty() {
@@ -658,6 +705,7 @@ impl FileConfig {
         Ok(Config {
             proxy,
             admin_listen,
+            consul,
             etcd,
             router,
             services,
@@ -886,6 +934,31 @@ mod tests {
             short.service_settings("s").passive_cooldown,
             Some(Duration::from_millis(500))
         );
+    }
+
+    #[test]
+    fn the_consul_api_is_on_at_8500_by_default_and_validated() {
+        let c = FileConfig::embedded().unwrap().validate().unwrap();
+        let consul = c.consul.as_ref().expect("the Consul API is on by default");
+        assert_eq!(consul.listen.to_string(), "127.0.0.1:8500");
+        assert_eq!(consul.token, None);
+        assert_eq!(
+            check("").unwrap().consul,
+            c.consul,
+            "the file and the code agree"
+        );
+        assert!(check("[consul]\nenabled = false").unwrap().consul.is_none());
+        let with_token = check("[consul]\ntoken = \"s\"").unwrap().consul.unwrap();
+        assert_eq!(with_token.token.as_deref(), Some("s"));
+        for (text, want) in [
+            ("[consul]\nlisten = \"8500\"", "consul.listen"),
+            ("[consul]\ntoken = \" \"", "consul.token"),
+            ("[consul]\nport = 1", "port"),
+            ("[consul]\nlisten = \"127.0.0.1:9090\"", "consul.listen"),
+        ] {
+            let err = check(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err} should mention {want}");
+        }
     }
 
     #[test]

@@ -42,12 +42,15 @@
 //! - [`events`]: a small ring of recent notable events for the status page.
 //! - [`limits`]: the open-file limit, raised at start, and the client connections it carries.
 //! - [`memory`]: giving freed memory back to the system after a burst (initial list, big scrape).
+//! - [`consul`]: the Consul-compatible agent API (register, TTL checks, health and catalog
+//!   reads, blocking queries), kept in etcd as ordinary registrations.
 //! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
 //! - [`server`]: wiring of all of the above into one pingora server.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod consul;
 pub mod engine;
 pub mod events;
 pub mod health;

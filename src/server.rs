@@ -137,6 +137,17 @@ impl Switchyard {
             settings,
             config.health.initial_health(),
         );
+        // bound here, not by pingora: a port in use is an error now, naming the setting
+        let consul = match &config.consul {
+            None => None,
+            Some(c) => {
+                let listener = crate::consul::bind(c).map_err(|e| {
+                    pingora::Error::explain(pingora::ErrorType::BindError, e.to_string())
+                })?;
+                let api = crate::consul::ConsulApi::new(c, config.etcd.clone(), table.clone());
+                Some((api, listener, registry.subscribe()))
+            }
+        };
         // subscribed before the registry runs, so the checker sees its first snapshot
         let health = config.health.enabled.then(|| {
             HealthChecker::new(table.clone(), config.health.clone(), registry.subscribe())
@@ -183,6 +194,17 @@ impl Switchyard {
 
         server.add_service(admin_service);
         server.add_service(registry_service);
+        if let Some((api, listener, generations)) = consul {
+            let mut consul_service = background_service(
+                "consul",
+                RunOnce::new(
+                    "consul",
+                    Box::new(move |s| Box::pin(api.run(listener, generations, s))),
+                ),
+            );
+            consul_service.threads = Some(1);
+            server.add_service(consul_service);
+        }
         if let Some(checker) = health {
             let mut health_service = background_service(
                 "health",

@@ -177,6 +177,16 @@ EOF
     wait_http "http://127.0.0.1:$port/" "backend $name" "hello from $name"
 }
 
+# The Consul API off ([consul] enabled = false) when $BIN knows the section: benches may run two
+# switchyards at once, and both would want 127.0.0.1:8500. Older binaries get nothing.
+consul_off_toml() {
+    local probe="$WORK/consul-off.toml"
+    printf '[consul]\nenabled = false\n' >"$probe"
+    if [[ -n "${BIN:-}" ]] && "$BIN" check-config "$probe" >/dev/null 2>&1; then
+        cat "$probe"
+    fi
+}
+
 # write_switchyard_config FILE LISTEN ADMIN THREADS [EXTRA_TOML]
 write_switchyard_config() {
     local file="$1" listen="$2" admin="$3" threads="$4" extra="${5:-}"
@@ -196,6 +206,7 @@ endpoints = ["$ETCD_URL"]
 [log]
 level = "warn"
 access_log = false
+$(consul_off_toml)
 $extra
 EOF
 }

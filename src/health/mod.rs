@@ -24,7 +24,8 @@
 //!
 //! Per-instance overrides come from registration metadata: `health_protocol` (`http`, `tcp`,
 //! `grpc`, `none`), `health_path`, `health_port`, `health_grpc_service`, `health_expected_statuses`,
-//! `health_interval_ms`, `health_timeout_ms`.
+//! `health_interval_ms`, `health_timeout_ms`, `health_healthy_threshold`,
+//! `health_unhealthy_threshold`.
 
 pub mod probe;
 pub mod schedule;
@@ -263,6 +264,17 @@ impl Target {
         if let Some(d) = ms("health_timeout_ms", errors) {
             spec.timeout = d;
         }
+        for (k, threshold) in [
+            ("health_healthy_threshold", &mut spec.healthy_threshold),
+            ("health_unhealthy_threshold", &mut spec.unhealthy_threshold),
+        ] {
+            if let Some(v) = meta(k) {
+                match v.parse::<u32>() {
+                    Ok(n) if (1..=100).contains(&n) => *threshold = n,
+                    _ => errors.push(format!("{k}: {v:?} is not 1-100")),
+                }
+            }
+        }
         spec
     }
 }
@@ -324,7 +336,17 @@ impl Tracker {
     }
 }
 
-/// Logs a health flip once and counts it.
+/// Every health flip, as the name of the instance's service, for whoever follows them (the
+/// Consul API's blocking queries). A receiver that lags behind is told so and looks at all.
+static TRANSITIONS: std::sync::LazyLock<tokio::sync::broadcast::Sender<Arc<str>>> =
+    std::sync::LazyLock::new(|| tokio::sync::broadcast::channel(1024).0);
+
+/// Follows every health flip from now on (see [`report_transition`]).
+pub fn subscribe_transitions() -> tokio::sync::broadcast::Receiver<Arc<str>> {
+    TRANSITIONS.subscribe()
+}
+
+/// Logs a health flip once, counts it and tells [`subscribe_transitions`]' receivers.
 pub fn report_transition(service: &Arc<str>, key: &str, from: Health, to: Health, reason: &str) {
     match (from, to) {
         (Health::Healthy, Health::Unhealthy) => warn!(
@@ -352,6 +374,8 @@ pub fn report_transition(service: &Arc<str>, key: &str, from: Health, to: Health
         );
     }
     crate::metrics::health_counters(service).transition(to);
+    // no receiver (no Consul API) is the common case, not an error
+    let _ = TRANSITIONS.send(service.clone());
 }
 
 /// Passive detection, called by the proxy when connecting to `inst` failed or its response timed

@@ -262,6 +262,8 @@ pub struct Proxy {
     child: Option<Child>,
     pub port: u16,
     pub admin_port: u16,
+    /// The Consul-compatible API's port (0 when the config turns it off or sets it).
+    pub consul_port: u16,
     dir: tempfile::TempDir,
 }
 
@@ -319,6 +321,18 @@ impl ProxyBuilder {
         if let Some(ms) = self.resync_ms {
             text.push_str(&format!("resync_interval_ms = {ms}\n"));
         }
+        // never Consul's default 8500: tests run many proxies at once
+        let mut consul_port = 0;
+        if !text.contains("[consul]") {
+            // a port just released can come back at once: not the proxy's or the admin's
+            consul_port = free_port();
+            while consul_port == port || consul_port == admin_port {
+                consul_port = free_port();
+            }
+            text.push_str(&format!(
+                "\n[consul]\nlisten = \"127.0.0.1:{consul_port}\"\n"
+            ));
+        }
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, &text).expect("writing proxy config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("proxy log");
@@ -339,6 +353,7 @@ impl ProxyBuilder {
             child: Some(child),
             port,
             admin_port,
+            consul_port,
             dir,
         };
         let path = if self.wait_ready {
@@ -410,6 +425,10 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn consul_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.consul_port)
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -532,3 +551,6 @@ pub fn temp_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).expect("writing temp file");
     p
 }
+
+/// py-consul driven from the tests (tests/consul.rs).
+pub mod consul;
