@@ -36,6 +36,25 @@ async fn client_connections_over_the_bound_are_answered_503() {
     for _ in 0..3 {
         held.push(TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap());
     }
+    // the proxy accepts asynchronously: wait until it serves the three
+    eventually(
+        Duration::from_secs(10),
+        "three client connections open",
+        || async {
+            let text = proxy.metrics().await;
+            let open: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("switchyard_client_connections{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if open >= 3.0 {
+                Ok(())
+            } else {
+                Err(format!("{open} open"))
+            }
+        },
+    )
+    .await;
     let got = eventually(
         Duration::from_secs(5),
         "the fourth connection refused",
