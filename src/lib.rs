@@ -12,11 +12,12 @@
 //!                                                    catalog: services → instances (owned by that task)
 //!                                                                       │ build
 //!                                                                       ▼
-//!  client ──HTTP──▶ switchyard engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
-//!                     │ route: request → service name          │
-//!                     │ select: service → instance ◀───────────┘  Arc<Instance> { addr, weight, meta, state }
-//!                     ▼                                                       ▲
-//!                  upstream instance                     health checker ──────┘ flips InstanceState health
+//!  client ──HTTP/1.1──▶ engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
+//!         ──h2c──────▶ engine ─▶ gateway ─┤ route: request → service name    │
+//!         ──TLS──────▶ tls ────▶ gateway ─┤ select: service → instance ◀─────┘  Arc<Instance> { addr, weight, meta, state }
+//!                                          ▼                                                  ▲
+//!              upstream instance: HTTP/1.1 (engine, gateway), h2c/grpc/https/h2 (gateway)      │
+//!                                                        health checker ──────────────────────┘ flips InstanceState health
 //! ```
 //!
 //! # Layout
@@ -29,7 +30,14 @@
 //! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler and the
 //!   thread that runs new instances' first checks.
 //! - [`engine`]: the native HTTP/1.1 request path (default): a pingora `ServerApp` that parses,
-//!   routes and relays requests itself, with a per-thread upstream connection pool.
+//!   routes and relays requests itself, with a per-thread upstream connection pool. It hands a
+//!   connection to the gateway when it starts with the HTTP/2 preface, or when a request is for
+//!   a service whose instances speak something else than HTTP/1.1.
+//! - [`gateway`]: the hyper-based request path: HTTP/2 clients (h2c and over TLS), HTTP/1.1 over
+//!   TLS, and requests to h2c/grpc/https/h2 instances; gRPC-aware own answers; HTTP/2 limits.
+//! - [`upstream`]: the protocol of an instance (registration metadata `protocol`), TLS towards
+//!   instances, and the gateway's pooled HTTP/1.1 and multiplexed HTTP/2 connections.
+//! - [`tls`]: TLS termination: certificates by SNI, reload on SIGHUP, the TLS listener.
 //! - [`proxy`]: what both engines share (routing decision, in-flight count, request metrics) and
 //!   the pingora-proxy `ProxyHttp` implementation (`proxy.engine = "pingora"`).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
@@ -44,6 +52,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod events;
+pub mod gateway;
 pub mod health;
 pub mod memory;
 pub mod metrics;
@@ -52,3 +61,5 @@ pub mod register;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod tls;
+pub mod upstream;

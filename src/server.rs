@@ -21,10 +21,12 @@ use tracing::{error, info, warn};
 use crate::admin::AdminApp;
 use crate::config::{Config, ProxyEngine};
 use crate::engine::Engine;
+use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::proxy::{SwitchyardProxy, IN_FLIGHT};
 use crate::registry::{Registry, RegistryStatus};
 use crate::routing::{new_shared_table, SharedTable};
+use crate::tls::{reload_on_sighup, server_config as tls_server_config, TlsListener};
 
 /// A task that consumes itself (`run(self, shutdown)`), run once inside pingora's service
 /// lifecycle (the registry, the health checker).
@@ -143,6 +145,14 @@ impl Switchyard {
         });
 
         let listen = config.proxy.listen.to_string();
+        // HTTP/2, TLS clients and non-HTTP/1.1 instances (src/gateway)
+        let gateway = Arc::new(Gateway::new(
+            table.clone(),
+            config.router.clone(),
+            config.proxy.clone(),
+            config.http2.clone(),
+            config.log.access_log,
+        ));
         match config.proxy.engine {
             ProxyEngine::Native => {
                 let engine = Engine {
@@ -151,6 +161,7 @@ impl Switchyard {
                     cfg: config.proxy.clone(),
                     access_log: config.log.access_log,
                     workers: Default::default(),
+                    gateway: gateway.clone(),
                 };
                 let mut service = ListeningService::new("proxy".to_string(), engine);
                 // The engine reads into its own buffer and writes whole heads: pingora's per-
@@ -175,6 +186,30 @@ impl Switchyard {
                 service.add_tcp(&listen);
                 server.add_service(service);
             }
+        }
+
+        if let Some(tls) = &config.tls {
+            let server_config = tls_server_config(tls.resolver.clone()).map_err(|e| {
+                pingora::Error::because(pingora::ErrorType::InternalError, "TLS listener", e)
+            })?;
+            let app = TlsListener {
+                acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+                gateway: gateway.clone(),
+                handshake_timeout: tls.handshake_timeout,
+            };
+            let mut service = ListeningService::new("tls".to_string(), app);
+            service.add_tcp(&tls.listen.to_string());
+            server.add_service(service);
+            let resolver = tls.resolver.clone();
+            let mut reload = background_service(
+                "tls-reload",
+                RunOnce::new(
+                    "tls-reload",
+                    Box::new(move |s| Box::pin(reload_on_sighup(resolver, s))),
+                ),
+            );
+            reload.threads = Some(1);
+            server.add_service(reload);
         }
 
         let admin = AdminApp {
@@ -205,6 +240,9 @@ impl Switchyard {
             );
             health_service.threads = Some(1);
             server.add_service(health_service);
+        }
+        if let Some(tls) = &config.tls {
+            info!(tls = %tls.listen, "TLS listener on {}", tls.listen);
         }
         info!(
             proxy = %config.proxy.listen,

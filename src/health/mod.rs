@@ -187,8 +187,18 @@ impl Target {
     /// Resolves `inst`'s target; invalid metadata values are reported and ignored.
     pub fn for_instance(inst: &Instance, base: &Arc<CheckSpec>) -> (Target, Vec<String>) {
         let mut errors = Vec::new();
+        let by_protocol = by_protocol(inst, base);
         let spec = if inst.metadata.keys().any(|k| k.starts_with("health_")) {
-            Arc::new(Self::override_spec(inst, base, &mut errors))
+            let mut spec = Self::override_spec(inst, base, &mut errors);
+            if let (Some(p), false) = (by_protocol, inst.metadata.contains_key("health_protocol")) {
+                spec.protocol = p;
+            }
+            Arc::new(spec)
+        } else if let Some(p) = by_protocol {
+            Arc::new(CheckSpec {
+                protocol: p,
+                ..(**base).clone()
+            })
         } else {
             base.clone()
         };
@@ -264,6 +274,20 @@ impl Target {
             spec.timeout = d;
         }
         spec
+    }
+}
+
+/// The check an instance's registered `protocol` calls for when the service's check is the
+/// default HTTP one: gRPC health for `grpc` (a gRPC server answers no HTTP/1.1 check), a TCP
+/// connect for `https`/`h2` (the HTTP check speaks cleartext).
+fn by_protocol(inst: &Instance, base: &CheckSpec) -> Option<Protocol> {
+    if base.protocol != Protocol::Http {
+        return None;
+    }
+    match crate::upstream::registered_protocol(inst)? {
+        crate::upstream::Protocol::Grpc => Some(Protocol::Grpc),
+        crate::upstream::Protocol::Https | crate::upstream::Protocol::H2 => Some(Protocol::Tcp),
+        _ => None,
     }
 }
 

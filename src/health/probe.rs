@@ -415,30 +415,51 @@ pub async fn check(
             }
         }
         Protocol::Grpc => {
-            let grpc = match conn {
-                Some(Conn::Grpc(g)) => g,
-                _ => {
-                    match GrpcHealthCheck::new(target.addr, spec.grpc_service.clone(), spec.timeout)
-                    {
-                        Ok(g) => Box::new(g),
-                        Err(e) => return (Err(e), None),
-                    }
-                }
+            let kept = match conn {
+                Some(Conn::Grpc(g)) => Some(g),
+                _ => None,
             };
-            let result = timeout_at(deadline, grpc.check())
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
-            (result, Some(Conn::Grpc(grpc)))
+            grpc(target, kept, deadline).await
         }
         Protocol::Http => {
             let reused = match conn {
                 Some(Conn::Http(s)) => TcpStream::from_std(s).ok(),
-                _ => None,
+                // detected as gRPC-only (below): it stays checked over gRPC
+                Some(Conn::Grpc(g)) => return grpc(target, Some(g), deadline).await,
+                None => None,
             };
             let (result, kept) = http(target, reused, keep_alive, deadline).await;
+            if matches!(result, Err(ProbeError::Malformed(_) | ProbeError::Io(_))) {
+                // no HTTP/1.1 answer at all, as from an HTTP/2-only (gRPC) server: ask the gRPC
+                // health service; SERVING passes, and later checks use gRPC
+                let detected = grpc(target, None, deadline).await;
+                if detected.0.is_ok() {
+                    return detected;
+                }
+            }
             (result, kept.and_then(Conn::park))
         }
     }
+}
+
+/// A gRPC health check on `kept` (the previous check's channel) or a new channel.
+async fn grpc(
+    target: &Target,
+    kept: Option<Box<GrpcHealthCheck>>,
+    deadline: Instant,
+) -> (Result<(), ProbeError>, Option<Conn>) {
+    let spec = &target.spec;
+    let grpc = match kept {
+        Some(g) => g,
+        None => match GrpcHealthCheck::new(target.addr, spec.grpc_service.clone(), spec.timeout) {
+            Ok(g) => Box::new(g),
+            Err(e) => return (Err(e), None),
+        },
+    };
+    let result = timeout_at(deadline, grpc.check())
+        .await
+        .unwrap_or_else(|_| Err(ProbeError::Timeout(spec.timeout)));
+    (result, Some(Conn::Grpc(grpc)))
 }
 
 /// An HTTP check on `reused` or, if the server closed that one while it was idle, on a fresh

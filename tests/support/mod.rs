@@ -10,6 +10,8 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod certs;
+pub mod grpc;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use backend::Backend;
 
 /// A port that was free a moment ago.

@@ -1,0 +1,250 @@
+//! Pooled hyper connections to instances, for the gateway ([`crate::gateway`]).
+//!
+//! - HTTP/2 (`h2c`, `grpc`, `h2`): connections are shared; a request takes a stream on the first
+//!   open connection with fewer than `http2.upstream_max_streams_per_connection` streams in
+//!   flight, else a new connection is opened. A stream
+//!   slot is held until the response body ends or is dropped (a cancelled call).
+//! - HTTP/1.1 (`http`, `https`, and `h2` when the instance's ALPN says http/1.1): a connection
+//!   carries one request at a time; it goes back to the pool as soon as the response head has
+//!   arrived and is handed out again once hyper has read the whole body (`is_ready`).
+//!
+//! Connections are keyed by address, TLS server name and protocol. Closed connections are
+//! dropped when met; HTTP/1.1 connections idle longer than `proxy.idle_timeout_ms` too.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+use super::connect::{connect, ConnectError};
+use super::{ClientTls, Protocol};
+
+/// Request bodies sent upstream: the client's body, as hyper received it.
+pub type ReqBody = Incoming;
+
+/// Settings of the pool and of its HTTP/2 connections.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// HTTP/1.1 connections kept per instance.
+    pub max_idle_per_instance: usize,
+    /// Streams in flight on one HTTP/2 connection, at most.
+    pub max_streams_per_connection: usize,
+    /// HTTP/2 PING interval on idle-looking connections (None: off) and the wait for its ack.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    /// TLS server name (None: plain TCP).
+    tls: Option<Arc<str>>,
+    /// ALPN offered h2 (an `h2` instance's HTTP/1.1 connections are not an `https` one's).
+    offer_h2: bool,
+    /// Which TLS settings verified the instance (the address of its [`ClientTls`], which lives
+    /// as long as the config): a service with its own CA never gets another one's connection.
+    tls_config: usize,
+}
+
+struct H1 {
+    send: http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+struct H2 {
+    send: http2::SendRequest<ReqBody>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// A stream taken on a shared HTTP/2 connection; given back on drop.
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where one request goes.
+pub enum Sender {
+    Http1(http1::SendRequest<ReqBody>, PoolKey),
+    Http2(http2::SendRequest<ReqBody>, StreamSlot),
+}
+
+/// Where an HTTP/1.1 connection goes back to.
+pub struct PoolKey(Key);
+
+/// TLS towards one instance: its configurations and the server name (SNI).
+pub struct TlsTarget<'a> {
+    pub config: &'a ClientTls,
+    pub server_name: &'a str,
+}
+
+pub struct Pool {
+    cfg: PoolConfig,
+    h1: Mutex<HashMap<Key, Vec<H1>>>,
+    h2: Mutex<HashMap<Key, Vec<H2>>>,
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig) -> Pool {
+        Pool {
+            cfg,
+            h1: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A sender for one request to `addr` speaking `protocol`: a pooled connection, or a new one.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        protocol: Protocol,
+        tls: Option<TlsTarget<'_>>,
+    ) -> Result<Sender, ConnectError> {
+        let key = Key {
+            addr,
+            tls: tls.as_ref().map(|t| Arc::from(t.server_name)),
+            offer_h2: protocol == Protocol::H2,
+            tls_config: tls
+                .as_ref()
+                .map_or(0, |t| t.config as *const ClientTls as usize),
+        };
+        if protocol.http2() {
+            if let Some(s) = self.take_h2(&key) {
+                return Ok(s);
+            }
+        }
+        // an h2 instance may have answered ALPN with http/1.1: its connections are HTTP/1.1 ones
+        if !protocol.http2() || protocol.tls() {
+            if let Some(s) = self.take_h1(&key) {
+                return Ok(s);
+            }
+        }
+        self.open(key, protocol, tls).await
+    }
+
+    fn take_h2(&self, key: &Key) -> Option<Sender> {
+        let mut map = self.h2.lock().ok()?;
+        let list = map.get_mut(key)?;
+        list.retain(|c| !c.send.is_closed());
+        // (an instance allowing fewer streams makes hyper queue the rest on the connection)
+        let allowed = self.cfg.max_streams_per_connection;
+        for c in list.iter() {
+            // one increment per taker: the count never passes the limit
+            let taken = c
+                .streams
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < allowed).then_some(n + 1)
+                })
+                .is_ok();
+            if taken {
+                return Some(Sender::Http2(c.send.clone(), StreamSlot(c.streams.clone())));
+            }
+        }
+        None
+    }
+
+    fn take_h1(&self, key: &Key) -> Option<Sender> {
+        let mut map = self.h1.lock().ok()?;
+        let list = map.get_mut(key)?;
+        let idle = self.cfg.idle_timeout;
+        list.retain(|c| !c.send.is_closed() && (c.since.elapsed() < idle || !c.send.is_ready()));
+        let i = list.iter().rposition(|c| c.send.is_ready())?;
+        let c = list.swap_remove(i);
+        Some(Sender::Http1(c.send, PoolKey(key.clone())))
+    }
+
+    /// Gives an HTTP/1.1 connection back once its response head arrived; it is reused after
+    /// hyper has read the body to its end (until then `is_ready` is false).
+    pub fn put_back(&self, send: http1::SendRequest<ReqBody>, key: PoolKey) {
+        if send.is_closed() {
+            return;
+        }
+        if let Ok(mut map) = self.h1.lock() {
+            let list = map.entry(key.0).or_default();
+            if list.len() < self.cfg.max_idle_per_instance {
+                list.push(H1 {
+                    send,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        key: Key,
+        protocol: Protocol,
+        tls: Option<TlsTarget<'_>>,
+    ) -> Result<Sender, ConnectError> {
+        let addr = key.addr;
+        let io = match &tls {
+            Some(t) if protocol.tls() => {
+                let config = if protocol.http2() {
+                    &t.config.h2
+                } else {
+                    &t.config.http1
+                };
+                connect(
+                    addr,
+                    self.cfg.connect_timeout,
+                    Some((config, t.server_name)),
+                )
+                .await?
+            }
+            _ => connect(addr, self.cfg.connect_timeout, None).await?,
+        };
+        let h2 = if protocol.tls() {
+            io.alpn_h2()
+        } else {
+            protocol.http2()
+        };
+        let handshake = |source| ConnectError::Handshake { addr, source };
+        if h2 {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .keep_alive_interval(self.cfg.keepalive_interval)
+                .keep_alive_timeout(self.cfg.keepalive_timeout)
+                .keep_alive_while_idle(false);
+            let (send, conn) = builder
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(instance = %addr, error = %e, "HTTP/2 connection to instance ended");
+                }
+            });
+            let streams = Arc::new(AtomicUsize::new(1));
+            if let Ok(mut map) = self.h2.lock() {
+                map.entry(key).or_default().push(H2 {
+                    send: send.clone(),
+                    streams: streams.clone(),
+                });
+            }
+            Ok(Sender::Http2(send, StreamSlot(streams)))
+        } else {
+            let (send, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(instance = %addr, error = %e, "HTTP/1.1 connection to instance ended");
+                }
+            });
+            Ok(Sender::Http1(send, PoolKey(key)))
+        }
+    }
+}

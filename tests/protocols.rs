@@ -1,0 +1,414 @@
+//! HTTP/2 and TLS through the real binary: curl with prior knowledge and over TLS (a test CA made
+//! here), SNI, certificate reload on SIGHUP, start-up errors naming files, and instances that
+//! speak h2c, https and h2.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::backend::Mode;
+use support::certs::TestCa;
+use support::{eventually, free_port, Backend, EtcdServer, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// curl with `args`; returns (exit code, stdout).
+async fn curl(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .await
+        .expect("running curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Splits curl's output of `-w '\n%{http_code} %{http_version}'` into (body, code, version).
+fn split(out: &str) -> (String, String, String) {
+    let (body, tail) = out.rsplit_once('\n').unwrap_or(("", out));
+    let mut t = tail.split(' ');
+    (
+        body.to_string(),
+        t.next().unwrap_or("").to_string(),
+        t.next().unwrap_or("").to_string(),
+    )
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+const W: &str = "\n%{http_code} %{http_version}";
+
+#[tokio::test]
+async fn h2c_prior_knowledge_and_http1_share_the_proxy_port() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let old = Backend::start("h1").await;
+    let new = Backend::start_mode("h2c", Mode::H2cOrHttp1).await;
+    etcd.put("/services/echo/1", old.addr_string()).await;
+    let meta = format!(
+        r#"{{"addr":"{}","metadata":{{"protocol":"h2c"}}}}"#,
+        new.addr
+    );
+    etcd.put("/services/modern/1", meta).await;
+    proxy.wait_usable("echo", 1).await;
+    proxy.wait_usable("modern", 1).await;
+    let url = proxy.url("/hello?x=1");
+
+    // an HTTP/2 client reaches an HTTP/1.1 instance, routed by :authority
+    let (code, out) = curl(&["--http2-prior-knowledge", "-H", "Host: echo", "-w", W, &url]).await;
+    assert_eq!(code, 0, "curl --http2-prior-knowledge failed: {out}");
+    let (body, status, version) = split(&out);
+    assert_eq!((status.as_str(), version.as_str()), ("200", "2"), "{out}");
+    let echo = json(&body);
+    assert_eq!(echo["backend"], "h1");
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(echo["uri"], "/hello?x=1");
+    assert_eq!(echo["headers"]["host"][0], "echo");
+    assert_eq!(echo["headers"]["x-forwarded-for"][0], "127.0.0.1");
+
+    // HTTP/1.1 on the same port still goes the native way
+    let (status, body) = proxy.get_service("echo", "/hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["version"], "HTTP/1.1");
+
+    // HTTP/2 to an h2c instance, and an HTTP/1.1 client to it too
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: modern",
+        "-w",
+        W,
+        &url,
+    ])
+    .await;
+    let (body, status, _) = split(&out);
+    assert_eq!(status, "200", "{out}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0", "{body}");
+    let (status, body) = proxy.get_service("modern", "/hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0", "{body}");
+    assert_eq!(json(&body)["backend"], "h2c");
+
+    // a request body streamed through HTTP/2 (1 MiB)
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    let upload = proxy.url("/upload");
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: echo",
+        "--data-binary",
+        &data,
+        "-w",
+        W,
+        &upload,
+    ])
+    .await;
+    let (body, status, _) = split(&out);
+    assert_eq!(status, "200", "{out}");
+    assert_eq!(json(&body)["len"], 1 << 20, "{body}");
+
+    // our own answers over HTTP/2
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: nosuch",
+        "-w",
+        W,
+        &url,
+    ])
+    .await;
+    let (body, status, _) = split(&out);
+    assert_eq!(status, "404", "{out}");
+    // (no service "nosuch": the path is tried next)
+    assert!(body.contains("unknown service \"hello\""), "{body}");
+}
+
+fn tls_config(dir: &Path, port: u16, certs: &[(&Path, &Path)]) -> String {
+    let mut text = format!("[tls]\nlisten = \"127.0.0.1:{port}\"\n");
+    for (cert, key) in certs {
+        text.push_str(&format!(
+            "[[tls.certificates]]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
+    let _ = dir;
+    text
+}
+
+async fn wait_listening(port: u16) {
+    eventually(Duration::from_secs(10), "the TLS listener", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+}
+
+/// A TLS client connection trusting `ca_pem`, to `name` on 127.0.0.1:`port` (HTTP/1.1 by ALPN).
+async fn tls_client(
+    ca_pem: &str,
+    name: &str,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+/// One keep-alive GET on an open connection; returns the response head and body as text.
+async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    host: &str,
+) -> String {
+    let req = format!("GET /again HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("a response on the open connection")
+            .expect("reading the open connection");
+        assert!(n > 0, "the open connection was closed");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn tls_terminates_with_sni_certificates_and_reloads_them_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("switchyard test CA");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let (a_cert, a_key) = ca.leaf(&["a.test"]).write(dir.path(), "a");
+    let (b_cert, b_key) = ca.leaf(&["b.test", "*.b.test"]).write(dir.path(), "b");
+    let port = free_port();
+    let etcd = EtcdServer::start();
+    let config = tls_config(dir.path(), port, &[(&a_cert, &a_key), (&b_cert, &b_key)]);
+    let proxy = Proxy::builder(&etcd).config(&config).start().await;
+    let backend = Backend::start("tls-echo").await;
+    etcd.put("/services/echo/1", backend.addr_string()).await;
+    proxy.wait_usable("echo", 1).await;
+    wait_listening(port).await;
+
+    let ca_path = ca_file.display().to_string();
+    let https = |name: &str| format!("https://{name}:{port}/x");
+    let resolve = |name: &str| format!("{name}:{port}:127.0.0.1");
+    let call = |name: &'static str, extra: Vec<&'static str>| {
+        let (url, resolve, ca) = (https(name), resolve(name), ca_path.clone());
+        async move {
+            let mut args = vec![
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                "-H",
+                "Host: echo",
+                "-w",
+                W,
+            ];
+            args.extend(extra);
+            args.push(&url);
+            curl(&args).await
+        }
+    };
+
+    // ALPN h2, SNI a.test: the first certificate
+    let (code, out) = call("a.test", vec!["--http2"]).await;
+    assert_eq!(code, 0, "https to a.test failed (curl exit {code}): {out}");
+    let (body, status, version) = split(&out);
+    assert_eq!((status.as_str(), version.as_str()), ("200", "2"), "{out}");
+    assert_eq!(json(&body)["headers"]["x-forwarded-proto"][0], "https");
+
+    // SNI picks the second certificate (a wildcard name too); HTTP/1.1 by ALPN; TLS 1.2
+    let (code, out) = call("b.test", vec!["--http1.1"]).await;
+    assert_eq!(code, 0, "https to b.test failed (curl exit {code}): {out}");
+    assert_eq!(split(&out).2, "1.1", "{out}");
+    let (code, out) = call("x.b.test", vec!["--tlsv1.2", "--tls-max", "1.2"]).await;
+    assert_eq!(
+        code, 0,
+        "TLS 1.2 to x.b.test failed (curl exit {code}): {out}"
+    );
+
+    // a name no certificate has gets the default one, which fails verification (curl 60)
+    let (code, out) = call("c.test", vec![]).await;
+    assert_eq!(
+        code, 60,
+        "c.test should fail certificate verification: {out}"
+    );
+
+    // an open connection, then a new certificate for a.test from another CA, then SIGHUP
+    let mut open = tls_client(&ca.pem, "a.test", port).await;
+    let first = get_on(&mut open, "echo").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let ca2 = TestCa::new("switchyard second CA");
+    let ca2_path = ca2.write(dir.path(), "ca2.pem").display().to_string();
+    ca2.leaf(&["a.test"]).write(dir.path(), "a");
+    let pid = proxy.pid().expect("proxy pid").to_string();
+    let hup = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    assert!(hup.success());
+    let (url, res) = (https("a.test"), resolve("a.test"));
+    eventually(Duration::from_secs(10), "the reloaded certificate", || {
+        let (url, res, ca2) = (url.clone(), res.clone(), ca2_path.clone());
+        async move {
+            let (code, out) = curl(&[
+                "--cacert",
+                &ca2,
+                "--resolve",
+                &res,
+                "-H",
+                "Host: echo",
+                &url,
+            ])
+            .await;
+            if code == 0 {
+                Ok(())
+            } else {
+                Err(format!("curl exit {code}: {out}"))
+            }
+        }
+    })
+    .await;
+    let (code, _) = call("a.test", vec![]).await;
+    assert_eq!(
+        code, 60,
+        "the old CA no longer verifies a.test after the reload"
+    );
+    // the connection made before the reload still works
+    let again = get_on(&mut open, "echo").await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    assert!(proxy.log().contains("TLS certificates reloaded"));
+}
+
+#[tokio::test]
+async fn startup_errors_name_the_missing_or_mismatched_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("ca");
+    let (a_cert, a_key) = ca.leaf(&["a.test"]).write(dir.path(), "a");
+    let (_, b_key) = ca.leaf(&["b.test"]).write(dir.path(), "b");
+    let missing = dir.path().join("missing.key");
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let run = |cert: &Path, key: &Path| {
+        Command::new(bin)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--tls-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key)
+            .output()
+            .expect("running switchyard")
+    };
+    let out = run(&a_cert, &missing);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a missing key file must stop the start"
+    );
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+
+    let out = run(&a_cert, &b_key);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a key of another certificate must stop the start"
+    );
+    assert!(
+        err.contains("does not match") && err.contains(&b_key.display().to_string()),
+        "{err}"
+    );
+    let garbage = dir.path().join("garbage.crt");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let out = run(&garbage, &a_key);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&garbage.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("upstream CA");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let other = TestCa::new("unrelated CA").write(dir.path(), "other.pem");
+    let leaf = ca.leaf(&["127.0.0.1"]);
+    let secure = Backend::start_mode("secure", Mode::Tls(leaf.server_config())).await;
+    let etcd = EtcdServer::start();
+    let config = format!(
+        "[upstream_tls]\nca_file = {:?}\n[services.strict.tls]\nca_file = {:?}\n",
+        ca_file.display().to_string(),
+        other.display().to_string()
+    );
+    let proxy = Proxy::builder(&etcd).config(&config).start().await;
+    for (service, protocol) in [("https", "https"), ("h2", "h2"), ("strict", "https")] {
+        let value = format!(
+            r#"{{"addr":"{}","metadata":{{"protocol":"{protocol}"}}}}"#,
+            secure.addr
+        );
+        etcd.put(&format!("/services/{service}/1"), value).await;
+        proxy.wait_usable(service, 1).await;
+    }
+    let (status, body) = proxy.get_service("https", "/over-tls").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["version"], "HTTP/1.1", "{body}");
+    let (status, body) = proxy.get_service("h2", "/over-tls").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json(&body)["version"],
+        "HTTP/2.0",
+        "ALPN h2 to an h2 instance: {body}"
+    );
+    // HTTP/2 from the client too
+    let url = proxy.url("/both");
+    let (_, out) = curl(&["--http2-prior-knowledge", "-H", "Host: h2", "-w", W, &url]).await;
+    let (body, status, _) = split(&out);
+    assert_eq!(status, "200", "{out}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0", "{body}");
+    // the service's own CA does not know the instance's certificate: 502 naming the service
+    let (status, body) = proxy.get_service("strict", "/x").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("\"strict\""), "{body}");
+}
