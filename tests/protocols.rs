@@ -412,3 +412,116 @@ async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("\"strict\""), "{body}");
 }
+
+#[tokio::test]
+async fn shutdown_sends_goaway_and_open_http2_streams_finish() {
+    use http_body_util::{BodyExt, Empty};
+    let etcd = EtcdServer::start();
+    let mut proxy = Proxy::builder(&etcd).start().await;
+    let backend = Backend::start("slow").await;
+    etcd.put("/services/echo/1", backend.addr_string()).await;
+    proxy.wait_usable("echo", 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake with the proxy");
+    tokio::spawn(conn);
+    let req = |path: &str| {
+        hyper::Request::get(format!("http://echo{path}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let slow = tokio::spawn(send.send_request(req("/slow?ms=1500")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = proxy.pid().expect("proxy pid").to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    // the stream that was open when the drain began is answered in full
+    let resp = slow.await.unwrap().expect("the open stream is answered");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"slow slow 1500\n");
+    // GOAWAY: no new stream on this connection
+    eventually(
+        Duration::from_secs(5),
+        "GOAWAY to refuse new streams",
+        || {
+            let fut = send.send_request(req("/after"));
+            async move {
+                match fut.await {
+                    Err(_) => Ok(()),
+                    Ok(r) => Err(format!("a new stream was answered {}", r.status())),
+                }
+            }
+        },
+    )
+    .await;
+    let status = proxy.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+}
+
+#[tokio::test]
+async fn http2_limits_refuse_oversized_headers_and_a_silent_instance_is_retried() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[proxy]\nconnect_timeout_ms = 500\nread_timeout_ms = 700\n[http2]\nmax_header_list_size = 16384\n")
+        .start()
+        .await;
+    let good = Backend::start("good").await;
+    let silent = Backend::start("silent").await;
+    etcd.put("/services/echo/1", good.addr_string()).await;
+    etcd.put("/services/echo/2", silent.addr_string()).await;
+    proxy.wait_usable("echo", 2).await;
+    let url = proxy.url("/x");
+
+    let big = format!("x-big: {}", "x".repeat(20_000));
+    let (code, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "Host: echo",
+        "-H",
+        &big,
+        "-w",
+        W,
+        &url,
+    ])
+    .await;
+    let (_, status, _) = split(&out);
+    assert!(
+        code != 0 || status == "431",
+        "a 20 KB header over a 16 KB limit must be refused (curl exit {code}): {out}"
+    );
+    // the connection limit leaves ordinary requests alone
+    let (_, out) = curl(&["--http2-prior-knowledge", "-H", "Host: echo", "-w", W, &url]).await;
+    assert_eq!(split(&out).1, "200", "{out}");
+
+    // one instance stops answering: bodiless GETs over HTTP/2 go to the other one after
+    // read_timeout_ms instead of failing
+    silent.set_hang(true);
+    let mut gets = Vec::new();
+    for _ in 0..2 {
+        let url = url.clone();
+        gets.push(tokio::spawn(async move {
+            curl(&["--http2-prior-knowledge", "-H", "Host: echo", "-w", W, &url]).await
+        }));
+    }
+    for g in gets {
+        let (_, out) = g.await.unwrap();
+        let (body, status, _) = split(&out);
+        assert_eq!(status, "200", "{out}");
+        assert_eq!(json(&body)["backend"], "good", "{body}");
+    }
+}

@@ -4,7 +4,8 @@
 //! - routing by `:authority` (HTTP/2) or `Host`, then the path ([`crate::proxy::route_request`]);
 //! - a connection failure is retried on another instance for every method (nothing was sent),
 //!   and so is a request hyper hands back unsent (a pooled connection that had just closed);
-//!   up to `proxy.max_tries` attempts; each failure counts towards passive ejection;
+//!   an idempotent request without a body also when the instance failed or was silent after it
+//!   was sent; up to `proxy.max_tries` attempts; each failure counts towards passive ejection;
 //! - no response head within `proxy.read_timeout_ms`: 504 (the instance counts towards passive
 //!   ejection). A gRPC request waits as long as its own `grpc-timeout` allows instead (a gRPC
 //!   stream may answer its head late), or without limit when it has none;
@@ -25,7 +26,7 @@ use super::body::{full, Finish, Picked, Relay, RespBody};
 use super::{grpc, ClientInfo, Gateway};
 use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
 use crate::routing::Service;
-use crate::upstream::pool::{Sender, TlsTarget};
+use crate::upstream::pool::{ReqBody, Sender, TlsTarget};
 use crate::upstream::{protocol_for, ClientTls, Protocol};
 
 /// Headers that describe one hop (RFC 9110 §7.6.1) and never pass through; `te: trailers` is
@@ -138,7 +139,7 @@ impl Gateway {
 
     async fn proxy(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         host: Option<String>,
         target: String,
         service: Arc<Service>,
@@ -147,6 +148,7 @@ impl Gateway {
     ) -> Response<RespBody> {
         let cfg = &self.cfg;
         let mut tried: SmallVec<[Arc<str>; 4]> = SmallVec::new();
+        let replay = Replay::of(&req);
         let mut pending = Some(req);
         let head_limit = if facts.grpc {
             facts.deadline
@@ -269,10 +271,14 @@ impl Gateway {
                 Sent::Failed(error, unsent) => {
                     debug!(service = %service.name, instance = %inst.addr, error = %error, unsent = unsent.is_some(), "upstream request failed");
                     crate::health::passive_failure(&service, &inst, &error);
-                    match unsent {
+                    match (unsent, &replay) {
                         // nothing reached the instance: safe to retry for every method
-                        Some(r) if can_retry(&tried) => {
+                        (Some(r), _) if can_retry(&tried) => {
                             pending = Some(*r);
+                            continue;
+                        }
+                        (None, Some(replay)) if can_retry(&tried) => {
+                            pending = Some(replay.request());
                             continue;
                         }
                         _ => {
@@ -284,6 +290,11 @@ impl Gateway {
                 }
                 Sent::TimedOut => {
                     crate::health::passive_failure(&service, &inst, &"upstream read timed out");
+                    // as nginx's proxy_next_upstream timeout, for what can be sent again
+                    if let Some(replay) = replay.as_ref().filter(|_| can_retry(&tried)) {
+                        pending = Some(replay.request());
+                        continue;
+                    }
                     let reason = if facts.grpc {
                         "upstream did not answer within the call's deadline".to_string()
                     } else {
@@ -296,18 +307,59 @@ impl Gateway {
     }
 }
 
+/// What it takes to send a bodiless idempotent request again (GET, HEAD, PUT, DELETE, OPTIONS,
+/// TRACE: RFC 9110 §9.2.2), after an instance failed or was silent once it was sent.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<ReqBody>) -> Option<Replay> {
+        use http::Method;
+        use hyper::body::Body;
+        let m = req.method();
+        let idempotent = [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+            Method::TRACE,
+        ]
+        .contains(m);
+        (idempotent && req.body().is_end_stream()).then(|| Replay {
+            method: m.clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<ReqBody> {
+        let mut req = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
 /// How sending a request to an instance went.
 enum Sent {
     /// The response head arrived.
     Head(Response<Incoming>),
     /// The error, and the request when hyper never sent it (safe to send elsewhere).
-    Failed(String, Option<Box<Request<Incoming>>>),
+    Failed(String, Option<Box<Request<ReqBody>>>),
     /// No response head within the limit.
     TimedOut,
 }
 
 type SendResult =
-    Option<Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Incoming>>>>;
+    Option<Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<ReqBody>>>>;
 
 impl From<SendResult> for Sent {
     fn from(r: SendResult) -> Sent {
@@ -402,7 +454,7 @@ fn upstream_request(
     host: Option<&str>,
     target: &str,
     client: &ClientInfo,
-) -> Request<Incoming> {
+) -> Request<ReqBody> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
@@ -423,11 +475,11 @@ fn upstream_request(
     if let Ok(uri) = target.parse::<Uri>() {
         parts.uri = uri;
     }
-    Request::from_parts(parts, body)
+    Request::from_parts(parts, http_body_util::Either::Left(body))
 }
 
 /// HTTP/1.1 upstream: origin-form target, `Host` set.
-fn to_http1(req: &mut Request<Incoming>, host: Option<&str>, target: &str) {
+fn to_http1(req: &mut Request<ReqBody>, host: Option<&str>, target: &str) {
     *req.version_mut() = Version::HTTP_11;
     if let Ok(uri) = target.parse::<Uri>() {
         *req.uri_mut() = uri;
@@ -442,7 +494,7 @@ fn to_http1(req: &mut Request<Incoming>, host: Option<&str>, target: &str) {
 /// HTTP/2 upstream: `:scheme`, `:authority` (the client's, else the instance's address) and
 /// `:path`; no `Host` header.
 fn to_http2(
-    req: &mut Request<Incoming>,
+    req: &mut Request<ReqBody>,
     protocol: Protocol,
     host: Option<&str>,
     target: &str,

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,8 +27,9 @@ use tracing::debug;
 use super::connect::{connect, ConnectError};
 use super::{ClientTls, Protocol};
 
-/// Request bodies sent upstream: the client's body, as hyper received it.
-pub type ReqBody = Incoming;
+/// Request bodies sent upstream: the client's body as hyper received it, or none (a bodiless
+/// idempotent request sent again to another instance).
+pub type ReqBody = Either<Incoming, Empty<Bytes>>;
 
 /// Settings of the pool and of its HTTP/2 connections.
 #[derive(Debug, Clone)]
