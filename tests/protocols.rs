@@ -525,3 +525,71 @@ async fn http2_limits_refuse_oversized_headers_and_a_silent_instance_is_retried(
         assert_eq!(json(&body)["backend"], "good", "{body}");
     }
 }
+
+/// Rapid reset (CVE-2023-44487): a client that opens streams and resets them at once gets GOAWAY,
+/// and what it started upstream is released.
+#[tokio::test]
+async fn rapid_reset_ends_the_connection_and_releases_its_streams() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let backend = Backend::start("b").await;
+    etcd.put("/services/echo/1", backend.addr_string()).await;
+    proxy.wait_usable("echo", 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut sent = 0;
+    let mut client = client;
+    for _ in 0..5_000 {
+        let req = http::Request::get("http://echo/slow?ms=3000")
+            .body(())
+            .unwrap();
+        let Ok(ready) = client.ready().await else {
+            break;
+        };
+        client = ready;
+        match client.send_request(req, true) {
+            Ok((_, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the connection should end after the reset flood");
+    let err = ended
+        .unwrap()
+        .expect_err("the connection ends with an error (GOAWAY)");
+    // the proxy ended it (the client may see the closed socket before it reads the GOAWAY)
+    assert!(
+        err.is_go_away() || err.is_io(),
+        "expected GOAWAY after {sent} reset streams, got {err:?}"
+    );
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("client connection ended") && l.contains("ENHANCE_YOUR_CALM")),
+        "the proxy should have ended the connection with ENHANCE_YOUR_CALM"
+    );
+
+    // the proxy still serves, and the streams it forwarded are released
+    let (status, _) = proxy.get_service("echo", "/x").await;
+    assert_eq!(status, 200);
+    eventually(
+        Duration::from_secs(10),
+        "in-flight requests back to 0",
+        || async {
+            let v = proxy.admin_json("/api/services/echo").await;
+            match v["instances"][0]["inflight"].as_u64() {
+                Some(0) => Ok(()),
+                other => Err(format!("inflight = {other:?}")),
+            }
+        },
+    )
+    .await;
+}

@@ -197,7 +197,7 @@ impl Gateway {
                     }
                 };
                 if let Err(e) = result {
-                    debug!(error = %e, h2, "client connection ended");
+                    debug!(error = ?e, h2, "client connection ended");
                 }
             }};
         }

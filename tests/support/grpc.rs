@@ -1,9 +1,9 @@
 //! Real gRPC peers: Python grpcio servers and clients (`grpc_peer.py`), installed with pip when
-//! missing. Nobody here wrote their HTTP/2 or gRPC code.
+//! missing (see [`python`]). Nobody here wrote their HTTP/2 or gRPC code.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -14,41 +14,62 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpc_peer.py")
 }
 
-/// Makes sure `python3` can import grpcio and grpcio-health-checking (pip-installs them once).
-pub fn ensure_grpcio() {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+/// A Python interpreter that can import grpcio and grpcio-health-checking: `python3` when it
+/// can, else a virtual environment under `target/` made once with pip (a distribution's Python
+/// may refuse system-wide pip installs).
+pub fn python() -> &'static Path {
+    static READY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let ready = READY.get_or_init(|| {
-        let have = || {
-            Command::new("python3")
+        let can_import = |py: &Path| {
+            Command::new(py)
                 .args(["-c", "import grpc, grpc_health.v1.health"])
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        if have() {
-            return Ok(());
+        let system = PathBuf::from("python3");
+        if can_import(&system) {
+            return Ok(system);
         }
-        let status = Command::new("python3")
-            .args([
+        let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/grpc-venv");
+        let py = venv.join("bin/python3");
+        if can_import(&py) {
+            return Ok(py);
+        }
+        let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+            let status = cmd.status().map_err(|e| format!("{what}: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("{what}: {status}"))
+            }
+        };
+        if !py.exists() {
+            run(
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                "python3 -m venv (Debian: apt-get install python3-venv)",
+            )?;
+        }
+        run(
+            Command::new(&py).args([
                 "-m",
                 "pip",
                 "install",
                 "--quiet",
                 "grpcio",
                 "grpcio-health-checking",
-            ])
-            .status()
-            .map_err(|e| format!("running pip: {e}"))?;
-        if status.success() && have() {
-            Ok(())
+            ]),
+            "pip install grpcio grpcio-health-checking",
+        )?;
+        if can_import(&py) {
+            Ok(py)
         } else {
-            Err(format!(
-                "pip install grpcio grpcio-health-checking: {status}"
-            ))
+            Err("grpcio installed but not importable".into())
         }
     });
-    if let Err(e) = ready {
-        panic!("gRPC tests need python3 with grpcio and grpcio-health-checking: {e}");
+    match ready {
+        Ok(p) => p,
+        Err(e) => panic!("gRPC tests need python3 with grpcio and grpcio-health-checking: {e}"),
     }
 }
 
@@ -61,9 +82,8 @@ pub struct GrpcPeer {
 
 impl GrpcPeer {
     pub fn start(name: &str) -> GrpcPeer {
-        ensure_grpcio();
         let port = free_port();
-        let mut child = Command::new("python3")
+        let mut child = Command::new(python())
             .arg(script())
             .args(["serve", name, &port.to_string()])
             .stdout(Stdio::piped())
@@ -103,8 +123,7 @@ impl Drop for GrpcPeer {
 /// Runs one client scenario of `grpc_peer.py` against `target` (host:port) with `:authority`
 /// `authority` ("" = the target); returns its JSON result.
 pub async fn call(target: &str, authority: &str, scenario: &str, arg: &str) -> serde_json::Value {
-    ensure_grpcio();
-    let out = tokio::process::Command::new("python3")
+    let out = tokio::process::Command::new(python())
         .arg(script())
         .args(["call", target, authority, scenario, arg])
         .output()
@@ -128,8 +147,7 @@ pub struct Running {
 
 impl Running {
     pub fn start(target: &str, authority: &str, scenario: &str, arg: &str) -> Running {
-        ensure_grpcio();
-        let mut child = tokio::process::Command::new("python3")
+        let mut child = tokio::process::Command::new(python())
             .arg(script())
             .args(["call", target, authority, scenario, arg])
             .stdout(Stdio::piped())
