@@ -175,3 +175,33 @@ async fn not_serving_instances_get_no_calls_and_a_killed_one_ends_its_stream_una
     let after = call(&target, "echo", "unary", "again").await;
     assert_eq!(after["code"], "OK", "{after}");
 }
+
+/// A client's cancellation (RST_STREAM) reaches the instance: its handler sees the call end.
+#[tokio::test]
+async fn a_cancelled_call_is_cancelled_on_the_instance() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let peer = GrpcPeer::start("only");
+    etcd.put("/services/echo/1", peer.addr.to_string()).await;
+    proxy.wait_usable("echo", 1).await;
+    let target = format!("127.0.0.1:{}", proxy.port);
+
+    let cancel = call(&target, "echo", "cancel", "").await;
+    assert_eq!(names(&cancel), vec!["only"; 2], "{cancel}");
+    let direct = peer.addr.to_string();
+    support::eventually(
+        Duration::from_secs(5),
+        "the instance to see the cancellation",
+        || {
+            let direct = direct.clone();
+            async move {
+                let v = call(&direct, "", "cancelled", "").await;
+                match v["reply"].as_str() {
+                    Some("1") => Ok(()),
+                    other => Err(format!("cancelled = {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+}

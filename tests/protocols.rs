@@ -376,17 +376,27 @@ async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
     let other = TestCa::new("unrelated CA").write(dir.path(), "other.pem");
     let leaf = ca.leaf(&["127.0.0.1"]);
     let secure = Backend::start_mode("secure", Mode::Tls(leaf.server_config())).await;
+    let mutual = Backend::start_mode("mutual", Mode::Tls(leaf.server_config_mtls(&ca))).await;
+    let (client_cert, client_key) = ca.leaf(&["switchyard.test"]).write(dir.path(), "client");
     let etcd = EtcdServer::start();
     let config = format!(
-        "[upstream_tls]\nca_file = {:?}\n[services.strict.tls]\nca_file = {:?}\n",
+        "[upstream_tls]\nca_file = {:?}\n[services.strict.tls]\nca_file = {:?}\n\
+         [services.mtls]\nprotocol = \"h2\"\n[services.mtls.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
         ca_file.display().to_string(),
-        other.display().to_string()
+        other.display().to_string(),
+        client_cert.display().to_string(),
+        client_key.display().to_string(),
     );
     let proxy = Proxy::builder(&etcd).config(&config).start().await;
-    for (service, protocol) in [("https", "https"), ("h2", "h2"), ("strict", "https")] {
+    for (service, protocol, backend) in [
+        ("https", "https", &secure),
+        ("h2", "h2", &secure),
+        ("strict", "https", &secure),
+        ("nocert", "https", &mutual),
+    ] {
         let value = format!(
             r#"{{"addr":"{}","metadata":{{"protocol":"{protocol}"}}}}"#,
-            secure.addr
+            backend.addr
         );
         etcd.put(&format!("/services/{service}/1"), value).await;
         proxy.wait_usable(service, 1).await;
@@ -411,6 +421,17 @@ async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
     let (status, body) = proxy.get_service("strict", "/x").await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("\"strict\""), "{body}");
+
+    // mutual TLS: the service's client certificate (its CA from [upstream_tls]); protocol from
+    // [services.mtls], the registration is a plain host:port
+    etcd.put("/services/mtls/1", mutual.addr_string()).await;
+    proxy.wait_usable("mtls", 1).await;
+    let (status, body) = proxy.get_service("mtls", "/mutual").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["backend"], "mutual", "{body}");
+    assert_eq!(json(&body)["version"], "HTTP/2.0", "{body}");
+    let (status, body) = proxy.get_service("nocert", "/x").await;
+    assert_eq!(status, 502, "no client certificate, no answer: {body}");
 }
 
 #[tokio::test]

@@ -80,19 +80,44 @@ impl Leaf {
 
     /// A server configuration offering h2 and http/1.1 (for TLS backends).
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.config(None)
+    }
+
+    /// The same, requiring a client certificate issued by `client_ca` (mutual TLS).
+    pub fn server_config_mtls(&self, client_ca: &TestCa) -> Arc<rustls::ServerConfig> {
+        self.config(Some(client_ca))
+    }
+
+    fn config(&self, client_ca: Option<&TestCa>) -> Arc<rustls::ServerConfig> {
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(self.cert.as_bytes())
                 .collect::<Result<_, _>>()
                 .expect("leaf PEM");
         let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes()).expect("key PEM");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server certificate");
+        .expect("TLS versions");
+        let config = match client_ca {
+            None => config.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+                    roots.add(c.expect("CA PEM")).expect("client CA");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::new(rustls::crypto::ring::default_provider()),
+                )
+                .build()
+                .expect("client verifier");
+                config.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = config
+            .with_single_cert(certs, key)
+            .expect("server certificate");
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }

@@ -11,8 +11,10 @@ Server: python3 grpc_peer.py serve NAME PORT
   test.Echo/Fail           aborts with INVALID_ARGUMENT "bad input", trailer x-why: testing
   test.Echo/Sleep          request = milliseconds: sleeps, then answers
   test.Echo/Big            request = decimal N: answers N bytes
-  test.Echo/Slow           request = N: streams N messages, one every 100 ms
+  test.Echo/Slow           request = N: streams N messages, one every 100 ms (stops when the
+                           call is cancelled, and counts it)
   test.Control/SetServing  request "0" / "1": health status of "" and "test.Echo"
+  test.Control/Cancelled   answers how many Slow calls were cancelled (decimal)
   grpc.health.v1.Health    from grpcio-health-checking
 Prints "ready" once listening.
 
@@ -37,6 +39,7 @@ OPTIONS = [
 def serve(name, port):
     prefix = name.encode() + b":"
     servicer = health.HealthServicer()
+    cancelled = []
 
     def unary(req, ctx):
         return prefix + req
@@ -71,6 +74,12 @@ def serve(name, port):
         for i in range(int(req)):
             yield prefix + str(i).encode()
             time.sleep(0.1)
+            if not ctx.is_active():
+                cancelled.append(1)
+                return
+
+    def count_cancelled(req, ctx):
+        return str(len(cancelled)).encode()
 
     def set_serving(req, ctx):
         status = (
@@ -97,7 +106,11 @@ def serve(name, port):
         },
     )
     control = h.method_handlers_generic_handler(
-        "test.Control", {"SetServing": h.unary_unary_rpc_method_handler(set_serving)}
+        "test.Control",
+        {
+            "SetServing": h.unary_unary_rpc_method_handler(set_serving),
+            "Cancelled": h.unary_unary_rpc_method_handler(count_cancelled),
+        },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=OPTIONS)
     server.add_generic_rpc_handlers((echo, control))
@@ -164,6 +177,15 @@ def call(target, authority, scenario, arg):
                     start = time.time()
             finally:
                 out["failed_after_s"] = time.time() - start
+        elif scenario == "cancel":
+            # two messages of a long stream, then the client cancels (RST_STREAM)
+            it = method("unary_stream", "/test.Echo/Slow")(b"100", timeout=30)
+            out["replies"] = [next(it).decode(), next(it).decode()]
+            it.cancel()
+            # keep the connection: the cancellation travels as RST_STREAM, not as a closed socket
+            time.sleep(0.5)
+        elif scenario == "cancelled":
+            out["reply"] = method("unary_unary", "/test.Control/Cancelled")(b"", timeout=10).decode()
         elif scenario == "set_serving":
             out["reply"] = method("unary_unary", "/test.Control/SetServing")(arg.encode(), timeout=10).decode()
         elif scenario == "health":
