@@ -31,6 +31,8 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    #[error("{error} (a moment ago, for {addr})")]
+    Recent { addr: SocketAddr, error: String },
     #[error("{name:?} is not a valid TLS server name")]
     ServerName { name: String },
     #[error("HTTP handshake with {addr}: {source}")]

@@ -76,6 +76,9 @@ impl Drop for StreamSlot {
     }
 }
 
+/// The gate of opening an HTTP/2 connection to one instance: the last failure, if any.
+type Opening = tokio::sync::Mutex<Option<(Instant, String)>>;
+
 /// Where one request goes.
 pub enum Sender {
     Http1(http1::SendRequest<ReqBody>, PoolKey),
@@ -95,6 +98,11 @@ pub struct Pool {
     cfg: PoolConfig,
     h1: Mutex<HashMap<Key, Vec<H1>>>,
     h2: Mutex<HashMap<Key, Vec<H2>>>,
+    /// One HTTP/2 connection being opened per instance at a time: a burst of streams waits for
+    /// it (and shares it) instead of opening a connection each.
+    /// The last failure to open one is kept for connect_timeout: those who waited for it fail at
+    /// once (and go to another instance) instead of each trying in turn.
+    opening: Mutex<HashMap<Key, Arc<Opening>>>,
 }
 
 impl Pool {
@@ -103,6 +111,7 @@ impl Pool {
             cfg,
             h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,6 +133,34 @@ impl Pool {
         if protocol.http2() {
             if let Some(s) = self.take_h2(&key) {
                 return Ok(s);
+            }
+            if protocol == Protocol::H2c || protocol == Protocol::Grpc {
+                let gate = self
+                    .opening
+                    .lock()
+                    .map(|mut m| m.entry(key.clone()).or_default().clone())
+                    .ok();
+                if let Some(gate) = gate {
+                    let mut last_failure = gate.lock().await;
+                    // opened by the stream we waited for
+                    if let Some(s) = self.take_h2(&key) {
+                        return Ok(s);
+                    }
+                    if let Some((at, error)) = &*last_failure {
+                        if at.elapsed() < self.cfg.connect_timeout {
+                            return Err(ConnectError::Recent {
+                                addr,
+                                error: error.clone(),
+                            });
+                        }
+                    }
+                    let opened = self.open(key, protocol, tls).await;
+                    *last_failure = opened
+                        .as_ref()
+                        .err()
+                        .map(|e| (Instant::now(), e.to_string()));
+                    return opened;
+                }
             }
         }
         // an h2 instance may have answered ALPN with http/1.1: its connections are HTTP/1.1 ones
@@ -249,5 +286,95 @@ impl Pool {
             });
             Ok(Sender::Http1(send, PoolKey(key)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn pool(max_streams: usize) -> Arc<Pool> {
+        Arc::new(Pool::new(PoolConfig {
+            connect_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_instance: 8,
+            max_streams_per_connection: max_streams,
+            keepalive_interval: None,
+            keepalive_timeout: Duration::from_secs(1),
+        }))
+    }
+
+    /// An h2c server that counts the connections it accepted.
+    async fn h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Empty::<Bytes>::new(),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_streams_shares_new_http2_connections_up_to_the_stream_limit() {
+        let (addr, accepted) = h2c_server().await;
+        let pool = pool(10);
+        let gets: Vec<_> = (0..50)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.get(addr, Protocol::H2c, None).await })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for g in gets {
+            match g.await.unwrap() {
+                Ok(s @ Sender::Http2(..)) => held.push(s),
+                Ok(_) => panic!("an h2c instance gave an HTTP/1.1 sender"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // 50 streams held at once, 10 per connection
+        assert_eq!(accepted.load(Ordering::Relaxed), 5);
+        drop(held);
+        // released slots are taken again: no new connection
+        let again = pool.get(addr, Protocol::H2c, None).await.unwrap();
+        assert!(matches!(again, Sender::Http2(..)));
+        assert_eq!(accepted.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test]
+    async fn every_stream_waiting_for_a_refused_instance_fails_promptly() {
+        // a port nobody listens on
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let pool = pool(10);
+        let start = Instant::now();
+        let gets: Vec<_> = (0..20)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.get(addr, Protocol::Grpc, None).await })
+            })
+            .collect();
+        for g in gets {
+            assert!(g.await.unwrap().is_err());
+        }
+        assert!(start.elapsed() < Duration::from_millis(400));
     }
 }
