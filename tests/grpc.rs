@@ -96,6 +96,18 @@ async fn grpc_calls_of_every_kind_pass_through_to_plain_registrations() {
         details.contains("nope.Missing") && details.contains("unknown service"),
         "{unknown}"
     );
+    // counted like HTTP/1.1 requests, per stream
+    let m = proxy.metrics().await;
+    let ok = support::metric_value(
+        &m,
+        "switchyard_requests_total{code=\"2xx\",service=\"echo\"}",
+    );
+    assert!(ok.is_some_and(|n| n >= 20.0), "2xx of echo: {ok:?}");
+    let unknown = support::metric_value(
+        &m,
+        "switchyard_requests_total{code=\"4xx\",service=\"(unknown)\"}",
+    );
+    assert_eq!(unknown, Some(1.0));
     drop((a, b));
 }
 

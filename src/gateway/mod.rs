@@ -18,8 +18,9 @@
 //! HTTP/2 abuse limits are hyper's and h2's, set from `[http2]`: concurrent streams, header list
 //! size, streams reset by the client before we answered (rapid reset, CVE-2023-44487) and
 //! streams we had to reset, each ending the connection with GOAWAY when exceeded; h2 also bounds
-//! CONTINUATION frames by the header list size and pending SETTINGS/PING acknowledgements. On
-//! shutdown every connection gets GOAWAY and its open streams finish.
+//! CONTINUATION frames by the header list size, and keeps at most one SETTINGS/PING
+//! acknowledgement pending (it reads no further frame until that is written). On shutdown every
+//! connection gets GOAWAY and its open streams finish.
 
 pub mod body;
 pub mod grpc;
