@@ -8,8 +8,10 @@
 //!   carries one request at a time; it goes back to the pool as soon as the response head has
 //!   arrived and is handed out again once hyper has read the whole body (`is_ready`).
 //!
-//! Connections are keyed by address, TLS server name and protocol. Closed connections are
-//! dropped when met; HTTP/1.1 connections idle longer than `proxy.idle_timeout_ms` too.
+//! Connections are keyed by address, TLS server name and protocol, and by the proxy thread that
+//! opened them: a connection's task runs on that thread's runtime, so requests served there use
+//! it without waking another thread (as the native engine's per-thread pool). Closed connections
+//! are dropped when met; HTTP/1.1 connections idle longer than `proxy.idle_timeout_ms` too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,6 +49,8 @@ pub struct PoolConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
+    /// The thread whose runtime runs the connection's task.
+    thread: std::thread::ThreadId,
     addr: SocketAddr,
     /// TLS server name (None: plain TCP).
     tls: Option<Arc<str>>,
@@ -123,6 +127,7 @@ impl Pool {
         tls: Option<TlsTarget<'_>>,
     ) -> Result<Sender, ConnectError> {
         let key = Key {
+            thread: std::thread::current().id(),
             addr,
             tls: tls.as_ref().map(|t| Arc::from(t.server_name)),
             offer_h2: protocol == Protocol::H2,
