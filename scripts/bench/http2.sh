@@ -14,6 +14,8 @@
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
 #   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw h2load output)
+#   BENCH_PERF=1         also profile switchyard (perf record) while it is measured; prints the
+#                        flat profile's top symbols
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -175,6 +177,9 @@ for round in $(seq 1 "$ROUNDS"); do
         load=$!
         sleep "$WARMUP"
         c0=$(cpu_ticks "$pid")
+        if [[ "${BENCH_PERF:-0}" == 1 && "$t" == switchyard ]]; then
+            perf record -q -F 999 -p "$pid" -o "$WORK/perf.data" -- sleep "$((DURATION - 1))" 2>/dev/null || true
+        fi
         wait "$load" || true
         c1=$(cpu_ticks "$pid")
         rps=$(awk '/^finished in/ {for (i=1;i<=NF;i++) if ($i ~ /req\/s/) {gsub(",","",$(i-1)); print $(i-1)}}' "$out")
@@ -217,3 +222,9 @@ for other in ["haproxy", "nginx"]:
 PY
 }
 report | tee "${BENCH_OUT:-/dev/null}"
+if [[ -s "$WORK/perf.data" ]]; then
+    echo
+    echo "switchyard's profile (self time, top 40 symbols):"
+    perf report -i "$WORK/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -40
+fi
