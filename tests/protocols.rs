@@ -459,7 +459,21 @@ async fn shutdown_sends_goaway_and_open_http2_streams_finish() {
             .unwrap()
     };
     let slow = tokio::spawn(send.send_request(req("/slow?ms=1500")));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the slow request to reach the instance",
+        || {
+            let hits = backend.hits();
+            async move {
+                if hits > 0 {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
+            }
+        },
+    )
+    .await;
     let pid = proxy.pid().expect("proxy pid").to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

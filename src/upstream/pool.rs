@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,10 @@ use tracing::debug;
 
 use super::connect::{connect, ConnectError};
 use super::{ClientTls, Protocol};
+use crate::routing::clock_ms;
+
+/// Every this many requests, the pool drops closed and idle connections ([`Pool::sweep`]).
+const SWEEP_EVERY: u32 = 1024;
 
 /// Request bodies sent upstream: the client's body as hyper received it, or none (a bodiless
 /// idempotent request sent again to another instance).
@@ -68,15 +72,24 @@ struct H1 {
 
 struct H2 {
     send: http2::SendRequest<ReqBody>,
-    streams: Arc<AtomicUsize>,
+    streams: Arc<Streams>,
+}
+
+/// Streams in flight on one HTTP/2 connection, and when the last one ended.
+#[derive(Default)]
+struct Streams {
+    now: AtomicUsize,
+    /// [`crate::routing::clock_ms`] when a stream last ended.
+    released_at: AtomicU64,
 }
 
 /// A stream taken on a shared HTTP/2 connection; given back on drop.
-pub struct StreamSlot(Arc<AtomicUsize>);
+pub struct StreamSlot(Arc<Streams>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
+        self.0.released_at.store(clock_ms(), Ordering::Relaxed);
     }
 }
 
@@ -107,6 +120,8 @@ pub struct Pool {
     /// The last failure to open one is kept for connect_timeout: those who waited for it fail at
     /// once (and go to another instance) instead of each trying in turn.
     opening: Mutex<HashMap<Key, Arc<Opening>>>,
+    /// Requests since the last sweep.
+    gets: AtomicU32,
 }
 
 impl Pool {
@@ -116,6 +131,7 @@ impl Pool {
             h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
+            gets: AtomicU32::new(0),
         }
     }
 
@@ -126,6 +142,9 @@ impl Pool {
         protocol: Protocol,
         tls: Option<TlsTarget<'_>>,
     ) -> Result<Sender, ConnectError> {
+        if self.gets.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep();
+        }
         let key = Key {
             thread: std::thread::current().id(),
             addr,
@@ -177,6 +196,57 @@ impl Pool {
         self.open(key, protocol, tls).await
     }
 
+    /// Drops closed connections, and idle ones (no stream for `idle_timeout`; an HTTP/1.1 one
+    /// ready and unused as long) of every instance, including those no request goes to any more
+    /// (deregistered instances): dropping its last sender ends a connection.
+    pub fn sweep(&self) {
+        let idle_ms = self.cfg.idle_timeout.as_millis() as u64;
+        let now = clock_ms();
+        if let Ok(mut map) = self.h2.lock() {
+            map.retain(|_, list| {
+                list.retain(|c| {
+                    !c.send.is_closed()
+                        && (c.streams.now.load(Ordering::Relaxed) > 0
+                            || now.saturating_sub(c.streams.released_at.load(Ordering::Relaxed))
+                                < idle_ms)
+                });
+                !list.is_empty()
+            });
+        }
+        if let Ok(mut map) = self.h1.lock() {
+            let idle = self.cfg.idle_timeout;
+            map.retain(|_, list| {
+                list.retain(|c| {
+                    !c.send.is_closed() && (c.since.elapsed() < idle || !c.send.is_ready())
+                });
+                !list.is_empty()
+            });
+        }
+        if let Ok(mut map) = self.opening.lock() {
+            // gates nobody waits at and that remember no recent failure go
+            let recent = |f: &Option<(Instant, String)>| {
+                f.as_ref()
+                    .is_some_and(|(at, _)| at.elapsed() < self.cfg.connect_timeout)
+            };
+            map.retain(|_, g| {
+                Arc::strong_count(g) > 1 || g.try_lock().map_or(true, |f| recent(&f))
+            });
+        }
+    }
+
+    /// Connections held (HTTP/1.1, HTTP/2), for tests.
+    pub fn held(&self) -> (usize, usize) {
+        let count = |n: usize, l: usize| n + l;
+        (
+            self.h1
+                .lock()
+                .map_or(0, |m| m.values().map(Vec::len).fold(0, count)),
+            self.h2
+                .lock()
+                .map_or(0, |m| m.values().map(Vec::len).fold(0, count)),
+        )
+    }
+
     fn take_h2(&self, key: &Key) -> Option<Sender> {
         let mut map = self.h2.lock().ok()?;
         let list = map.get_mut(key)?;
@@ -187,6 +257,7 @@ impl Pool {
             // one increment per taker: the count never passes the limit
             let taken = c
                 .streams
+                .now
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     (n < allowed).then_some(n + 1)
                 })
@@ -271,7 +342,10 @@ impl Pool {
                     debug!(instance = %addr, error = %e, "HTTP/2 connection to instance ended");
                 }
             });
-            let streams = Arc::new(AtomicUsize::new(1));
+            let streams = Arc::new(Streams {
+                now: AtomicUsize::new(1),
+                released_at: AtomicU64::new(clock_ms()),
+            });
             if let Ok(mut map) = self.h2.lock() {
                 map.entry(key).or_default().push(H2 {
                     send: send.clone(),
@@ -359,6 +433,28 @@ mod tests {
         let again = pool.get(addr, Protocol::H2c, None).await.unwrap();
         assert!(matches!(again, Sender::Http2(..)));
         assert_eq!(accepted.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test]
+    async fn idle_http2_connections_are_swept() {
+        let (addr, accepted) = h2c_server().await;
+        let pool = Arc::new(Pool::new(PoolConfig {
+            idle_timeout: Duration::from_millis(50),
+            ..pool(10).cfg.clone()
+        }));
+        let busy = pool.get(addr, Protocol::H2c, None).await.unwrap();
+        let idle = pool.get(addr, Protocol::H2c, None).await.unwrap();
+        drop(idle);
+        assert_eq!(pool.held(), (0, 1));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        // a stream in flight keeps its connection
+        pool.sweep();
+        assert_eq!(pool.held(), (0, 1));
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        pool.sweep();
+        assert_eq!(pool.held(), (0, 0));
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
