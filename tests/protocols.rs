@@ -133,7 +133,7 @@ async fn h2c_prior_knowledge_and_http1_share_the_proxy_port() {
     assert!(body.contains("unknown service \"hello\""), "{body}");
 }
 
-fn tls_config(dir: &Path, port: u16, certs: &[(&Path, &Path)]) -> String {
+fn tls_config(port: u16, certs: &[(&Path, &Path)]) -> String {
     let mut text = format!("[tls]\nlisten = \"127.0.0.1:{port}\"\n");
     for (cert, key) in certs {
         text.push_str(&format!(
@@ -142,7 +142,6 @@ fn tls_config(dir: &Path, port: u16, certs: &[(&Path, &Path)]) -> String {
             key.display().to_string()
         ));
     }
-    let _ = dir;
     text
 }
 
@@ -227,7 +226,7 @@ async fn tls_terminates_with_sni_certificates_and_reloads_them_on_sighup() {
     let (b_cert, b_key) = ca.leaf(&["b.test", "*.b.test"]).write(dir.path(), "b");
     let port = free_port();
     let etcd = EtcdServer::start();
-    let config = tls_config(dir.path(), port, &[(&a_cert, &a_key), (&b_cert, &b_key)]);
+    let config = tls_config(port, &[(&a_cert, &a_key), (&b_cert, &b_key)]);
     let proxy = Proxy::builder(&etcd).config(&config).start().await;
     let backend = Backend::start("tls-echo").await;
     etcd.put("/services/echo/1", backend.addr_string()).await;
@@ -627,4 +626,82 @@ async fn rapid_reset_ends_the_connection_and_releases_its_streams() {
         },
     )
     .await;
+}
+
+/// An instance that answers `Upgrade: echo` with 101 and then echoes bytes.
+async fn upgrade_echo() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !text.contains("upgrade: echo") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let switching =
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n";
+                if s.write_all(switching).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A WebSocket-style upgrade over the TLS listener becomes a tunnel to the instance.
+#[tokio::test]
+async fn upgrades_over_tls_become_a_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("ws CA");
+    let (cert, key) = ca.leaf(&["ws.test"]).write(dir.path(), "ws");
+    let port = free_port();
+    let etcd = EtcdServer::start();
+    let config = tls_config(port, &[(&cert, &key)]);
+    let proxy = Proxy::builder(&etcd).config(&config).start().await;
+    let addr = upgrade_echo().await;
+    etcd.put("/services/ws/1", addr.to_string()).await;
+    proxy.wait_usable("ws", 1).await;
+    wait_listening(port).await;
+
+    let mut s = tls_client(&ca.pem, "ws.test", port).await;
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("101 in time")
+            .unwrap();
+        assert!(n > 0, "closed before the 101");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for msg in [&b"ping"[..], b"bytes \x00\x01\x02 through TLS"] {
+        s.write_all(msg).await.unwrap();
+        let mut echoed = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+            .await
+            .expect("echo through the tunnel")
+            .unwrap();
+        assert_eq!(echoed, msg);
+    }
 }

@@ -221,7 +221,7 @@ impl Gateway {
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.cfg.downstream_read_timeout)
                 .keep_alive(true);
-            drive!(builder.serve_connection(io, svc));
+            drive!(builder.serve_connection(io, svc).with_upgrades());
         }
     }
 }

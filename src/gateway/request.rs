@@ -10,7 +10,9 @@
 //!   ejection). A gRPC request waits as long as its own `grpc-timeout` allows instead (a gRPC
 //!   stream may answer its head late), or without limit when it has none;
 //! - our own answers (404, 503, 502, 504) name the service and the reason, as gRPC statuses for
-//!   gRPC requests.
+//!   gRPC requests;
+//! - an HTTP/1.1 upgrade request (WebSocket) to an HTTP/1.1 instance that answers 101 becomes a
+//!   byte tunnel between the two connections (the native engine's rule, also over TLS).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tracing::debug;
 
@@ -81,6 +84,8 @@ impl Gateway {
                 "switchyard: CONNECT is not supported (not a forward proxy)".into(),
             );
         }
+        let mut req = req;
+        let upgrade = upgrade_of(&mut req);
         let host = authority(&req).map(str::to_owned);
         let path = req
             .uri()
@@ -101,7 +106,7 @@ impl Gateway {
             Outcome::Proxy { service, rewrite } => {
                 let target = rewrite.unwrap_or(path);
                 let req = upstream_request(req, host.as_deref(), &target, client);
-                self.proxy(req, host, target, service, facts, in_flight)
+                self.proxy(req, host, target, service, facts, in_flight, upgrade)
                     .await
             }
         }
@@ -137,6 +142,7 @@ impl Gateway {
         own_response(facts, status, body)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn proxy(
         self: &Arc<Self>,
         req: Request<ReqBody>,
@@ -145,6 +151,7 @@ impl Gateway {
         service: Arc<Service>,
         facts: Facts,
         in_flight: InFlight,
+        mut upgrade: Option<Upgrade>,
     ) -> Response<RespBody> {
         let cfg = &self.cfg;
         let mut tried: SmallVec<[Arc<str>; 4]> = SmallVec::new();
@@ -230,6 +237,11 @@ impl Gateway {
             let (sent, back, slot) = match sender {
                 Sender::Http1(mut send, key) => {
                     to_http1(&mut req, host.as_deref(), &target);
+                    if let Some(u) = &upgrade {
+                        let h = req.headers_mut();
+                        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        h.insert(header::UPGRADE, u.protocol.clone());
+                    }
                     let sent = match send.ready().await {
                         Ok(()) => Sent::from(timed(head_limit, send.try_send_request(req)).await),
                         Err(e) => Sent::Failed(e.to_string(), Some(Box::new(req))),
@@ -243,17 +255,31 @@ impl Gateway {
                 }
             };
             match sent {
-                Sent::Head(resp) => {
+                Sent::Head(mut resp) => {
                     crate::health::passive_success(&service, &inst);
                     service
                         .metrics()
                         .upstream
                         .observe(upstream_start.elapsed().as_secs_f64());
-                    if let Some((send, key)) = back {
+                    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && back.is_some()
+                        && upgrade.is_some();
+                    let tunnel = switched
+                        .then(|| upgrade.take())
+                        .flatten()
+                        .map(|u| (u, hyper::upgrade::on(&mut resp)));
+                    if let (Some((send, key)), None) = (back, &tunnel) {
                         self.pool.put_back(send, key);
                     }
                     let (mut parts, body) = resp.into_parts();
+                    let protocol = parts.headers.get(header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut parts.headers);
+                    if let Some((client, instance)) = tunnel {
+                        let h = &mut parts.headers;
+                        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        h.insert(header::UPGRADE, protocol.unwrap_or(client.protocol));
+                        tokio::spawn(relay_upgraded(client.on, instance));
+                    }
                     let finish = Finish {
                         service: service.clone(),
                         status: parts.status.as_u16(),
@@ -370,6 +396,46 @@ impl From<SendResult> for Sent {
                 Sent::Failed(e.into_error().to_string(), req)
             }
             None => Sent::TimedOut,
+        }
+    }
+}
+
+/// An HTTP/1.1 client's upgrade request: the protocol asked for, and the client's connection
+/// once hyper has sent our 101.
+struct Upgrade {
+    protocol: HeaderValue,
+    on: hyper::upgrade::OnUpgrade,
+}
+
+/// `Connection: upgrade` with an `Upgrade` header on HTTP/1.1 (HTTP/2 has no such thing).
+fn upgrade_of(req: &mut Request<Incoming>) -> Option<Upgrade> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asked = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = req.headers().get(header::UPGRADE)?.clone();
+    asked.then(|| Upgrade {
+        protocol,
+        on: hyper::upgrade::on(&mut *req),
+    })
+}
+
+/// After a 101: bytes both ways between the client's and the instance's connections until either
+/// side closes.
+async fn relay_upgraded(client: hyper::upgrade::OnUpgrade, instance: hyper::upgrade::OnUpgrade) {
+    match futures::future::join(client, instance).await {
+        (Ok(c), Ok(i)) => {
+            let (mut c, mut i) = (TokioIo::new(c), TokioIo::new(i));
+            let _ = tokio::io::copy_bidirectional(&mut c, &mut i).await;
+        }
+        (c, i) => {
+            debug!(client = ?c.err(), instance = ?i.err(), "upgrade not completed");
         }
     }
 }

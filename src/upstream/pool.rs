@@ -359,7 +359,8 @@ impl Pool {
                 .await
                 .map_err(handshake)?;
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                // (with_upgrades: a 101 hands the connection to the gateway's tunnel)
+                if let Err(e) = conn.with_upgrades().await {
                     debug!(instance = %addr, error = %e, "HTTP/1.1 connection to instance ended");
                 }
             });
