@@ -48,7 +48,10 @@ const W: &str = "\n%{http_code} %{http_version}";
 #[tokio::test]
 async fn h2c_prior_knowledge_and_http1_share_the_proxy_port() {
     let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd).start().await;
+    let proxy = Proxy::builder(&etcd)
+        .config("[log]\naccess_log = true\n")
+        .start()
+        .await;
     let old = Backend::start("h1").await;
     let new = Backend::start_mode("h2c", Mode::H2cOrHttp1).await;
     etcd.put("/services/echo/1", old.addr_string()).await;
@@ -131,6 +134,35 @@ async fn h2c_prior_knowledge_and_http1_share_the_proxy_port() {
     assert_eq!(status, "404", "{out}");
     // (no service "nosuch": the path is tried next)
     assert!(body.contains("unknown service \"hello\""), "{body}");
+
+    // HTTP/2 requests are in the access log like HTTP/1.1 ones
+    let log = plain(&proxy.log());
+    assert!(
+        log.lines().any(|l| l.contains("switchyard::access")
+            && l.contains("service=modern")
+            && l.contains("method=GET")
+            && l.contains("path=/hello")
+            && l.contains("status=200")),
+        "no access line for the HTTP/2 request to modern:\n{log}"
+    );
+}
+
+/// Log text without terminal colour codes.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn tls_config(port: u16, certs: &[(&Path, &Path)]) -> String {
