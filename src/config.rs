@@ -83,9 +83,17 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
-    pub listen: Option<String>,
+    pub listen: Option<Listen>,
     pub certificates: Vec<CertificateSection>,
     pub handshake_timeout_ms: Option<u64>,
+}
+
+/// `tls.listen`: one address, or several (`["0.0.0.0:8443", "[::]:8443"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Listen {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// One `[[tls.certificates]]` entry.
@@ -385,7 +393,8 @@ pub struct Config {
 /// Validated `[tls]`: the listener address and its certificates, loaded.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
-    pub listen: SocketAddr,
+    /// One TLS listener per address, all with the same certificates.
+    pub listen: Vec<SocketAddr>,
     pub resolver: std::sync::Arc<SniResolver>,
     pub handshake_timeout: Duration,
 }
@@ -464,7 +473,7 @@ impl FileConfig {
             self.etcd.prefix = p.clone();
         }
         if let Some(l) = &o.tls_listen {
-            self.tls.listen = Some(l.clone());
+            self.tls.listen = Some(Listen::One(l.clone()));
         }
         if let (Some(cert), Some(key)) = (&o.tls_cert, &o.tls_key) {
             self.tls.certificates = vec![CertificateSection {
@@ -771,13 +780,22 @@ fn tls_config(
                 "tls.listen is set but no certificate is configured ([[tls.certificates]] cert_file, key_file, or --tls-cert and --tls-key)",
             ))
         }
-        (Some(l), false) => parse_addr("tls.listen", l)?,
+        (Some(Listen::One(l)), false) => vec![parse_addr("tls.listen", l)?],
+        (Some(Listen::Many(list)), false) => list
+            .iter()
+            .map(|l| parse_addr("tls.listen", l))
+            .collect::<Result<Vec<_>, _>>()?,
     };
-    if listen == *proxy || listen == *admin {
-        return Err(invalid(
-            "tls.listen",
-            format!("{listen} is already proxy.listen or admin.listen"),
-        ));
+    if listen.is_empty() {
+        return Err(invalid("tls.listen", "is an empty list"));
+    }
+    for (i, addr) in listen.iter().enumerate() {
+        if addr == proxy || addr == admin || listen[..i].contains(addr) {
+            return Err(invalid(
+                "tls.listen",
+                format!("{addr} is already proxy.listen, admin.listen or another tls.listen"),
+            ));
+        }
     }
     let files: Vec<CertFiles> = t
         .certificates
@@ -1039,6 +1057,10 @@ mod tests {
             ("[services.a.health]\ntypo = 1", "typo"),
             ("[log]\nformat = \"xml\"", "xml"),
             ("[tls]\nlisten = \"127.0.0.1:8443\"", "tls.certificates"),
+            (
+                "[tls]\nlisten = [\"127.0.0.1:8443\", \"nope\"]\n[[tls.certificates]]\ncert_file = \"/c\"\nkey_file = \"/k\"",
+                "nope",
+            ),
             (
                 "[[tls.certificates]]\ncert_file = \"/nonexistent.crt\"\nkey_file = \"/k\"",
                 "tls.listen",

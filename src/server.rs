@@ -198,7 +198,9 @@ impl Switchyard {
                 handshake_timeout: tls.handshake_timeout,
             };
             let mut service = ListeningService::new("tls".to_string(), app);
-            service.add_tcp(&tls.listen.to_string());
+            for addr in &tls.listen {
+                service.add_tcp(&addr.to_string());
+            }
             server.add_service(service);
             let resolver = tls.resolver.clone();
             let mut reload = background_service(
@@ -242,7 +244,8 @@ impl Switchyard {
             server.add_service(health_service);
         }
         if let Some(tls) = &config.tls {
-            info!(tls = %tls.listen, "TLS listener on {}", tls.listen);
+            let addrs: Vec<String> = tls.listen.iter().map(|a| a.to_string()).collect();
+            info!(tls = %addrs.join(","), "TLS listener on {}", addrs.join(", "));
         }
         info!(
             proxy = %config.proxy.listen,

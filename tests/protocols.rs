@@ -165,8 +165,10 @@ fn plain(text: &str) -> String {
     out
 }
 
-fn tls_config(port: u16, certs: &[(&Path, &Path)]) -> String {
-    let mut text = format!("[tls]\nlisten = \"127.0.0.1:{port}\"\n");
+/// `[tls]` listening on 127.0.0.1 at `ports` with `certs`.
+fn tls_config(ports: &[u16], certs: &[(&Path, &Path)]) -> String {
+    let listen: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let mut text = format!("[tls]\nlisten = [{}]\n", listen.join(", "));
     for (cert, key) in certs {
         text.push_str(&format!(
             "[[tls.certificates]]\ncert_file = {:?}\nkey_file = {:?}\n",
@@ -258,7 +260,7 @@ async fn tls_terminates_with_sni_certificates_and_reloads_them_on_sighup() {
     let (b_cert, b_key) = ca.leaf(&["b.test", "*.b.test"]).write(dir.path(), "b");
     let port = free_port();
     let etcd = EtcdServer::start();
-    let config = tls_config(port, &[(&a_cert, &a_key), (&b_cert, &b_key)]);
+    let config = tls_config(&[port], &[(&a_cert, &a_key), (&b_cert, &b_key)]);
     let proxy = Proxy::builder(&etcd).config(&config).start().await;
     let backend = Backend::start("tls-echo").await;
     etcd.put("/services/echo/1", backend.addr_string()).await;
@@ -695,15 +697,16 @@ async fn upgrade_echo() -> std::net::SocketAddr {
     addr
 }
 
-/// A WebSocket-style upgrade over the TLS listener becomes a tunnel to the instance.
+/// A WebSocket-style upgrade over the TLS listener (the second of two addresses) becomes a
+/// tunnel to the instance.
 #[tokio::test]
 async fn upgrades_over_tls_become_a_tunnel() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("ws CA");
     let (cert, key) = ca.leaf(&["ws.test"]).write(dir.path(), "ws");
-    let port = free_port();
+    let (first, port) = (free_port(), free_port());
     let etcd = EtcdServer::start();
-    let config = tls_config(port, &[(&cert, &key)]);
+    let config = tls_config(&[first, port], &[(&cert, &key)]);
     let proxy = Proxy::builder(&etcd).config(&config).start().await;
     let addr = upgrade_echo().await;
     etcd.put("/services/ws/1", addr.to_string()).await;
