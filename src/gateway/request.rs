@@ -407,7 +407,8 @@ struct Upgrade {
     on: hyper::upgrade::OnUpgrade,
 }
 
-/// `Connection: upgrade` with an `Upgrade` header on HTTP/1.1 (HTTP/2 has no such thing).
+/// `Connection: upgrade` with an `Upgrade` header on HTTP/1.1 (HTTP/2 has no such thing), other
+/// than `h2c`.
 fn upgrade_of(req: &mut Request<Incoming>) -> Option<Upgrade> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -420,6 +421,11 @@ fn upgrade_of(req: &mut Request<Incoming>) -> Option<Upgrade> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     let protocol = req.headers().get(header::UPGRADE)?.clone();
+    // h2c is declined (the request is answered over HTTP/1.1): HTTP/2 clients use prior
+    // knowledge or TLS, and every stream is balanced on its own
+    if protocol.as_bytes().eq_ignore_ascii_case(b"h2c") {
+        return None;
+    }
     asked.then(|| Upgrade {
         protocol,
         on: hyper::upgrade::on(&mut *req),
