@@ -76,6 +76,13 @@ async fn h2c_prior_knowledge_and_http1_share_the_proxy_port() {
     assert_eq!(echo["headers"]["host"][0], "echo");
     assert_eq!(echo["headers"]["x-forwarded-for"][0], "127.0.0.1");
 
+    // routed by path (no service named by :authority), the prefix stripped
+    let by_path = proxy.url("/echo/deeper/path?q=2");
+    let (_, out) = curl(&["--http2-prior-knowledge", "-w", W, &by_path]).await;
+    let (body, status, _) = split(&out);
+    assert_eq!(status, "200", "{out}");
+    assert_eq!(json(&body)["uri"], "/deeper/path?q=2", "{body}");
+
     // HTTP/1.1 on the same port still goes the native way
     let (status, body) = proxy.get_service("echo", "/hello").await;
     assert_eq!(status, 200, "{body}");

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -87,14 +88,10 @@ impl Gateway {
         let mut req = req;
         let upgrade = upgrade_of(&mut req);
         let host = authority(&req).map(str::to_owned);
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
         let outcome = {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let table = self.table.load();
-            crate::proxy::route_request(&self.router, &table, host.as_deref(), &path)
+            crate::proxy::route_request(&self.router, &table, host.as_deref(), path)
         };
         match outcome {
             Outcome::Answer {
@@ -104,9 +101,25 @@ impl Gateway {
                 service,
             } => self.own(&facts, service.as_ref(), label.as_deref(), status, body),
             Outcome::Proxy { service, rewrite } => {
-                let target = rewrite.unwrap_or(path);
+                // the path as the instance gets it, and :authority for HTTP/2 instances, made
+                // once (they share the request's bytes: no copy per attempt)
+                let root = || PathAndQuery::from_static("/");
+                let target = match rewrite {
+                    Some(r) => PathAndQuery::try_from(r).unwrap_or_else(|_| root()),
+                    None => req.uri().path_and_query().cloned().unwrap_or_else(root),
+                };
+                let authority = req
+                    .uri()
+                    .authority()
+                    .cloned()
+                    .or_else(|| host.as_deref().and_then(|h| h.parse().ok()));
                 let req = upstream_request(req, host.as_deref(), &target, client);
-                self.proxy(req, host, target, service, facts, in_flight, upgrade)
+                let to = Target {
+                    host,
+                    authority,
+                    path: target,
+                };
+                self.proxy(req, to, service, facts, in_flight, upgrade)
                     .await
             }
         }
@@ -142,12 +155,10 @@ impl Gateway {
         own_response(facts, status, body)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn proxy(
         self: &Arc<Self>,
         req: Request<ReqBody>,
-        host: Option<String>,
-        target: String,
+        to: Target,
         service: Arc<Service>,
         facts: Facts,
         in_flight: InFlight,
@@ -155,7 +166,10 @@ impl Gateway {
     ) -> Response<RespBody> {
         let cfg = &self.cfg;
         let mut tried: SmallVec<[Arc<str>; 4]> = SmallVec::new();
-        let replay = Replay::of(&req);
+        // a copy to send again is only worth making when there could be a second attempt
+        let replay = (cfg.max_tries > 1 && service.instances.len() > 1)
+            .then(|| Replay::of(&req))
+            .flatten();
         let mut pending = Some(req);
         let head_limit = if facts.grpc {
             facts.deadline
@@ -236,7 +250,7 @@ impl Gateway {
             let upstream_start = Instant::now();
             let (sent, back, slot) = match sender {
                 Sender::Http1(mut send, key) => {
-                    to_http1(&mut req, host.as_deref(), &target);
+                    to_http1(&mut req, &to);
                     if let Some(u) = &upgrade {
                         let h = req.headers_mut();
                         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -249,7 +263,7 @@ impl Gateway {
                     (sent, Some((send, key)), None)
                 }
                 Sender::Http2(mut send, slot) => {
-                    to_http2(&mut req, protocol, host.as_deref(), &target, &inst.addr);
+                    to_http2(&mut req, protocol, &to, &inst.addr);
                     let sent = Sent::from(timed(head_limit, send.try_send_request(req)).await);
                     (sent, None, Some(slot))
                 }
@@ -520,11 +534,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Where a request goes on an instance.
+struct Target {
+    /// `Host` for HTTP/1.1 instances (as the client sent it, or its `:authority`).
+    host: Option<String>,
+    /// `:authority` for HTTP/2 instances.
+    authority: Option<Authority>,
+    path: PathAndQuery,
+}
+
 /// The client's request, made ready for any instance: hop-by-hop headers out, X-Forwarded-* in.
 fn upstream_request(
     req: Request<Incoming>,
     host: Option<&str>,
-    target: &str,
+    target: &PathAndQuery,
     client: &ClientInfo,
 ) -> Request<ReqBody> {
     let (mut parts, body) = req.into_parts();
@@ -544,20 +567,20 @@ fn upstream_request(
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert("x-forwarded-host", v);
     }
-    if let Ok(uri) = target.parse::<Uri>() {
-        parts.uri = uri;
-    }
+    parts.uri = Uri::from(target.clone());
     Request::from_parts(parts, http_body_util::Either::Left(body))
 }
 
 /// HTTP/1.1 upstream: origin-form target, `Host` set.
-fn to_http1(req: &mut Request<ReqBody>, host: Option<&str>, target: &str) {
+fn to_http1(req: &mut Request<ReqBody>, to: &Target) {
     *req.version_mut() = Version::HTTP_11;
-    if let Ok(uri) = target.parse::<Uri>() {
-        *req.uri_mut() = uri;
-    }
+    *req.uri_mut() = Uri::from(to.path.clone());
     if !req.headers().contains_key(header::HOST) {
-        if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        if let Some(v) = to
+            .host
+            .as_deref()
+            .and_then(|h| HeaderValue::from_str(h).ok())
+        {
             req.headers_mut().insert(header::HOST, v);
         }
     }
@@ -568,16 +591,33 @@ fn to_http1(req: &mut Request<ReqBody>, host: Option<&str>, target: &str) {
 fn to_http2(
     req: &mut Request<ReqBody>,
     protocol: Protocol,
-    host: Option<&str>,
-    target: &str,
+    to: &Target,
     addr: &std::net::SocketAddr,
 ) {
     *req.version_mut() = Version::HTTP_2;
-    let scheme = if protocol.tls() { "https" } else { "http" };
-    let authority = host.map_or_else(|| addr.to_string(), str::to_owned);
-    let path = if target.starts_with('/') { target } else { "/" };
-    if let Ok(uri) = format!("{scheme}://{authority}{path}").parse::<Uri>() {
-        *req.uri_mut() = uri;
+    let scheme = if protocol.tls() {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    };
+    let authority = match &to.authority {
+        Some(a) => Ok(a.clone()),
+        None => Authority::try_from(addr.to_string()),
+    };
+    let path = if to.path.as_str().starts_with('/') {
+        to.path.clone()
+    } else {
+        PathAndQuery::from_static("/")
+    };
+    if let Ok(authority) = authority {
+        let uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build();
+        if let Ok(uri) = uri {
+            *req.uri_mut() = uri;
+        }
     }
     req.headers_mut().remove(header::HOST);
 }
