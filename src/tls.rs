@@ -270,10 +270,12 @@ impl ServerApp for TlsListener {
         let tls = match tokio::time::timeout(self.handshake_timeout, accept).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
+                crate::metrics::METRICS.tls_handshake_failures.inc();
                 debug!(client = %ip, error = %e, "TLS handshake failed");
                 return None;
             }
             Err(_) => {
+                crate::metrics::METRICS.tls_handshake_failures.inc();
                 debug!(client = %ip, "TLS handshake timed out");
                 return None;
             }

@@ -319,6 +319,18 @@ async fn tls_terminates_with_sni_certificates_and_reloads_them_on_sighup() {
         code, 60,
         "c.test should fail certificate verification: {out}"
     );
+    eventually(
+        Duration::from_secs(5),
+        "the failed handshake counted",
+        || async {
+            let m = proxy.metrics().await;
+            match support::metric_value(&m, "switchyard_tls_handshake_failures_total") {
+                Some(n) if n >= 1.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
 
     // an open connection, then a new certificate for a.test from another CA, then SIGHUP
     let mut open = tls_client(&ca.pem, "a.test", port).await;
@@ -514,6 +526,12 @@ async fn shutdown_sends_goaway_and_open_http2_streams_finish() {
         },
     )
     .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        support::metric_value(&m, "switchyard_gateway_connections{protocol=\"h2c\"}"),
+        Some(1.0),
+        "the open HTTP/2 connection is counted"
+    );
     let pid = proxy.pid().expect("proxy pid").to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

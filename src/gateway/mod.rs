@@ -173,6 +173,17 @@ impl Gateway {
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let protocol = match (client.tls, h2) {
+            (false, true) => "h2c",
+            (true, true) => "h2",
+            (true, false) => "https",
+            (false, false) => "http",
+        };
+        let open = crate::metrics::METRICS
+            .gateway_connections
+            .with_label_values(&[protocol]);
+        open.inc();
+        let _open = scopeguard(move || open.dec());
         let client = Arc::new(client);
         let gw = self.clone();
         let svc = service_fn(move |req| {
@@ -224,6 +235,19 @@ impl Gateway {
             drive!(builder.serve_connection(io, svc).with_upgrades());
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// A stream whose first bytes were already read: they are read again first.
