@@ -765,3 +765,64 @@ async fn upgrades_over_tls_become_a_tunnel() {
         assert_eq!(echoed, msg);
     }
 }
+
+/// A CONTINUATION flood (one header block in endless CONTINUATION frames) ends the connection
+/// with GOAWAY (ENHANCE_YOUR_CALM) instead of being buffered.
+#[tokio::test]
+async fn a_continuation_flood_ends_the_connection_with_goaway() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let backend = Backend::start("b").await;
+    etcd.put("/services/echo/1", backend.addr_string()).await;
+    proxy.wait_usable("echo", 1).await;
+
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // one literal header field (HPACK, not indexed, new name): x-a: 100 bytes
+    let mut field = vec![0x00, 3];
+    field.extend_from_slice(b"x-a");
+    field.push(100);
+    field.extend_from_slice(&[b'v'; 100]);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    // HEADERS without END_HEADERS: GET http / (static table entries), then the flood
+    let mut first = vec![0x82, 0x86, 0x84];
+    first.extend_from_slice(&field);
+    out.extend(frame(0x1, 0, 1, &first));
+    for _ in 0..2_000 {
+        out.extend(frame(0x9, 0, 1, &field));
+    }
+    // the proxy may close while we still write: only what it answers matters
+    let _ = s.write_all(&out).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection stayed open through a CONTINUATION flood"),
+        }
+    }
+    // find GOAWAY among the frames the proxy sent
+    let mut at = 0;
+    let mut goaway = None;
+    while at + 9 <= got.len() {
+        let len = ((got[at] as usize) << 16) | ((got[at + 1] as usize) << 8) | got[at + 2] as usize;
+        if got[at + 3] == 0x7 && at + 9 + 8 <= got.len() {
+            let code = &got[at + 13..at + 17];
+            goaway = Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+        }
+        at += 9 + len;
+    }
+    assert_eq!(goaway, Some(0xb), "GOAWAY with ENHANCE_YOUR_CALM (0xb)");
+    let (status, _) = proxy.get_service("echo", "/x").await;
+    assert_eq!(status, 200, "the proxy still serves");
+}
