@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::grpc::{call, GrpcPeer, Running};
+use support::grpc::{call, call_tls, GrpcPeer, Running};
 use support::{EtcdServer, Proxy};
 
 fn names(v: &Value) -> Vec<String> {
@@ -216,4 +216,31 @@ async fn a_cancelled_call_is_cancelled_on_the_instance() {
         },
     )
     .await;
+}
+
+/// gRPC over TLS (ALPN h2) to the TLS listener, on to a plain h2c instance.
+#[tokio::test]
+async fn grpc_over_tls_reaches_plain_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::certs::TestCa::new("grpc CA");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let (cert, key) = ca.leaf(&["echo"]).write(dir.path(), "echo");
+    let port = support::free_port();
+    let etcd = EtcdServer::start();
+    let config = format!(
+        "[tls]\nlisten = \"127.0.0.1:{port}\"\n[[tls.certificates]]\ncert_file = {:?}\nkey_file = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let proxy = Proxy::builder(&etcd).config(&config).start().await;
+    let peer = GrpcPeer::start("secure");
+    etcd.put("/services/echo/1", peer.addr.to_string()).await;
+    proxy.wait_usable("echo", 1).await;
+    let target = format!("127.0.0.1:{port}");
+    let (unary, bidi) = tokio::join!(
+        call_tls(&target, "echo", "unary", "over tls", &ca_file),
+        call_tls(&target, "echo", "bidi", "3", &ca_file),
+    );
+    assert_eq!(unary["reply"], "secure:over tls", "{unary}");
+    assert_eq!(names(&bidi), vec!["secure"; 3], "{bidi}");
 }

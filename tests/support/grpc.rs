@@ -123,9 +123,25 @@ impl Drop for GrpcPeer {
 /// Runs one client scenario of `grpc_peer.py` against `target` (host:port) with `:authority`
 /// `authority` ("" = the target); returns its JSON result.
 pub async fn call(target: &str, authority: &str, scenario: &str, arg: &str) -> serde_json::Value {
+    run(&["call", target, authority, scenario, arg], scenario).await
+}
+
+/// [`call`] over TLS, trusting the CA in `ca_file`; `authority` is also the TLS server name.
+pub async fn call_tls(
+    target: &str,
+    authority: &str,
+    scenario: &str,
+    arg: &str,
+    ca_file: &Path,
+) -> serde_json::Value {
+    let ca = ca_file.display().to_string();
+    run(&["call", target, authority, scenario, arg, &ca], scenario).await
+}
+
+async fn run(args: &[&str], scenario: &str) -> serde_json::Value {
     let out = tokio::process::Command::new(python())
         .arg(script())
-        .args(["call", target, authority, scenario, arg])
+        .args(args)
         .output()
         .await
         .expect("running the Python gRPC client");

@@ -18,7 +18,8 @@ Server: python3 grpc_peer.py serve NAME PORT
   grpc.health.v1.Health    from grpcio-health-checking
 Prints "ready" once listening.
 
-Client: python3 grpc_peer.py call TARGET AUTHORITY SCENARIO [ARG]; prints one JSON line.
+Client: python3 grpc_peer.py call TARGET AUTHORITY SCENARIO [ARG [CA_FILE]]; prints one JSON line.
+With CA_FILE the channel is TLS, trusting that CA, and AUTHORITY is also the TLS server name.
 """
 
 import json
@@ -127,11 +128,17 @@ def ident(x):
     return x
 
 
-def call(target, authority, scenario, arg):
+def call(target, authority, scenario, arg, ca_file=None):
     options = list(OPTIONS)
     if authority:
         options.append(("grpc.default_authority", authority))
-    channel = grpc.insecure_channel(target, options=options)
+    if ca_file:
+        with open(ca_file, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        options.append(("grpc.ssl_target_name_override", authority))
+        channel = grpc.secure_channel(target, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
     grpc.channel_ready_future(channel).result(timeout=10)
 
     def method(kind, path):
@@ -209,4 +216,10 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]))
     else:
-        call(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "")
+        call(
+            sys.argv[2],
+            sys.argv[3],
+            sys.argv[4],
+            sys.argv[5] if len(sys.argv) > 5 else "",
+            sys.argv[6] if len(sys.argv) > 6 else None,
+        )
