@@ -646,7 +646,7 @@ impl FileConfig {
                 format!("{:?} is outside 0-1000000", h.max_idle_connections),
             ));
         }
-        let global_check = check_spec("health", h, &ServiceHealthSection::default())?;
+        let mut global_check = check_spec("health", h, &ServiceHealthSection::default())?;
         // with active checks, a check brings an ejected instance back; without, the cool-down does
         let cooldown = |section: &str, v: u64| -> Result<Option<Duration>, ConfigError> {
             if v == 0 || v > 3_600_000 {
@@ -666,6 +666,7 @@ impl FileConfig {
             })?;
             Some(std::sync::Arc::new(t))
         };
+        global_check.tls = global_tls.clone().map(crate::health::TlsSettings);
         let default_service = ServiceSettings {
             policy: Policy::default(),
             all_unhealthy: h.all_unhealthy,
@@ -714,16 +715,20 @@ impl FileConfig {
                 },
             );
             let mut spec = check_spec(&format!("services.{name}.health"), h, sh)?;
-            // a service of gRPC instances is checked with gRPC health unless told otherwise
-            // (https/h2 ones with a TCP connect: the HTTP check speaks cleartext)
+            // a service of gRPC instances is checked with gRPC health unless told otherwise,
+            // one of https/h2 instances over TLS
             if sh.protocol.is_none() && spec.protocol == Protocol::Http {
                 use crate::upstream::Protocol as Up;
                 match s.protocol {
                     Some(Up::Grpc) => spec.protocol = Protocol::Grpc,
-                    Some(Up::Https | Up::H2) => spec.protocol = Protocol::Tcp,
+                    Some(Up::Https | Up::H2) => spec.protocol = Protocol::Https,
                     _ => {}
                 }
             }
+            spec.tls = services
+                .get(name)
+                .and_then(|st: &ServiceSettings| st.upstream.tls.clone())
+                .map(crate::health::TlsSettings);
             if spec != global_check {
                 service_checks.insert(name.clone(), spec);
             }
@@ -951,6 +956,7 @@ fn check_spec(
             "unhealthy_threshold",
             o.unhealthy_threshold.unwrap_or(h.unhealthy_threshold),
         )?,
+        tls: None,
     })
 }
 
@@ -1101,7 +1107,7 @@ mod tests {
         let g =
             check("[services.g]\nprotocol = \"grpc\"\n[services.t]\nprotocol = \"h2\"\n").unwrap();
         assert_eq!(g.health.spec_for("g").protocol, Protocol::Grpc);
-        assert_eq!(g.health.spec_for("t").protocol, Protocol::Tcp);
+        assert_eq!(g.health.spec_for("t").protocol, Protocol::Https);
         assert_eq!(
             g.service_settings("g").upstream.protocol,
             Some(crate::upstream::Protocol::Grpc)

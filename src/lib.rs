@@ -27,7 +27,7 @@
 //! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot (its [`routing::ServiceMap`] is shared
 //!   between snapshots in copy-on-write shards), route matching and selection policies.
-//! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler and the
+//! - [`health`]: active probes (HTTP, HTTPS, TCP, gRPC), passive detection, the probe scheduler and the
 //!   thread that runs new instances' first checks.
 //! - [`engine`]: the native HTTP/1.1 request path (default): a pingora `ServerApp` that parses,
 //!   routes and relays requests itself, with a per-thread upstream connection pool. It hands a

@@ -451,7 +451,26 @@ async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
             backend.addr
         );
         etcd.put(&format!("/services/{service}/1"), value).await;
-        proxy.wait_usable(service, 1).await;
+    }
+    // checked over TLS as the proxy reaches them: healthy when the certificate verifies (and,
+    // with mutual TLS, ours is accepted), unhealthy otherwise
+    proxy.wait_usable("https", 1).await;
+    proxy.wait_usable("h2", 1).await;
+    for bad in ["strict", "nocert"] {
+        let key = format!("/services/{bad}/1");
+        eventually(Duration::from_secs(10), &format!("{bad} unhealthy"), || {
+            let key = key.clone();
+            let proxy = &proxy;
+            async move {
+                let v = proxy.admin_json(&format!("/api/services/{bad}")).await;
+                let i = &v["instances"][0];
+                match (i["key"].as_str(), i["health"].as_str()) {
+                    (Some(k), Some("unhealthy")) if k == key => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
     }
     let (status, body) = proxy.get_service("https", "/over-tls").await;
     assert_eq!(status, 200, "{body}");
@@ -471,8 +490,11 @@ async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
     assert_eq!(json(&body)["version"], "HTTP/2.0", "{body}");
     // the service's own CA does not know the instance's certificate: 502 naming the service
     let (status, body) = proxy.get_service("strict", "/x").await;
-    assert_eq!(status, 502, "{body}");
+    assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"strict\""), "{body}");
+    let checked = proxy.admin_json("/api/services/strict").await;
+    let detail = checked["instances"][0].to_string();
+    assert!(detail.contains("TLS"), "the check says why: {detail}");
 
     // mutual TLS: the service's client certificate (its CA from [upstream_tls]); protocol from
     // [services.mtls], the registration is a plain host:port
@@ -483,7 +505,7 @@ async fn https_and_h2_instances_are_verified_against_the_upstream_ca() {
     assert_eq!(json(&body)["backend"], "mutual", "{body}");
     assert_eq!(json(&body)["version"], "HTTP/2.0", "{body}");
     let (status, body) = proxy.get_service("nocert", "/x").await;
-    assert_eq!(status, 502, "no client certificate, no answer: {body}");
+    assert_eq!(status, 503, "no client certificate, no answer: {body}");
 }
 
 #[tokio::test]

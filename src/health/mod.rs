@@ -22,10 +22,11 @@
 //! when it ends. Nothing exists per instance but its entry: no task, no timer, and one shared
 //! [`CheckSpec`] per service.
 //!
-//! Per-instance overrides come from registration metadata: `health_protocol` (`http`, `tcp`,
-//! `grpc`, `none`), `health_path`, `health_port`, `health_grpc_service`, `health_expected_statuses`,
+//! Per-instance overrides come from registration metadata: `health_protocol` (`http`, `https`,
+//! `tcp`, `grpc`, `none`), `health_path`, `health_port`, `health_grpc_service`, `health_expected_statuses`,
 //! `health_interval_ms`, `health_timeout_ms`.
 
+pub mod https;
 pub mod probe;
 pub mod schedule;
 
@@ -61,6 +62,9 @@ pub enum Protocol {
     Tcp,
     /// `grpc.health.v1.Health/Check`, healthy on SERVING.
     Grpc,
+    /// `GET path` over TLS (as the proxy reaches `https`/`h2` instances), healthy on an expected
+    /// status.
+    Https,
     /// No active check: admitted at once; passive ejections end at the next (trivial) check.
     None,
 }
@@ -72,8 +76,11 @@ impl std::str::FromStr for Protocol {
             "http" => Ok(Protocol::Http),
             "tcp" => Ok(Protocol::Tcp),
             "grpc" => Ok(Protocol::Grpc),
+            "https" => Ok(Protocol::Https),
             "none" => Ok(Protocol::None),
-            other => Err(format!("{other:?} is not one of http, tcp, grpc, none")),
+            other => Err(format!(
+                "{other:?} is not one of http, https, tcp, grpc, none"
+            )),
         }
     }
 }
@@ -133,7 +140,21 @@ pub struct CheckSpec {
     pub healthy_threshold: u32,
     /// Consecutive failures that eject a healthy instance (default 2).
     pub unhealthy_threshold: u32,
+    /// TLS of `https` checks: the service's upstream TLS (`None`: the system roots).
+    pub tls: Option<TlsSettings>,
 }
+
+/// The upstream TLS settings an HTTPS check verifies with (equal when they are the same ones).
+#[derive(Debug, Clone)]
+pub struct TlsSettings(pub Arc<crate::upstream::ClientTls>);
+
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsSettings {}
 
 /// Validated `[health]` configuration.
 #[derive(Debug, Clone)]
@@ -278,15 +299,15 @@ impl Target {
 }
 
 /// The check an instance's registered `protocol` calls for when the service's check is the
-/// default HTTP one: gRPC health for `grpc` (a gRPC server answers no HTTP/1.1 check), a TCP
-/// connect for `https`/`h2` (the HTTP check speaks cleartext).
+/// default HTTP one: gRPC health for `grpc` (a gRPC server answers no HTTP/1.1 check), the HTTP
+/// check over TLS for `https`/`h2`.
 fn by_protocol(inst: &Instance, base: &CheckSpec) -> Option<Protocol> {
     if base.protocol != Protocol::Http {
         return None;
     }
     match crate::upstream::registered_protocol(inst)? {
         crate::upstream::Protocol::Grpc => Some(Protocol::Grpc),
-        crate::upstream::Protocol::Https | crate::upstream::Protocol::H2 => Some(Protocol::Tcp),
+        crate::upstream::Protocol::Https | crate::upstream::Protocol::H2 => Some(Protocol::Https),
         _ => None,
     }
 }
@@ -960,6 +981,7 @@ mod tests {
 
     fn spec() -> CheckSpec {
         CheckSpec {
+            tls: None,
             protocol: Protocol::Tcp,
             path: "/health".into(),
             port: None,

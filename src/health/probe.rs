@@ -8,6 +8,7 @@
 //!   [`MAX_DRAIN`] bytes, drained within the check's timeout. Any error, timeout or other response
 //!   closes it. An idle connection the server closed in the meantime is replaced by a fresh one
 //!   within the same check, without counting a failure.
+//! - HTTPS (`super::https`): `GET <path>` over TLS, verified like the proxy's connections.
 //! - [`TcpHealthCheck`]: healthy when a TCP connection opens.
 //! - [`GrpcHealthCheck`]: `grpc.health.v1.Health/Check`; healthy on `SERVING`. The channel is kept
 //!   between checks (tonic reconnects it), so a check is one HTTP/2 request, not a handshake.
@@ -49,6 +50,8 @@ pub enum ProbeError {
     Status(u16),
     #[error("malformed response: {0}")]
     Malformed(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("grpc health check failed: {0}")]
     Grpc(String),
     #[error("grpc health status is {0}")]
@@ -99,7 +102,7 @@ const MAX_HEAD: usize = 2048;
 pub const MAX_DRAIN: u64 = 64 * 1024;
 
 /// The request of an HTTP check; `keep_alive` false asks the server to close.
-fn http_request(path: &str, host: &dyn std::fmt::Display, keep_alive: bool) -> String {
+pub(super) fn http_request(path: &str, host: &dyn std::fmt::Display, keep_alive: bool) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: switchyard-health/{}\r\nAccept: */*\r\n{}\r\n",
         env!("CARGO_PKG_VERSION"),
@@ -414,6 +417,7 @@ pub async fn check(
                 Err(_) => (Err(timed_out()), None),
             }
         }
+        Protocol::Https => (super::https::check(target, deadline).await, None),
         Protocol::Grpc => {
             let kept = match conn {
                 Some(Conn::Grpc(g)) => Some(g),
@@ -760,6 +764,7 @@ pub(crate) mod tests {
     fn target(addr: SocketAddr) -> Target {
         Target {
             spec: Arc::new(crate::health::CheckSpec {
+                tls: None,
                 protocol: Protocol::Http,
                 path: "/health".into(),
                 port: None,
