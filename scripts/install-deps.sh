@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what switchyard needs to build and test, when missing (Debian/Ubuntu, as root or with sudo):
 #   protobuf-compiler libprotobuf-dev  (etcd-client's protos), cmake (pingora's zlib-ng),
-#   etcd-server (integration tests and the demo). Extra packages can be passed as arguments.
+#   etcd-server (integration tests and the demo), python3 and python3-venv (the gRPC tests' peers:
+#   grpcio, pip-installed into target/grpc-venv when python3 cannot import it), curl (HTTP/2 and
+#   TLS tests). Extra packages can be passed as arguments.
 set -euo pipefail
 
-wanted=(protobuf-compiler libprotobuf-dev cmake etcd-server "$@")
+wanted=(protobuf-compiler libprotobuf-dev cmake etcd-server python3 python3-venv curl "$@")
 missing=()
 for pkg in "${wanted[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

@@ -49,6 +49,16 @@ pub struct ServeArgs {
     /// Registration key prefix, overrides etcd.prefix.
     #[arg(long, value_name = "P")]
     pub prefix: Option<String>,
+    /// TLS listen address, overrides tls.listen.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<String>,
+    /// TLS certificate chain (PEM) for the TLS listener; with --tls-key, replaces
+    /// [[tls.certificates]].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]

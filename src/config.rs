@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::gateway::Http2Config;
 use crate::health::{CheckSpec, HealthConfig, Protocol, StatusSet};
 use crate::registry::codec::valid_service_name;
 use crate::routing::route::ExplicitRoute;
 use crate::routing::{AllUnhealthy, Policy, Router, ServiceSettings};
+use crate::tls::{CertFiles, SniResolver, TlsError};
+use crate::upstream::{ClientTls, TlsFiles, UpstreamSettings};
 
 /// The default configuration, shipped as `config/switchyard.toml` and embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/switchyard.toml");
@@ -36,6 +39,12 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("invalid config: {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error("invalid config: {key}: {source}")]
+    Tls {
+        key: String,
+        #[source]
+        source: TlsError,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -64,6 +73,65 @@ pub struct FileConfig {
     pub services: BTreeMap<String, ServiceSection>,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub upstream_tls: TlsFiles,
+    #[serde(default)]
+    pub http2: Http2Section,
+}
+
+/// `[tls]`: the TLS listener and its certificates.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    pub listen: Option<Listen>,
+    pub certificates: Vec<CertificateSection>,
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+/// `tls.listen`: one address, or several (`["0.0.0.0:8443", "[::]:8443"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Listen {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// `[http2]`: HTTP/2 limits, both sides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Section {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    pub upstream_max_streams_per_connection: usize,
+}
+
+impl Default for Http2Section {
+    fn default() -> Self {
+        let d = Http2Config::default();
+        Http2Section {
+            max_concurrent_streams: d.max_concurrent_streams,
+            max_header_list_size: d.max_header_list_size,
+            max_pending_accept_reset_streams: d.max_pending_accept_reset_streams,
+            max_local_error_reset_streams: d.max_local_error_reset_streams,
+            keepalive_interval_ms: d.keepalive_interval.map_or(0, |i| i.as_millis() as u64),
+            keepalive_timeout_ms: d.keepalive_timeout.as_millis() as u64,
+            upstream_max_streams_per_connection: d.upstream_max_streams_per_connection,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -275,6 +343,10 @@ pub struct ServiceHealthSection {
 pub struct ServiceSection {
     pub policy: Policy,
     pub health: ServiceHealthSection,
+    /// Protocol of instances registered without `protocol` metadata.
+    pub protocol: Option<crate::upstream::Protocol>,
+    /// TLS towards this service's `https`/`h2` instances, over `[upstream_tls]`.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -329,6 +401,10 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
     pub etcd: Vec<String>,
     pub prefix: Option<String>,
+    pub tls_listen: Option<String>,
+    /// `--tls-cert` and `--tls-key`: one certificate, instead of `[[tls.certificates]]`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Validated configuration.
@@ -345,6 +421,18 @@ pub struct Config {
     pub default_service: ServiceSettings,
     pub health: HealthConfig,
     pub log: LogSection,
+    /// The TLS listener, when `[tls]` has one.
+    pub tls: Option<TlsConfig>,
+    pub http2: Http2Config,
+}
+
+/// Validated `[tls]`: the listener address and its certificates, loaded.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// One TLS listener per address, all with the same certificates.
+    pub listen: Vec<SocketAddr>,
+    pub resolver: std::sync::Arc<SniResolver>,
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -432,6 +520,15 @@ impl FileConfig {
         }
         if let Some(p) = &o.prefix {
             self.etcd.prefix = p.clone();
+        }
+        if let Some(l) = &o.tls_listen {
+            self.tls.listen = Some(Listen::One(l.clone()));
+        }
+        if let (Some(cert), Some(key)) = (&o.tls_cert, &o.tls_key) {
+            self.tls.certificates = vec![CertificateSection {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+            }];
         }
     }
 
@@ -643,7 +740,7 @@ impl FileConfig {
                 format!("{:?} is outside 0-1000000", h.max_idle_connections),
             ));
         }
-        let global_check = check_spec("health", h, &ServiceHealthSection::default())?;
+        let mut global_check = check_spec("health", h, &ServiceHealthSection::default())?;
         // with active checks, a check brings an ejected instance back; without, the cool-down does
         let cooldown = |section: &str, v: u64| -> Result<Option<Duration>, ConfigError> {
             if v == 0 || v > 3_600_000 {
@@ -654,11 +751,25 @@ impl FileConfig {
             }
             Ok((!h.enabled).then(|| Duration::from_millis(v)))
         };
+        let global_tls = if self.upstream_tls.is_empty() {
+            None
+        } else {
+            let t = ClientTls::load(&self.upstream_tls).map_err(|source| ConfigError::Tls {
+                key: "upstream_tls".into(),
+                source,
+            })?;
+            Some(std::sync::Arc::new(t))
+        };
+        global_check.tls = global_tls.clone().map(crate::health::TlsSettings);
         let default_service = ServiceSettings {
             policy: Policy::default(),
             all_unhealthy: h.all_unhealthy,
             passive_failures: h.passive_failures,
             passive_cooldown: cooldown("health", h.passive_cooldown_ms)?,
+            upstream: UpstreamSettings {
+                protocol: None,
+                tls: global_tls.clone(),
+            },
         };
         let mut services = BTreeMap::new();
         let mut service_checks = BTreeMap::new();
@@ -680,9 +791,38 @@ impl FileConfig {
                         &format!("services.{name}.health"),
                         sh.passive_cooldown_ms.unwrap_or(h.passive_cooldown_ms),
                     )?,
+                    upstream: UpstreamSettings {
+                        protocol: s.protocol,
+                        tls: match &s.tls {
+                            Some(files) => {
+                                let t = ClientTls::load(&files.over(&self.upstream_tls)).map_err(
+                                    |source| ConfigError::Tls {
+                                        key: format!("services.{name}.tls"),
+                                        source,
+                                    },
+                                )?;
+                                Some(std::sync::Arc::new(t))
+                            }
+                            None => global_tls.clone(),
+                        },
+                    },
                 },
             );
-            let spec = check_spec(&format!("services.{name}.health"), h, sh)?;
+            let mut spec = check_spec(&format!("services.{name}.health"), h, sh)?;
+            // a service of gRPC instances is checked with gRPC health unless told otherwise,
+            // one of https/h2 instances over TLS
+            if sh.protocol.is_none() && spec.protocol == Protocol::Http {
+                use crate::upstream::Protocol as Up;
+                match s.protocol {
+                    Some(Up::Grpc) => spec.protocol = Protocol::Grpc,
+                    Some(Up::Https | Up::H2) => spec.protocol = Protocol::Https,
+                    _ => {}
+                }
+            }
+            spec.tls = services
+                .get(name)
+                .and_then(|st: &ServiceSettings| st.upstream.tls.clone())
+                .map(crate::health::TlsSettings);
             if spec != global_check {
                 service_checks.insert(name.clone(), spec);
             }
@@ -702,6 +842,8 @@ impl FileConfig {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("{:?}: {e}", self.log.level)));
         }
+        let tls = tls_config(&self.tls, &proxy.listen, &admin_listen)?;
+        let http2 = http2_config(&self.http2)?;
         Ok(Config {
             proxy,
             admin_listen,
@@ -712,8 +854,133 @@ impl FileConfig {
             default_service,
             health,
             log: self.log,
+            tls,
+            http2,
         })
     }
+}
+
+/// `[tls]`: no listener without certificates and the other way round; every file loaded.
+fn tls_config(
+    t: &TlsSection,
+    proxy: &SocketAddr,
+    admin: &SocketAddr,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let listen = match (&t.listen, t.certificates.is_empty()) {
+        (None, true) => return Ok(None),
+        (None, false) => {
+            return Err(invalid(
+                "tls.listen",
+                "certificates are configured but no address to listen on (e.g. \"0.0.0.0:8443\")",
+            ))
+        }
+        (Some(_), true) => {
+            return Err(invalid(
+                "tls.certificates",
+                "tls.listen is set but no certificate is configured ([[tls.certificates]] cert_file, key_file, or --tls-cert and --tls-key)",
+            ))
+        }
+        (Some(Listen::One(l)), false) => vec![parse_addr("tls.listen", l)?],
+        (Some(Listen::Many(list)), false) => list
+            .iter()
+            .map(|l| parse_addr("tls.listen", l))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if listen.is_empty() {
+        return Err(invalid("tls.listen", "is an empty list"));
+    }
+    for (i, addr) in listen.iter().enumerate() {
+        if addr == proxy || addr == admin || listen[..i].contains(addr) {
+            return Err(invalid(
+                "tls.listen",
+                format!("{addr} is already proxy.listen, admin.listen or another tls.listen"),
+            ));
+        }
+    }
+    let files: Vec<CertFiles> = t
+        .certificates
+        .iter()
+        .map(|c| CertFiles {
+            cert_file: c.cert_file.clone(),
+            key_file: c.key_file.clone(),
+        })
+        .collect();
+    let resolver = SniResolver::load(files).map_err(|source| ConfigError::Tls {
+        key: "tls.certificates".into(),
+        source,
+    })?;
+    let handshake = t.handshake_timeout_ms.unwrap_or(10_000);
+    if handshake == 0 || handshake > 3_600_000 {
+        return Err(invalid(
+            "tls.handshake_timeout_ms",
+            format!("{handshake} is outside 1-3600000"),
+        ));
+    }
+    Ok(Some(TlsConfig {
+        listen,
+        resolver: std::sync::Arc::new(resolver),
+        handshake_timeout: Duration::from_millis(handshake),
+    }))
+}
+
+/// `[http2]`, each value within the range HTTP/2 (and sense) allows.
+fn http2_config(h: &Http2Section) -> Result<Http2Config, ConfigError> {
+    let range = |key: &str, v: u64, lo: u64, hi: u64| -> Result<(), ConfigError> {
+        if v < lo || v > hi {
+            return Err(invalid(
+                format!("http2.{key}"),
+                format!("{v} is outside {lo}-{hi}"),
+            ));
+        }
+        Ok(())
+    };
+    range(
+        "max_concurrent_streams",
+        h.max_concurrent_streams.into(),
+        1,
+        65_536,
+    )?;
+    range(
+        "max_header_list_size",
+        h.max_header_list_size.into(),
+        1024,
+        16 << 20,
+    )?;
+    range(
+        "max_pending_accept_reset_streams",
+        h.max_pending_accept_reset_streams as u64,
+        1,
+        100_000,
+    )?;
+    range(
+        "max_local_error_reset_streams",
+        h.max_local_error_reset_streams as u64,
+        1,
+        100_000,
+    )?;
+    range(
+        "keepalive_interval_ms",
+        h.keepalive_interval_ms,
+        0,
+        3_600_000,
+    )?;
+    range("keepalive_timeout_ms", h.keepalive_timeout_ms, 1, 3_600_000)?;
+    range(
+        "upstream_max_streams_per_connection",
+        h.upstream_max_streams_per_connection as u64,
+        1,
+        65_536,
+    )?;
+    Ok(Http2Config {
+        max_concurrent_streams: h.max_concurrent_streams,
+        max_header_list_size: h.max_header_list_size,
+        max_pending_accept_reset_streams: h.max_pending_accept_reset_streams,
+        max_local_error_reset_streams: h.max_local_error_reset_streams,
+        keepalive_interval: (h.keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(h.keepalive_interval_ms)),
+        keepalive_timeout: Duration::from_millis(h.keepalive_timeout_ms),
+        upstream_max_streams_per_connection: h.upstream_max_streams_per_connection,
+    })
 }
 
 /// The check of `[health]` with the overrides of one `[services.<name>.health]` applied.
@@ -784,6 +1051,7 @@ fn check_spec(
             "unhealthy_threshold",
             o.unhealthy_threshold.unwrap_or(h.unhealthy_threshold),
         )?,
+        tls: None,
     })
 }
 
@@ -848,6 +1116,8 @@ mod tests {
             format!("{:?}", c.default_service),
             format!("{:?}", d.default_service)
         );
+        assert_eq!(c.http2, d.http2);
+        assert!(c.tls.is_none(), "no TLS listener by default");
     }
 
     #[test]
@@ -892,6 +1162,26 @@ mod tests {
             ),
             ("[services.a.health]\ntypo = 1", "typo"),
             ("[log]\nformat = \"xml\"", "xml"),
+            ("[tls]\nlisten = \"127.0.0.1:8443\"", "tls.certificates"),
+            (
+                "[tls]\nlisten = [\"127.0.0.1:8443\", \"nope\"]\n[[tls.certificates]]\ncert_file = \"/c\"\nkey_file = \"/k\"",
+                "nope",
+            ),
+            (
+                "[[tls.certificates]]\ncert_file = \"/nonexistent.crt\"\nkey_file = \"/k\"",
+                "tls.listen",
+            ),
+            (
+                "[tls]\nlisten = \"127.0.0.1:8443\"\n[[tls.certificates]]\ncert_file = \"/nonexistent.crt\"\nkey_file = \"/k\"",
+                "/nonexistent.crt",
+            ),
+            ("[upstream_tls]\nca_file = \"/nonexistent-ca.pem\"", "/nonexistent-ca.pem"),
+            (
+                "[services.a.tls]\ncert_file = \"/c.pem\"",
+                "services.a.tls",
+            ),
+            ("[services.a]\nprotocol = \"spdy\"", "spdy"),
+            ("[http2]\nmax_concurrent_streams = 0", "http2.max_concurrent_streams"),
             ("not toml at all [", "invalid config"),
         ];
         for (text, want) in cases {
@@ -913,6 +1203,15 @@ mod tests {
         assert_eq!(a.interval, Duration::from_millis(2000));
         assert_eq!(c.health.spec_for("b"), &c.health.default);
         assert_eq!(c.health.spec_for("other").protocol, Protocol::Http);
+        // a gRPC service is checked over gRPC unless its health section says otherwise
+        let g =
+            check("[services.g]\nprotocol = \"grpc\"\n[services.t]\nprotocol = \"h2\"\n").unwrap();
+        assert_eq!(g.health.spec_for("g").protocol, Protocol::Grpc);
+        assert_eq!(g.health.spec_for("t").protocol, Protocol::Https);
+        assert_eq!(
+            g.service_settings("g").upstream.protocol,
+            Some(crate::upstream::Protocol::Grpc)
+        );
         let sa = c.service_settings("a");
         assert_eq!(sa.all_unhealthy, AllUnhealthy::FailOpen);
         assert_eq!(sa.passive_failures, 3);
@@ -969,6 +1268,7 @@ mod tests {
             admin_listen: Some("127.0.0.1:2".into()),
             etcd: vec!["127.0.0.1:3".into(), "http://127.0.0.1:4".into()],
             prefix: Some("/svc".into()),
+            ..Default::default()
         });
         let c = f.validate().unwrap();
         assert_eq!(c.proxy.listen.port(), 1);

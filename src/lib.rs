@@ -12,11 +12,12 @@
 //!                                                    catalog: services → instances (owned by that task)
 //!                                                                       │ build
 //!                                                                       ▼
-//!  client ──HTTP/1──▶ switchyard engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
-//!                     │ route: request → service name          │
-//!                     │ select: service → instance ◀───────────┘  Arc<Instance> { addr, weight, meta, state }
-//!                     ▼                                                       ▲
-//!                  upstream instance                     health checker ──────┘ flips InstanceState health
+//!  client ──HTTP/1.1──▶ engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
+//!         ──h2c──────▶ engine ─▶ gateway ─┤ route: request → service name    │
+//!         ──TLS──────▶ tls ────▶ gateway ─┤ select: service → instance ◀─────┘  Arc<Instance> { addr, weight, meta, state }
+//!                                          ▼                                                  ▲
+//!              upstream instance: HTTP/1.1 (engine, gateway), h2c/grpc/https/h2 (gateway)      │
+//!                                                        health checker ──────────────────────┘ flips InstanceState health
 //! ```
 //!
 //! # Layout
@@ -26,7 +27,7 @@
 //! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot (its [`routing::ServiceMap`] is shared
 //!   between snapshots in copy-on-write shards), route matching and selection policies.
-//! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler and the
+//! - [`health`]: active probes (HTTP, HTTPS, TCP, gRPC), passive detection, the probe scheduler and the
 //!   thread that runs new instances' first checks.
 //! - [`http1`]: HTTP/1.x messages (heads, the chunked coding, bodies re-framed by the proxy) and
 //!   the rules that keep every message readable one way only; used by the engine, the HTTP
@@ -34,8 +35,15 @@
 //!   and the fuzz targets (`fuzz/`).
 //! - [`engine`]: the HTTP/1.1 request path: a pingora `ServerApp` that parses, routes and relays
 //!   requests itself (`request`, `exchange`, `relay`), with a per-thread upstream connection pool
-//!   and a timer wheel.
-//! - [`proxy`]: what a request path shares (routing decision, in-flight count, request metrics,
+//!   and a timer wheel. It hands a connection to the gateway when it starts with the HTTP/2
+//!   preface, or when a request is for a service whose instances speak something else than
+//!   HTTP/1.1.
+//! - [`gateway`]: the hyper-based request path: HTTP/2 clients (h2c and over TLS), HTTP/1.1 over
+//!   TLS, and requests to h2c/grpc/https/h2 instances; gRPC-aware own answers; HTTP/2 limits.
+//! - [`upstream`]: the protocol of an instance (registration metadata `protocol`), TLS towards
+//!   instances, and the gateway's pooled HTTP/1.1 and multiplexed HTTP/2 connections.
+//! - [`tls`]: TLS termination: certificates by SNI, reload on SIGHUP, the TLS listener.
+//! - [`proxy`]: what every request path shares (routing decision, in-flight count, request metrics,
 //!   access log).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
 //! - [`metrics`]: every Prometheus metric family.
@@ -53,6 +61,7 @@ pub mod config;
 pub mod consul;
 pub mod engine;
 pub mod events;
+pub mod gateway;
 pub mod health;
 pub mod http1;
 pub mod limits;
@@ -63,3 +72,5 @@ pub mod register;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod tls;
+pub mod upstream;

@@ -30,6 +30,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         admin_listen: args.admin_listen,
         etcd: args.etcd,
         prefix: args.prefix,
+        tls_listen: args.tls_listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
     };
     let cfg: Config = match config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub client_connections: IntGaugeVec,
     pub client_connections_refused: IntCounter,
     pub local_errors: IntCounter,
+    /// `switchyard_gateway_connections{protocol}`: client connections served by the gateway.
+    pub gateway_connections: IntGaugeVec,
+    pub tls_handshake_failures: IntCounter,
     pub health_checks_running: IntGauge,
     pub health_first_checks_queued: IntGauge,
     pub health_connections: IntGauge,
@@ -82,6 +85,15 @@ fn build() -> Result<Metrics, prometheus::Error> {
         local_errors: register_int_counter!(
             "switchyard_proxy_local_errors_total",
             "Connections to instances that failed for a shortage on the proxy's side (open files, memory, local ports): answered 503, never counted against the instance."
+        )?,
+        gateway_connections: register_int_gauge_vec!(
+            "switchyard_gateway_connections",
+            "Open client connections served by the gateway, by protocol: h2c (HTTP/2 with prior knowledge), h2 (HTTP/2 over TLS), https (HTTP/1.1 over TLS), http (HTTP/1.1 handed over by the native engine for a service with non-HTTP/1.1 instances).",
+            &["protocol"]
+        )?,
+        tls_handshake_failures: register_int_counter!(
+            "switchyard_tls_handshake_failures_total",
+            "TLS handshakes on the TLS listener that failed or timed out."
         )?,
         health_checks_running: register_int_gauge!(
             "switchyard_health_checks_running",

@@ -21,10 +21,12 @@ use tracing::{error, info, warn};
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::proxy::IN_FLIGHT;
 use crate::registry::{Registry, RegistryStatus};
 use crate::routing::{new_shared_table, SharedTable};
+use crate::tls::{reload_on_sighup, server_config as tls_server_config, TlsListener};
 
 /// A task that consumes itself (`run(self, shutdown)`), run once inside pingora's service
 /// lifecycle (the registry, the health checker).
@@ -154,12 +156,21 @@ impl Switchyard {
         });
 
         let listen = config.proxy.listen.to_string();
+        // HTTP/2, TLS clients and non-HTTP/1.1 instances (src/gateway)
+        let gateway = Arc::new(Gateway::new(
+            table.clone(),
+            config.router.clone(),
+            config.proxy.clone(),
+            config.http2.clone(),
+            config.log.access_log,
+        ));
         let engine = Engine {
             table: table.clone(),
             router: config.router.clone(),
             cfg: config.proxy.clone(),
             access_log: config.log.access_log,
             workers: Default::default(),
+            gateway: gateway.clone(),
             via: crate::engine::via_name(),
             max_clients: crate::limits::client_connection_limit(
                 config.proxy.max_client_connections,
@@ -172,6 +183,32 @@ impl Switchyard {
             ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::new(0, 0)),
         );
         server.add_service(service);
+
+        if let Some(tls) = &config.tls {
+            let server_config = tls_server_config(tls.resolver.clone()).map_err(|e| {
+                pingora::Error::because(pingora::ErrorType::InternalError, "TLS listener", e)
+            })?;
+            let app = TlsListener {
+                acceptor: tokio_rustls::TlsAcceptor::from(server_config),
+                gateway: gateway.clone(),
+                handshake_timeout: tls.handshake_timeout,
+            };
+            let mut service = ListeningService::new("tls".to_string(), app);
+            for addr in &tls.listen {
+                service.add_tcp(&addr.to_string());
+            }
+            server.add_service(service);
+            let resolver = tls.resolver.clone();
+            let mut reload = background_service(
+                "tls-reload",
+                RunOnce::new(
+                    "tls-reload",
+                    Box::new(move |s| Box::pin(reload_on_sighup(resolver, s))),
+                ),
+            );
+            reload.threads = Some(1);
+            server.add_service(reload);
+        }
 
         let admin = AdminApp {
             table: table.clone(),
@@ -212,6 +249,10 @@ impl Switchyard {
             );
             health_service.threads = Some(1);
             server.add_service(health_service);
+        }
+        if let Some(tls) = &config.tls {
+            let addrs: Vec<String> = tls.listen.iter().map(|a| a.to_string()).collect();
+            info!(tls = %addrs.join(","), "TLS listener on {}", addrs.join(", "));
         }
         info!(
             proxy = %config.proxy.listen,

@@ -75,6 +75,8 @@ pub struct Engine {
     pub cfg: ProxyConfig,
     pub access_log: bool,
     pub workers: Workers,
+    /// HTTP/2 clients and services with non-HTTP/1.1 instances are served there.
+    pub gateway: Arc<crate::gateway::Gateway>,
     /// This process's name in `Via` ([`via_name`]).
     pub via: Arc<str>,
     /// Open client connections at most ([`crate::limits::client_connection_limit`]).
@@ -166,6 +168,7 @@ impl Engine {
             ip,
             shutdown,
         };
+        let mut first = true;
         loop {
             if conn.client.len() == 0 {
                 // between requests: idle keep-alive, ended early by shutdown. An idle connection
@@ -179,18 +182,55 @@ impl Engine {
                     _ => break,
                 }
             }
+            // HTTP/2 with prior knowledge starts with its preface (boxed: rare, and the first
+            // request only)
+            let h2 = std::mem::take(&mut first)
+                && crate::gateway::preface(&conn.client.buf) != crate::gateway::Preface::No
+                && Box::pin(self.prior_knowledge(&mut conn)).await;
             // a request's state (about 1.2 KB) is boxed while it is served: inline, it would be
             // part of the task of every connection, idle or not
-            match Box::pin(self.one_request(&mut conn)).await {
+            let step = if h2 {
+                Step::Gateway { h2 }
+            } else {
+                Box::pin(self.one_request(&mut conn)).await
+            };
+            match step {
                 Step::Next => {}
                 Step::Close => break,
                 Step::Linger => {
                     Box::pin(linger(&mut conn.client.io)).await;
                     return;
                 }
+                Step::Gateway { h2 } => {
+                    // the gateway (src/gateway) serves the rest of the connection, from the
+                    // buffered bytes on (boxed: its state is no part of an HTTP/1 connection's)
+                    let buf = std::mem::take(&mut conn.client.buf);
+                    let gw = self.gateway.clone();
+                    let (io, ip, shutdown) = (conn.client.io, conn.ip, conn.shutdown);
+                    return Box::pin(gw.serve_cleartext(io, buf, h2, ip, shutdown)).await;
+                }
             }
         }
         let _ = conn.client.io.shutdown().await;
+    }
+
+    /// Whether the connection starts with the HTTP/2 preface (reading the rest of it if only its
+    /// beginning arrived). HTTP/2 connections are the gateway's (src/gateway).
+    async fn prior_knowledge(&self, conn: &mut Conn) -> bool {
+        use crate::gateway::{preface, Preface};
+        loop {
+            match preface(&conn.client.buf) {
+                Preface::No => return false,
+                Preface::Yes => return true,
+                Preface::Partial => {
+                    let read = conn.client.fill(MAX_HEAD);
+                    match timed(self.cfg.downstream_read_timeout, read).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return false,
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -303,6 +343,11 @@ pub(crate) enum Step {
     Close,
     /// Close, but the client may still be sending: see [`linger`].
     Linger,
+    /// The gateway serves this request (HTTP/2: the connection's preface) and the rest of the
+    /// connection.
+    Gateway {
+        h2: bool,
+    },
 }
 
 /// Writes one of our own answers (`request`: the request it answers, if its head was read).

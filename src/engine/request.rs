@@ -114,6 +114,9 @@ impl Engine {
                     Step::Close
                 }
             }
+            // a service whose instances speak something else than HTTP/1.1: the gateway serves
+            // this request and the rest of the connection
+            Route::Service(service) if service.gateway => Step::Gateway { h2: false },
             Route::Service(service) => self.proxy(conn, head, service, start).await,
         }
     }

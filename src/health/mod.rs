@@ -22,11 +22,12 @@
 //! when it ends. Nothing exists per instance but its entry: no task, no timer, and one shared
 //! [`CheckSpec`] per service.
 //!
-//! Per-instance overrides come from registration metadata: `health_protocol` (`http`, `tcp`,
-//! `grpc`, `none`), `health_path`, `health_port`, `health_grpc_service`, `health_expected_statuses`,
-//! `health_interval_ms`, `health_timeout_ms`, `health_healthy_threshold`,
-//! `health_unhealthy_threshold`.
+//! Per-instance overrides come from registration metadata: `health_protocol` (`http`, `https`,
+//! `tcp`, `grpc`, `none`), `health_path`, `health_port`, `health_grpc_service`,
+//! `health_expected_statuses`, `health_interval_ms`, `health_timeout_ms`,
+//! `health_healthy_threshold`, `health_unhealthy_threshold`.
 
+pub mod https;
 pub mod probe;
 pub mod schedule;
 
@@ -62,6 +63,9 @@ pub enum Protocol {
     Tcp,
     /// `grpc.health.v1.Health/Check`, healthy on SERVING.
     Grpc,
+    /// `GET path` over TLS (as the proxy reaches `https`/`h2` instances), healthy on an expected
+    /// status.
+    Https,
     /// No active check: admitted at once; passive ejections end at the next (trivial) check.
     None,
 }
@@ -73,8 +77,11 @@ impl std::str::FromStr for Protocol {
             "http" => Ok(Protocol::Http),
             "tcp" => Ok(Protocol::Tcp),
             "grpc" => Ok(Protocol::Grpc),
+            "https" => Ok(Protocol::Https),
             "none" => Ok(Protocol::None),
-            other => Err(format!("{other:?} is not one of http, tcp, grpc, none")),
+            other => Err(format!(
+                "{other:?} is not one of http, https, tcp, grpc, none"
+            )),
         }
     }
 }
@@ -134,7 +141,21 @@ pub struct CheckSpec {
     pub healthy_threshold: u32,
     /// Consecutive failures that eject a healthy instance (default 2).
     pub unhealthy_threshold: u32,
+    /// TLS of `https` checks: the service's upstream TLS (`None`: the system roots).
+    pub tls: Option<TlsSettings>,
 }
+
+/// The upstream TLS settings an HTTPS check verifies with (equal when they are the same ones).
+#[derive(Debug, Clone)]
+pub struct TlsSettings(pub Arc<crate::upstream::ClientTls>);
+
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsSettings {}
 
 /// Validated `[health]` configuration.
 #[derive(Debug, Clone)]
@@ -188,8 +209,18 @@ impl Target {
     /// Resolves `inst`'s target; invalid metadata values are reported and ignored.
     pub fn for_instance(inst: &Instance, base: &Arc<CheckSpec>) -> (Target, Vec<String>) {
         let mut errors = Vec::new();
+        let by_protocol = by_protocol(inst, base);
         let spec = if inst.metadata.keys().any(|k| k.starts_with("health_")) {
-            Arc::new(Self::override_spec(inst, base, &mut errors))
+            let mut spec = Self::override_spec(inst, base, &mut errors);
+            if let (Some(p), false) = (by_protocol, inst.metadata.contains_key("health_protocol")) {
+                spec.protocol = p;
+            }
+            Arc::new(spec)
+        } else if let Some(p) = by_protocol {
+            Arc::new(CheckSpec {
+                protocol: p,
+                ..(**base).clone()
+            })
         } else {
             base.clone()
         };
@@ -276,6 +307,20 @@ impl Target {
             }
         }
         spec
+    }
+}
+
+/// The check an instance's registered `protocol` calls for when the service's check is the
+/// default HTTP one: gRPC health for `grpc` (a gRPC server answers no HTTP/1.1 check), the HTTP
+/// check over TLS for `https`/`h2`.
+fn by_protocol(inst: &Instance, base: &CheckSpec) -> Option<Protocol> {
+    if base.protocol != Protocol::Http {
+        return None;
+    }
+    match crate::upstream::registered_protocol(inst)? {
+        crate::upstream::Protocol::Grpc => Some(Protocol::Grpc),
+        crate::upstream::Protocol::Https | crate::upstream::Protocol::H2 => Some(Protocol::Https),
+        _ => None,
     }
 }
 
@@ -960,6 +1005,7 @@ mod tests {
 
     fn spec() -> CheckSpec {
         CheckSpec {
+            tls: None,
             protocol: Protocol::Tcp,
             path: "/health".into(),
             port: None,

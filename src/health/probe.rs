@@ -8,6 +8,7 @@
 //!   [`MAX_DRAIN`] bytes, drained within the check's timeout. Any error, timeout or other response
 //!   closes it. An idle connection the server closed in the meantime is replaced by a fresh one
 //!   within the same check, without counting a failure.
+//! - HTTPS (`super::https`): `GET <path>` over TLS, verified like the proxy's connections.
 //! - [`TcpHealthCheck`]: healthy when a TCP connection opens.
 //! - [`GrpcHealthCheck`]: `grpc.health.v1.Health/Check`; healthy on `SERVING`. The channel is kept
 //!   between checks (tonic reconnects it), so a check is one HTTP/2 request, not a handshake.
@@ -49,6 +50,8 @@ pub enum ProbeError {
     Status(u16),
     #[error("malformed response: {0}")]
     Malformed(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("grpc health check failed: {0}")]
     Grpc(String),
     #[error("grpc health status is {0}")]
@@ -99,7 +102,7 @@ const MAX_HEAD: usize = 2048;
 pub const MAX_DRAIN: u64 = 64 * 1024;
 
 /// The request of an HTTP check; `keep_alive` false asks the server to close.
-fn http_request(path: &str, host: &dyn std::fmt::Display, keep_alive: bool) -> String {
+pub(super) fn http_request(path: &str, host: &dyn std::fmt::Display, keep_alive: bool) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: switchyard-health/{}\r\nAccept: */*\r\n{}\r\n",
         env!("CARGO_PKG_VERSION"),
@@ -377,31 +380,53 @@ pub async fn check(
                 Err(_) => (Err(timed_out()), None),
             }
         }
+        Protocol::Https => (super::https::check(target, deadline).await, None),
         Protocol::Grpc => {
-            let grpc = match conn {
-                Some(Conn::Grpc(g)) => g,
-                _ => {
-                    match GrpcHealthCheck::new(target.addr, spec.grpc_service.clone(), spec.timeout)
-                    {
-                        Ok(g) => Box::new(g),
-                        Err(e) => return (Err(e), None),
-                    }
-                }
+            let kept = match conn {
+                Some(Conn::Grpc(g)) => Some(g),
+                _ => None,
             };
-            let result = timeout_at(deadline, grpc.check())
-                .await
-                .unwrap_or_else(|_| Err(timed_out()));
-            (result, Some(Conn::Grpc(grpc)))
+            grpc(target, kept, deadline).await
         }
         Protocol::Http => {
             let reused = match conn {
                 Some(Conn::Http(s)) => TcpStream::from_std(s).ok(),
-                _ => None,
+                // detected as gRPC-only (below): it stays checked over gRPC
+                Some(Conn::Grpc(g)) => return grpc(target, Some(g), deadline).await,
+                None => None,
             };
             let (result, kept) = http(target, reused, keep_alive, deadline).await;
+            if matches!(result, Err(ProbeError::Malformed(_) | ProbeError::Io(_))) {
+                // no HTTP/1.1 answer at all, as from an HTTP/2-only (gRPC) server: ask the gRPC
+                // health service; SERVING passes, and later checks use gRPC
+                let detected = grpc(target, None, deadline).await;
+                if detected.0.is_ok() {
+                    return detected;
+                }
+            }
             (result, kept.and_then(Conn::park))
         }
     }
+}
+
+/// A gRPC health check on `kept` (the previous check's channel) or a new channel.
+async fn grpc(
+    target: &Target,
+    kept: Option<Box<GrpcHealthCheck>>,
+    deadline: Instant,
+) -> (Result<(), ProbeError>, Option<Conn>) {
+    let spec = &target.spec;
+    let grpc = match kept {
+        Some(g) => g,
+        None => match GrpcHealthCheck::new(target.addr, spec.grpc_service.clone(), spec.timeout) {
+            Ok(g) => Box::new(g),
+            Err(e) => return (Err(e), None),
+        },
+    };
+    let result = timeout_at(deadline, grpc.check())
+        .await
+        .unwrap_or_else(|_| Err(ProbeError::Timeout(spec.timeout)));
+    (result, Some(Conn::Grpc(grpc)))
 }
 
 /// An HTTP check on `reused` or, if the server closed that one while it was idle, on a fresh
@@ -702,6 +727,7 @@ pub(crate) mod tests {
     fn target(addr: SocketAddr) -> Target {
         Target {
             spec: Arc::new(crate::health::CheckSpec {
+                tls: None,
                 protocol: Protocol::Http,
                 path: "/health".into(),
                 port: None,

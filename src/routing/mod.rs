@@ -300,6 +300,8 @@ pub struct ServiceSettings {
     pub passive_failures: u64,
     /// Without active checks: how long a passive ejection lasts. None: until a check passes.
     pub passive_cooldown: Option<std::time::Duration>,
+    /// Protocol and TLS towards the instances (`[services.<name>] protocol`, `.tls`).
+    pub upstream: crate::upstream::UpstreamSettings,
 }
 
 /// One service in one snapshot: its instances and selection state.
@@ -316,6 +318,11 @@ pub struct Service {
     pub passive_failures: u64,
     /// How long a passive ejection lasts when no active check will end it.
     pub passive_cooldown: Option<std::time::Duration>,
+    /// Protocol and TLS towards the instances.
+    pub upstream: crate::upstream::UpstreamSettings,
+    /// Some instance may need more than HTTP/1.1 over TCP (h2c, grpc, https, h2): the native
+    /// engine hands requests for this service to the gateway ([`crate::gateway`]).
+    pub gateway: bool,
     /// Request metric handles, resolved on the first request (not at snapshot build, which
     /// would cost every service of a large registry a few label lookups up front).
     metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceMetrics>>,
@@ -330,6 +337,7 @@ impl Service {
     ) -> Self {
         instances.sort_by(|a, b| a.key.cmp(&b.key));
         let selector = Selector::new(settings.policy, &instances);
+        let gateway = crate::upstream::any_needs_gateway(&instances, &settings.upstream);
         Service {
             name,
             instances,
@@ -338,6 +346,8 @@ impl Service {
             all_unhealthy: settings.all_unhealthy,
             passive_failures: settings.passive_failures,
             passive_cooldown: settings.passive_cooldown,
+            upstream: settings.upstream.clone(),
+            gateway,
             metrics: std::sync::OnceLock::new(),
         }
     }

@@ -5,7 +5,10 @@
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/bytes?n=N`: streams N bytes (`0123456789` repeated) in 64 KiB chunks;
 //! - `/upload`: reads the whole body, answers `{"len":..,"sum":..}` (sum of bytes mod 2^64);
-//! - anything else: JSON echo of method, uri, headers and body length.
+//! - anything else: JSON echo of method, uri, HTTP version, headers and body length.
+//!
+//! [`Backend::start`] speaks HTTP/1.1; [`Backend::start_mode`] also HTTP/2 with prior knowledge
+//! (h2c) or TLS with ALPN (h2 and http/1.1).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -22,6 +25,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// What a backend speaks.
+#[derive(Clone)]
+pub enum Mode {
+    Http1,
+    /// HTTP/1.1 and HTTP/2 with prior knowledge on the same port.
+    H2cOrHttp1,
+    /// TLS with this configuration, then HTTP/2 or HTTP/1.1 as ALPN chose.
+    Tls(Arc<rustls::ServerConfig>),
+}
 
 pub struct Backend {
     pub name: String,
@@ -114,6 +127,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     m
                 });
             let method = req.method().to_string();
+            let version = format!("{:?}", req.version());
             let uri = req.uri().to_string();
             let body = req.into_body().collect().await.map(|b| b.to_bytes());
             let body_len = body.as_ref().map(|b| b.len()).unwrap_or(0);
@@ -121,6 +135,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 "backend": shared.name,
                 "method": method,
                 "uri": uri,
+                "version": version,
                 "headers": headers,
                 "body_len": body_len,
             });
@@ -139,6 +154,15 @@ impl Backend {
 
     /// Starts on a given address (e.g. the address of a backend that was stopped).
     pub async fn start_on(name: &str, addr: &str) -> Backend {
+        Self::launch(name, addr, Mode::Http1).await
+    }
+
+    /// Starts speaking `mode` on an ephemeral port.
+    pub async fn start_mode(name: &str, mode: Mode) -> Backend {
+        Self::launch(name, "127.0.0.1:0", mode).await
+    }
+
+    async fn launch(name: &str, addr: &str, mode: Mode) -> Backend {
         let listener = TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("backend {name}: binding {addr}: {e}"));
@@ -165,6 +189,7 @@ impl Backend {
                 };
                 let shared = shared.clone();
                 let mut conn_stop = stop_rx.clone();
+                let mode = mode.clone();
                 tokio::spawn(async move {
                     if shared.hang.load(Ordering::Relaxed) {
                         // accept, never answer, keep the socket open until stopped
@@ -172,14 +197,45 @@ impl Backend {
                         let _ = conn_stop.changed().await;
                         return;
                     }
-                    let io = hyper_util::rt::TokioIo::new(stream);
                     let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(io, svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = conn_stop.changed() => {}
+                    let auto = || {
+                        hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                    };
+                    match mode {
+                        Mode::Http1 => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .keep_alive(true)
+                                .serve_connection(io, svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = conn_stop.changed() => {}
+                            }
+                        }
+                        Mode::H2cOrHttp1 => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let builder = auto();
+                            let conn = builder.serve_connection(io, svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = conn_stop.changed() => {}
+                            }
+                        }
+                        Mode::Tls(config) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                            let Ok(tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let io = hyper_util::rt::TokioIo::new(tls);
+                            let builder = auto();
+                            let conn = builder.serve_connection(io, svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = conn_stop.changed() => {}
+                            }
+                        }
                     }
                 });
             }

@@ -12,6 +12,8 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod certs;
+pub mod grpc;
 pub mod raw;
 
 use std::future::Future;
