@@ -37,7 +37,7 @@ impl Drop for InFlight {
     }
 }
 
-/// What to do with a request, decided from the snapshot (shared by both engines).
+/// What to do with a request, decided from the snapshot (shared by every request path).
 pub enum Outcome {
     /// Proxy to an instance of `service`; `rewrite` is the new path and query when a prefix was
     /// stripped.
@@ -102,7 +102,7 @@ pub fn route_request(
     Outcome::Proxy { service, rewrite }
 }
 
-/// One finished request, as the access log shows it (shared by both engines).
+/// One finished request, as the access log shows it (shared by every request path).
 pub struct AccessLine<'a> {
     pub service: &'a str,
     pub instance: Option<&'a Instance>,
