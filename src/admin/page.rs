@@ -62,7 +62,13 @@ pub fn render(app: &AdminApp, only: Option<&str>) -> String {
         st.relists.load(Ordering::Relaxed),
         st.reconnects.load(Ordering::Relaxed),
     );
-    if let Some(e) = st.last_error() {
+    if let Some(stale) = st.stale_detail() {
+        let _ = write!(
+            h,
+            "<tr><th>view</th><td class=\"bad\">{}</td></tr>",
+            escape(&stale)
+        );
+    } else if let Some(e) = st.last_error() {
         let _ = write!(
             h,
             "<tr><th>last error</th><td class=\"bad\">{}</td></tr>",

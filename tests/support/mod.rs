@@ -73,10 +73,17 @@ pub struct EtcdServer {
     pub peer_port: u16,
     dir: tempfile::TempDir,
     name: String,
+    /// Extra command-line flags (kept across restarts).
+    args: Vec<String>,
 }
 
 impl EtcdServer {
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with_args(&[])
+    }
+
+    /// A real etcd with extra flags, e.g. `--max-request-bytes`.
+    pub fn start_with_args(args: &[&str]) -> EtcdServer {
         let dir = tempfile::tempdir().expect("temp dir for etcd");
         let mut s = EtcdServer {
             child: None,
@@ -84,6 +91,7 @@ impl EtcdServer {
             peer_port: free_port(),
             dir,
             name: format!("sy-test-{}", free_port()),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -122,6 +130,7 @@ impl EtcdServer {
             .arg(format!("{}=http://127.0.0.1:{}", self.name, self.peer_port))
             .arg("--log-level")
             .arg("warn")
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
