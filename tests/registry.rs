@@ -479,3 +479,53 @@ async fn registry_says_stale_since_when_while_the_watch_does_not_deliver() {
     let status = proxy.admin_json("/api/registry").await;
     assert_eq!(status["stale_since"], serde_json::Value::Null, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_invalid_key_is_counted_and_logged_once_across_relists() {
+    let etcd = EtcdServer::start();
+    let b = Backend::start("b").await;
+    etcd.put("/services/ok/1", b.addr_string()).await;
+    etcd.put("/services/ok/bad", "garbage").await;
+    etcd.put("/services/./x", b.addr_string()).await;
+    etcd.put("/services/../x", b.addr_string()).await;
+    let proxy = Proxy::builder(&etcd)
+        .resync_ms(200)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    eventually(PATIENCE, "at least four re-lists", || async {
+        let m = proxy.metrics().await;
+        let n = metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0);
+        (n >= 4.0).then_some(()).ok_or(format!("relists = {n}"))
+    })
+    .await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_invalid_entries_total"),
+        Some(3.0),
+        "three invalid keys, each counted once: {m}"
+    );
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_invalid_entries"),
+        Some(3.0)
+    );
+    let log = proxy.log();
+    assert_eq!(
+        log.matches("skipping invalid registration").count(),
+        3,
+        "each invalid key is logged once: {log}"
+    );
+    let v = proxy.admin_json("/api/services").await;
+    let names: Vec<&str> = v["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["ok"], "'.' and '..' are not services: {v}");
+    let invalid = v["registry"]["invalid_registrations"].to_string();
+    assert!(
+        invalid.contains("/services/../x") && invalid.contains("/services/./x"),
+        "{invalid}"
+    );
+}

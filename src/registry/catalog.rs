@@ -65,6 +65,16 @@ impl Resolve for SystemResolver {
 pub struct InvalidEntry {
     pub service: Option<Arc<str>>,
     pub reason: String,
+    /// Fingerprint of the value that was refused: the same value again (every re-list) is not
+    /// counted or logged again.
+    value: u64,
+}
+
+fn fingerprint(value: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Default)]
@@ -211,16 +221,17 @@ impl Catalog {
         });
         let (service, id, reg) = match decoded {
             Ok(v) => v,
-            Err(e) => return self.mark_invalid(key, e.to_string(), touched, stats),
+            Err(e) => return self.mark_invalid(key, value, e.to_string(), touched, stats),
         };
         let addr = match self.resolver.resolve(&reg.addr) {
             Ok(a) => a,
-            Err(reason) => return self.mark_invalid(key, reason, touched, stats),
+            Err(reason) => return self.mark_invalid(key, value, reason, touched, stats),
         };
         let key_str: Arc<str> = match std::str::from_utf8(key) {
             Ok(k) => k.into(),
             Err(_) => {
-                return self.mark_invalid(key, DecodeError::KeyNotUtf8.to_string(), touched, stats)
+                let reason = DecodeError::KeyNotUtf8.to_string();
+                return self.mark_invalid(key, value, reason, touched, stats);
             }
         };
         // a key that was invalid and is now valid
@@ -291,11 +302,17 @@ impl Catalog {
     fn mark_invalid(
         &mut self,
         key: &[u8],
+        value: &[u8],
         reason: String,
         touched: &mut HashSet<Arc<str>>,
         stats: &mut ApplyStats,
     ) {
         let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
+        let value = fingerprint(value);
+        if self.invalid.get(&key_str).is_some_and(|e| e.value == value) {
+            // refused before for the same value (a re-list): counted and logged then
+            return;
+        }
         warn!(key = %key_str, error = %reason, "skipping invalid registration");
         crate::events::RECENT.record(
             "registry",
@@ -313,8 +330,14 @@ impl Catalog {
                 .insert(key_str.clone());
             touched.insert(svc.clone());
         }
-        self.invalid
-            .insert(key_str, InvalidEntry { service, reason });
+        self.invalid.insert(
+            key_str,
+            InvalidEntry {
+                service,
+                reason,
+                value,
+            },
+        );
     }
 
     fn remove_valid(
@@ -452,6 +475,36 @@ mod tests {
         );
         assert_eq!(s.removed, 1);
         assert!(t3.service("a").is_none(), "service without keys disappears");
+    }
+
+    #[test]
+    fn an_invalid_key_is_counted_once_until_its_value_changes() {
+        let mut c = catalog();
+        let list = |v: &str| Update::Reset {
+            revision: 5,
+            kvs: vec![
+                (b"/s/a/bad".to_vec(), v.as_bytes().to_vec()),
+                (b"/s/a/1".to_vec(), b"127.0.0.1:1".to_vec()),
+            ],
+        };
+        let (t1, s) = c.apply(&RoutingTable::default(), list("garbage"));
+        assert_eq!((s.added, s.invalid), (1, 1));
+        // every later re-list sees the same garbage: not counted again
+        let (t2, s) = c.apply(&t1, list("garbage"));
+        assert_eq!(
+            s,
+            ApplyStats::default(),
+            "an unchanged list changes nothing"
+        );
+        // a different bad value is news
+        let (t3, s) = c.apply(&t2, list("still garbage"));
+        assert_eq!(s.invalid, 1);
+        // fixed, then broken again with the first value: counted again
+        let (t4, s) = c.apply(&t3, list("127.0.0.1:2"));
+        assert_eq!((s.added, s.invalid), (1, 0));
+        let (_, s) = c.apply(&t4, list("garbage"));
+        assert_eq!((s.removed, s.invalid), (1, 1));
+        assert_eq!(c.invalid_entries().count(), 1);
     }
 
     #[test]
