@@ -350,6 +350,16 @@ pub struct EtcdConfig {
 }
 
 impl Config {
+    /// switchyard's own listeners. An instance registered at one of them is refused (it would
+    /// make the proxy a door to itself); a new listener adds itself here.
+    pub fn own_listeners(&self) -> Vec<crate::registry::OwnAddress> {
+        use crate::registry::OwnAddress;
+        vec![
+            OwnAddress::listener("proxy listener", self.proxy.listen),
+            OwnAddress::listener("admin listener", self.admin_listen),
+        ]
+    }
+
     /// Settings for `service`, falling back to defaults.
     pub fn service_settings(&self, service: &str) -> ServiceSettings {
         self.services

@@ -136,7 +136,8 @@ impl Switchyard {
             pinned,
             settings,
             config.health.initial_health(),
-        );
+        )
+        .refusing(config.own_listeners());
         // subscribed before the registry runs, so the checker sees its first snapshot
         let health = config.health.enabled.then(|| {
             HealthChecker::new(table.clone(), config.health.clone(), registry.subscribe())

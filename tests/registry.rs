@@ -529,3 +529,76 @@ async fn an_unchanged_invalid_key_is_counted_and_logged_once_across_relists() {
         "{invalid}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_at_the_proxys_own_addresses_are_refused_and_never_routed() {
+    let etcd = EtcdServer::start();
+    // bound to every address: 127.0.0.2, localhost and 0.0.0.0 at its port are the proxy too
+    let proxy = Proxy::builder(&etcd).listen_host("0.0.0.0").start().await;
+    let ok = Backend::start("ok").await;
+    let refused = [
+        (
+            "/services/adm/1",
+            format!(
+                r#"{{"addr":"127.0.0.1:{}","metadata":{{"health_path":"/healthz"}}}}"#,
+                proxy.admin_port
+            ),
+        ),
+        (
+            "/services/etcd/1",
+            format!("127.0.0.1:{}", etcd.client_port),
+        ),
+        ("/services/self/1", format!("127.0.0.1:{}", proxy.port)),
+        ("/services/self/2", format!("127.0.0.2:{}", proxy.port)),
+        ("/services/self/3", format!("localhost:{}", proxy.port)),
+        ("/services/self/4", format!("0.0.0.0:{}", proxy.port)),
+    ];
+    for (key, value) in &refused {
+        etcd.put(key, value).await;
+    }
+    etcd.put("/services/ok/1", ok.addr_string()).await;
+    wait_keys(&proxy, "ok", &["/services/ok/1"]).await;
+    let invalid = eventually(PATIENCE, "six refused registrations", || async {
+        let v = proxy.admin_json("/api/registry").await;
+        let invalid = v["invalid_registrations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        (invalid.len() == refused.len())
+            .then_some(invalid)
+            .ok_or(format!("{v}"))
+    })
+    .await;
+    for entry in &invalid {
+        let reason = entry["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("is switchyard's own"), "{entry}");
+    }
+    let reason_of = |key: &str| {
+        invalid
+            .iter()
+            .find(|e| e["key"] == key)
+            .map(|e| e["reason"].to_string())
+            .unwrap_or_default()
+    };
+    assert!(reason_of("/services/adm/1").contains("admin listener"));
+    assert!(reason_of("/services/etcd/1").contains("etcd endpoint"));
+    assert!(reason_of("/services/self/2").contains("proxy listener"));
+    for service in ["adm", "etcd", "self"] {
+        let (status, body) = proxy.get_service(service, "/metrics").await;
+        assert_eq!(status, 503, "{service}: {body}");
+        assert!(!body.contains("switchyard_"), "{service}: {body}");
+    }
+    let (status, body) = proxy.get_service("ok", "/").await;
+    assert_eq!(status, 200, "{body}");
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_invalid_entries_total"),
+        Some(refused.len() as f64),
+        "{m}"
+    );
+    let log = proxy.log();
+    assert!(
+        log.contains("/services/self/1"),
+        "refusals are logged with their key"
+    );
+}

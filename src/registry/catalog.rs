@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use super::codec::{self, DecodeError, HostPort, Registration};
+use super::own::OwnAddresses;
 use crate::routing::{Health, Instance, InstanceState, RoutingTable, Service, ServiceSettings};
 
 /// One change from etcd, in the registry's vocabulary.
@@ -114,6 +115,8 @@ pub struct Catalog {
     settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
     initial_health: Health,
     resolver: Box<dyn Resolve + Send + Sync>,
+    /// switchyard's own listeners and etcd: an instance there is refused.
+    own: OwnAddresses,
 }
 
 impl Catalog {
@@ -133,7 +136,13 @@ impl Catalog {
             settings,
             initial_health,
             resolver,
+            own: OwnAddresses::default(),
         }
+    }
+
+    /// The addresses refused as instance addresses (applies to later updates).
+    pub fn own_addresses_mut(&mut self) -> &mut OwnAddresses {
+        &mut self.own
     }
 
     pub fn instance_count(&self) -> usize {
@@ -227,6 +236,10 @@ impl Catalog {
             Ok(a) => a,
             Err(reason) => return self.mark_invalid(key, value, reason, touched, stats),
         };
+        if let Some(own) = self.own.refuses(addr) {
+            let reason = format!("address {addr} is switchyard's own {own}");
+            return self.mark_invalid(key, value, reason, touched, stats);
+        }
         let key_str: Arc<str> = match std::str::from_utf8(key) {
             Ok(k) => k.into(),
             Err(_) => {
@@ -413,6 +426,12 @@ mod tests {
         }
     }
 
+    /// `/s/a/1` and `/s/a/2` at revision 2.
+    fn two_instances(c: &mut Catalog) -> RoutingTable {
+        let puts = vec![put("/s/a/1", "127.0.0.1:1"), put("/s/a/2", "127.0.0.1:2")];
+        c.apply(&RoutingTable::default(), batch(2, puts)).0
+    }
+
     fn batch(rev: i64, changes: Vec<Change>) -> Update {
         Update::Batch {
             revision: rev,
@@ -475,6 +494,44 @@ mod tests {
         );
         assert_eq!(s.removed, 1);
         assert!(t3.service("a").is_none(), "service without keys disappears");
+    }
+
+    #[test]
+    fn an_instance_at_an_own_address_is_refused_and_stops_being_routed() {
+        use super::super::own::OwnAddress;
+        let mut c = catalog();
+        c.own_addresses_mut().add(OwnAddress::listener(
+            "admin listener",
+            "127.0.0.1:9090".parse().unwrap(),
+        ));
+        let t1 = two_instances(&mut c);
+        let (t2, s) = c.apply(
+            &t1,
+            batch(
+                3,
+                vec![
+                    put("/s/a/2", "127.0.0.1:9090"),
+                    put(
+                        "/s/adm/1",
+                        r#"{"addr":"127.0.0.1:9090","metadata":{"health_path":"/healthz"}}"#,
+                    ),
+                ],
+            ),
+        );
+        assert_eq!((s.removed, s.invalid), (1, 2));
+        assert_eq!(t2.service("a").unwrap().instances.len(), 1);
+        assert_eq!(
+            t2.service("adm").unwrap().instances.len(),
+            0,
+            "known, not routable"
+        );
+        let reasons: Vec<String> = c.invalid_entries().map(|(_, e)| e.reason.clone()).collect();
+        assert!(
+            reasons
+                .iter()
+                .all(|r| r.contains("switchyard's own admin listener (127.0.0.1:9090)")),
+            "{reasons:?}"
+        );
     }
 
     #[test]
@@ -541,13 +598,7 @@ mod tests {
     #[test]
     fn reset_removes_what_is_not_listed() {
         let mut c = catalog();
-        let (t1, _) = c.apply(
-            &RoutingTable::default(),
-            batch(
-                2,
-                vec![put("/s/a/1", "127.0.0.1:1"), put("/s/a/2", "127.0.0.1:2")],
-            ),
-        );
+        let t1 = two_instances(&mut c);
         let (t2, s) = c.apply(
             &t1,
             Update::Reset {

@@ -24,6 +24,7 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod own;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 pub use catalog::{Catalog, Change, SystemResolver, Update};
+pub use own::{OwnAddress, OwnAddresses};
 
 use crate::config::EtcdConfig;
 use crate::events::RECENT;
@@ -277,6 +279,40 @@ impl Registry {
             generation,
             cluster_id: None,
         }
+    }
+
+    /// Refuses instances at these addresses (switchyard's listeners); the etcd endpoints are
+    /// added by [`Registry::run`].
+    pub fn refusing(mut self, own: impl IntoIterator<Item = OwnAddress>) -> Self {
+        for o in own {
+            self.catalog.own_addresses_mut().add(o);
+        }
+        self
+    }
+
+    /// Adds the addresses of the etcd endpoints to the refused ones (names resolved off this
+    /// task, each within the dial timeout).
+    async fn refuse_etcd_endpoints(&mut self) {
+        for ep in &self.cfg.endpoints {
+            let hostport = ep.split_once("://").map_or(ep.as_str(), |(_, r)| r);
+            let hostport = hostport.split('/').next().unwrap_or(hostport);
+            let resolved =
+                tokio::time::timeout(self.cfg.dial_timeout, tokio::net::lookup_host(hostport))
+                    .await;
+            match resolved {
+                Ok(Ok(addrs)) => {
+                    for addr in addrs {
+                        let own = OwnAddress::endpoint(format!("etcd endpoint {ep}"), addr);
+                        self.catalog.own_addresses_mut().add(own);
+                    }
+                }
+                Ok(Err(e)) => warn!(endpoint = %ep, error = %e,
+                    "cannot resolve an etcd endpoint: registrations at it are not refused"),
+                Err(_) => warn!(endpoint = %ep,
+                    "resolving an etcd endpoint timed out: registrations at it are not refused"),
+            }
+        }
+        debug!(own = ?self.catalog.own_addresses_mut(), "instance addresses refused");
     }
 
     /// Receiver that changes after every published snapshot.
@@ -560,6 +596,7 @@ impl Registry {
         let mut revision: i64 = 0;
         let mut failures: u64 = 0;
         info!(endpoints = ?self.cfg.endpoints, prefix = %self.cfg.prefix, "registry starting");
+        self.refuse_etcd_endpoints().await;
         loop {
             if *shutdown.borrow() {
                 return;

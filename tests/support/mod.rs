@@ -280,9 +280,16 @@ pub struct ProxyBuilder {
     prefix: Option<String>,
     wait_ready: bool,
     resync_ms: Option<u64>,
+    listen_host: Option<String>,
 }
 
 impl ProxyBuilder {
+    /// Bind the proxy listener to this host (default 127.0.0.1), e.g. "0.0.0.0".
+    pub fn listen_host(mut self, host: &str) -> Self {
+        self.listen_host = Some(host.to_string());
+        self
+    }
+
     /// Extra TOML appended to the generated config (sections other than [proxy]/[admin]/[etcd]).
     pub fn config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
@@ -336,7 +343,10 @@ impl ProxyBuilder {
             .arg("--config")
             .arg(&path)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!(
+                "{}:{port}",
+                self.listen_host.as_deref().unwrap_or("127.0.0.1")
+            ))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
             .env("RUST_LOG", "info,switchyard=debug")
@@ -404,6 +414,7 @@ impl Proxy {
             prefix: None,
             wait_ready: true,
             resync_ms: None,
+            listen_host: None,
         }
     }
 
@@ -414,6 +425,7 @@ impl Proxy {
             prefix: None,
             wait_ready: true,
             resync_ms: None,
+            listen_host: None,
         }
     }
 
