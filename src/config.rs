@@ -142,6 +142,8 @@ pub struct EtcdSection {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub resync_interval_ms: u64,
+    pub dns_refresh_ms: u64,
+    pub dns_timeout_ms: u64,
     pub username: Option<String>,
     pub password: Option<String>,
 }
@@ -156,6 +158,8 @@ impl Default for EtcdSection {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             resync_interval_ms: 60_000,
+            dns_refresh_ms: 30_000,
+            dns_timeout_ms: 5_000,
             username: None,
             password: None,
         }
@@ -346,6 +350,10 @@ pub struct EtcdConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub resync_interval: Duration,
+    /// Registered DNS names are looked up again this often.
+    pub dns_refresh: Duration,
+    /// One lookup of a registered name may take this long.
+    pub dns_timeout: Duration,
     pub credentials: Option<(String, String)>,
 }
 
@@ -509,6 +517,8 @@ impl FileConfig {
             backoff_initial: ms("etcd.backoff_initial_ms", e.backoff_initial_ms)?,
             backoff_max: ms("etcd.backoff_max_ms", e.backoff_max_ms)?,
             resync_interval: ms("etcd.resync_interval_ms", e.resync_interval_ms)?,
+            dns_refresh: ms("etcd.dns_refresh_ms", e.dns_refresh_ms)?,
+            dns_timeout: ms("etcd.dns_timeout_ms", e.dns_timeout_ms)?,
             credentials,
         };
 

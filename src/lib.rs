@@ -23,7 +23,9 @@
 //!
 //! - [`config`]: TOML file → `FileConfig` → validated [`config::Config`]; the embedded default.
 //! - [`cli`]: clap definitions of `serve`, `check-config`, `register`, `services`.
-//! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
+//! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`], the value codecs, DNS
+//!   names resolved off the registry task (`registry::dns`) and the refused own addresses
+//!   (`registry::own`).
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot (its [`routing::ServiceMap`] is shared
 //!   between snapshots in copy-on-write shards), route matching and selection policies.
 //! - [`health`]: active probes (HTTP, TCP, gRPC), passive detection, the probe scheduler and the

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub registry_relists: IntCounter,
     pub registry_reconnects: IntCounter,
     pub registry_last_update: IntGauge,
+    pub registry_dns_names: IntGauge,
+    pub registry_dns_failing: IntGauge,
+    pub registry_dns_failures: IntCounter,
     pub snapshot_updates: IntCounter,
     pub snapshot_apply_seconds: HistogramVec,
 }
@@ -121,6 +124,18 @@ fn build() -> Result<Metrics, prometheus::Error> {
         registry_last_update: register_int_gauge!(
             "switchyard_registry_last_update_timestamp_seconds",
             "Unix time of the last routing snapshot update."
+        )?,
+        registry_dns_names: register_int_gauge!(
+            "switchyard_registry_dns_names",
+            "DNS names used by registrations (resolved off the registry task, every etcd.dns_refresh_ms)."
+        )?,
+        registry_dns_failing: register_int_gauge!(
+            "switchyard_registry_dns_failing_names",
+            "Registered DNS names whose last lookup failed (instances keep their last good address)."
+        )?,
+        registry_dns_failures: register_int_counter!(
+            "switchyard_registry_dns_lookup_failures_total",
+            "Lookups of registered DNS names that failed or timed out."
         )?,
         snapshot_updates: register_int_counter!(
             "switchyard_snapshot_updates_total",

@@ -48,6 +48,16 @@ async fn wait_keys(proxy: &Proxy, service: &str, want: &[&str]) {
     .await;
 }
 
+/// Waits until the counter `name` reaches at least `n`.
+async fn wait_metric_at_least(proxy: &Proxy, name: &str, n: f64) {
+    eventually(PATIENCE, &format!("{name} >= {n}"), || async {
+        let m = proxy.metrics().await;
+        let v = metric_value(&m, name).unwrap_or(0.0);
+        (v >= n).then_some(()).ok_or(format!("{name} = {v}"))
+    })
+    .await;
+}
+
 async fn wait_connected(proxy: &Proxy, connected: bool) {
     eventually(
         PATIENCE,
@@ -315,16 +325,7 @@ async fn periodic_resync_relists_without_disturbing_routing() {
         .start()
         .await;
     wait_keys(&proxy, "r", &["/services/r/1"]).await;
-    eventually(
-        PATIENCE,
-        "at least three re-lists from the resync timer",
-        || async {
-            let m = proxy.metrics().await;
-            let n = metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0);
-            (n >= 3.0).then_some(()).ok_or(format!("relists = {n}"))
-        },
-    )
-    .await;
+    wait_metric_at_least(&proxy, "switchyard_registry_relists_total", 3.0).await;
     // a resync is a diff, not a reset of state: the instance is still there, routed
     wait_keys(&proxy, "r", &["/services/r/1"]).await;
     let (status, body) = proxy.get_service("r", "/").await;
@@ -493,12 +494,7 @@ async fn an_unchanged_invalid_key_is_counted_and_logged_once_across_relists() {
         .config("[health]\nenabled = false\n")
         .start()
         .await;
-    eventually(PATIENCE, "at least four re-lists", || async {
-        let m = proxy.metrics().await;
-        let n = metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0);
-        (n >= 4.0).then_some(()).ok_or(format!("relists = {n}"))
-    })
-    .await;
+    wait_metric_at_least(&proxy, "switchyard_registry_relists_total", 4.0).await;
     let m = proxy.metrics().await;
     assert_eq!(
         metric_value(&m, "switchyard_registry_invalid_entries_total"),
@@ -601,4 +597,73 @@ async fn registrations_at_the_proxys_own_addresses_are_refused_and_never_routed(
         log.contains("/services/self/1"),
         "refusals are logged with their key"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_resolve_off_the_registry_path_and_failing_ones_are_shown() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .etcd_config("dns_timeout_ms = 2000\ndns_refresh_ms = 300")
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    let named = Backend::start("named").await;
+    let ip = Backend::start("ip").await;
+    for name in ["a", "b", "c"] {
+        etcd.put(
+            &format!("/services/nowhere/{name}"),
+            format!("{name}.switchyard-test.invalid:80"),
+        )
+        .await;
+    }
+    let started = std::time::Instant::now();
+    etcd.put("/services/ip/1", ip.addr_string()).await;
+    etcd.put(
+        "/services/named/1",
+        format!("localhost:{}", named.addr.port()),
+    )
+    .await;
+    wait_keys(&proxy, "ip", &["/services/ip/1"]).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "names waiting for DNS delayed an IP registration by {:?}",
+        started.elapsed()
+    );
+    wait_keys(&proxy, "named", &["/services/named/1"]).await;
+    let (status, body) = proxy.get_service("named", "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"named\""), "{body}");
+    // the names that do not resolve: invalid registrations and failing names, counted once
+    let v = eventually(PATIENCE, "three failing names", || async {
+        let v = proxy.admin_json("/api/registry").await;
+        let n = v["dns_failing"].as_array().map_or(0, |a| a.len());
+        (n == 3).then_some(v.clone()).ok_or(format!("{v}"))
+    })
+    .await;
+    assert_eq!(
+        v["dns_failing"][0]["name"], "a.switchyard-test.invalid",
+        "{v}"
+    );
+    assert_eq!(
+        v["dns_failing"][0]["last_good"],
+        serde_json::Value::Null,
+        "{v}"
+    );
+    let invalid = v["invalid_registrations"].to_string();
+    assert!(invalid.contains("/services/nowhere/a"), "{invalid}");
+    // refreshed every 300 ms: the lookups are repeated, the keys not counted again
+    wait_metric_at_least(&proxy, "switchyard_registry_dns_lookup_failures_total", 6.0).await;
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_dns_failing_names"),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_invalid_entries_total"),
+        Some(3.0),
+        "{m}"
+    );
+    let page = support::http_get_blocking(proxy.admin_port, "/").unwrap();
+    assert!(page.contains("Names not resolving"), "{page}");
 }

@@ -219,6 +219,14 @@ impl AdminApp {
             "last_update_unix": self.status.last_update().map(|t| unix_ms(t) / 1000),
             "relists": self.status.relists.load(Ordering::Relaxed),
             "reconnects": self.status.reconnects.load(Ordering::Relaxed),
+            "dns_failing": self.status.failing_names().into_iter()
+                .map(|n| json!({
+                    "name": n.name,
+                    "since": crate::registry::rfc3339(n.since),
+                    "error": n.error,
+                    "last_good": n.last_good.map(|ip| ip.to_string()),
+                }))
+                .collect::<Vec<_>>(),
             "invalid_registrations": self.status.invalid_entries().into_iter()
                 .map(|(key, reason)| json!({"key": key, "reason": reason}))
                 .collect::<Vec<_>>(),

@@ -98,6 +98,29 @@ pub fn render(app: &AdminApp, only: Option<&str>) -> String {
     } else {
         summary(&mut h, &services, instances);
     }
+    let failing = st.failing_names();
+    if !failing.is_empty() {
+        h.push_str(
+            "<h2>Names not resolving</h2><table><tr><th>name</th><th>since</th>\
+             <th>error</th><th>routed at</th></tr>",
+        );
+        for n in failing.iter().take(200) {
+            let routed = n
+                .last_good
+                .map_or("nothing (never resolved)".to_string(), |ip| {
+                    format!("{ip} (last good address)")
+                });
+            let _ = write!(
+                h,
+                "<tr><td><code>{}</code></td><td>{}</td><td class=\"bad\">{}</td><td>{}</td></tr>",
+                escape(&n.name),
+                crate::registry::rfc3339(n.since),
+                escape(&n.error),
+                escape(&routed)
+            );
+        }
+        h.push_str("</table>");
+    }
     let invalid = st.invalid_entries();
     if !invalid.is_empty() {
         h.push_str("<h2>Invalid registrations</h2><table><tr><th>key</th><th>reason</th></tr>");

@@ -24,6 +24,7 @@
 
 pub mod catalog;
 pub mod codec;
+pub mod dns;
 pub mod own;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -32,10 +33,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-pub use catalog::{Catalog, Change, SystemResolver, Update};
+pub use catalog::{Catalog, Change, Update};
+pub use dns::{FailingName, Lookup, SystemLookup};
 pub use own::{OwnAddress, OwnAddresses};
 
 use crate::config::EtcdConfig;
@@ -104,6 +106,8 @@ pub struct RegistryStatus {
     stale_since: Mutex<Option<SystemTime>>,
     /// Invalid registrations currently in etcd: key and reason.
     invalid: Mutex<Vec<(String, String)>>,
+    /// Registered DNS names that do not resolve now.
+    dns_failing: Mutex<Vec<FailingName>>,
 }
 
 impl RegistryStatus {
@@ -128,6 +132,13 @@ impl RegistryStatus {
     }
     pub fn invalid_entries(&self) -> Vec<(String, String)> {
         self.invalid.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+    /// Registered DNS names that do not resolve now (sorted by name).
+    pub fn failing_names(&self) -> Vec<FailingName> {
+        self.dns_failing
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
     }
     /// Since when the routed view may lag etcd: the watch broke (or was never confirmed) then.
     pub fn stale_since(&self) -> Option<SystemTime> {
@@ -223,6 +234,33 @@ impl Backoff {
     }
 }
 
+/// The registry's side of the resolver task.
+struct DnsIo {
+    answers: mpsc::UnboundedReceiver<dns::Resolved>,
+    refresh: tokio::time::Interval,
+}
+
+enum DnsEvent {
+    /// Every answer waiting: applied as one snapshot.
+    Answers(Vec<dns::Resolved>),
+    Refresh,
+}
+
+impl DnsIo {
+    async fn next(&mut self) -> DnsEvent {
+        tokio::select! {
+            Some(first) = self.answers.recv() => {
+                let mut names = vec![first];
+                while let Ok(more) = self.answers.try_recv() {
+                    names.push(more);
+                }
+                DnsEvent::Answers(names)
+            }
+            _ = self.refresh.tick() => DnsEvent::Refresh,
+        }
+    }
+}
+
 /// Why a watch ended.
 enum WatchEnd {
     Shutdown,
@@ -239,6 +277,9 @@ pub struct Registry {
     catalog: Catalog,
     /// Bumped after every published snapshot; the health checker follows it.
     generation: watch::Sender<u64>,
+    /// Names the catalog wants resolved (taken by the resolver task in `run`).
+    dns_requests: Option<mpsc::UnboundedReceiver<String>>,
+    lookup: Arc<dyn Lookup>,
     /// Cluster id seen at the last complete list.
     cluster_id: Option<u64>,
 }
@@ -263,12 +304,13 @@ impl Registry {
         settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
         initial_health: Health,
     ) -> Self {
+        let (requests, dns_requests) = dns::Requests::channel();
         let catalog = Catalog::new(
             cfg.prefix.clone(),
             pinned,
             settings,
             initial_health,
-            Box::new(SystemResolver),
+            requests,
         );
         let (generation, _) = watch::channel(0);
         Registry {
@@ -277,7 +319,39 @@ impl Registry {
             status,
             catalog,
             generation,
+            dns_requests: Some(dns_requests),
+            lookup: Arc::new(SystemLookup),
             cluster_id: None,
+        }
+    }
+
+    /// Resolves registered names with `lookup` instead of the system resolver.
+    pub fn with_lookup(mut self, lookup: Arc<dyn Lookup>) -> Self {
+        self.lookup = lookup;
+        self
+    }
+
+    /// Starts the resolver task; returns the registry's side of it.
+    fn start_resolver(&mut self) -> DnsIo {
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        if let Some(requests) = self.dns_requests.take() {
+            tokio::spawn(dns::resolve_requests(
+                requests,
+                answers_tx,
+                self.lookup.clone(),
+                self.cfg.dns_timeout,
+            ));
+        }
+        let period = self.cfg.dns_refresh;
+        let mut refresh = tokio::time::interval_at((Instant::now() + period).into(), period);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        DnsIo { answers, refresh }
+    }
+
+    fn on_dns(&mut self, event: DnsEvent) {
+        match event {
+            DnsEvent::Answers(names) => self.publish(Update::Resolved { names }, "dns"),
+            DnsEvent::Refresh => self.catalog.refresh_names(),
         }
     }
 
@@ -368,6 +442,14 @@ impl Registry {
         METRICS.registry_invalid_current.set(invalid.len() as i64);
         if let Ok(mut g) = self.status.invalid.lock() {
             *g = invalid;
+        }
+        let failing = self.catalog.failing_names();
+        METRICS
+            .registry_dns_names
+            .set(self.catalog.name_count() as i64);
+        METRICS.registry_dns_failing.set(failing.len() as i64);
+        if let Ok(mut g) = self.status.dns_failing.lock() {
+            *g = failing;
         }
         let now = SystemTime::now();
         METRICS
@@ -471,6 +553,7 @@ impl Registry {
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
         resync_at: Instant,
+        dns: &mut DnsIo,
     ) -> WatchEnd {
         let opts = WatchOptions::new()
             .with_prefix()
@@ -503,6 +586,10 @@ impl Registry {
                 _ = &mut confirm, if state == WatchState::Unconfirmed => {
                     state = WatchState::Delivering;
                     self.delivering(*revision, backoff);
+                    continue;
+                }
+                event = dns.next() => {
+                    self.on_dns(event);
                     continue;
                 }
                 msg = stream.message() => msg,
@@ -597,6 +684,7 @@ impl Registry {
         let mut failures: u64 = 0;
         info!(endpoints = ?self.cfg.endpoints, prefix = %self.cfg.prefix, "registry starting");
         self.refuse_etcd_endpoints().await;
+        let mut dns = self.start_resolver();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -617,7 +705,14 @@ impl Registry {
                 }
                 let resync_at = Instant::now() + self.cfg.resync_interval;
                 Ok(self
-                    .watch(c, &mut revision, &mut shutdown, &mut backoff, resync_at)
+                    .watch(
+                        c,
+                        &mut revision,
+                        &mut shutdown,
+                        &mut backoff,
+                        resync_at,
+                        &mut dns,
+                    )
                     .await)
             }
             .await;
@@ -657,10 +752,15 @@ impl Registry {
             if new_client {
                 client = None;
             }
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(delay) => {}
+            let delay = tokio::time::sleep(backoff.next_delay());
+            tokio::pin!(delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = &mut delay => break,
+                    // names keep resolving while etcd is away
+                    event = dns.next() => self.on_dns(event),
+                }
             }
         }
     }

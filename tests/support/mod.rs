@@ -281,6 +281,7 @@ pub struct ProxyBuilder {
     wait_ready: bool,
     resync_ms: Option<u64>,
     listen_host: Option<String>,
+    etcd_extra: String,
 }
 
 impl ProxyBuilder {
@@ -299,6 +300,13 @@ impl ProxyBuilder {
 
     pub fn prefix(mut self, p: &str) -> Self {
         self.prefix = Some(p.to_string());
+        self
+    }
+
+    /// A line added to the generated `[etcd]` section, e.g. `dns_timeout_ms = 500`.
+    pub fn etcd_config(mut self, line: &str) -> Self {
+        self.etcd_extra.push_str(line);
+        self.etcd_extra.push('\n');
         self
     }
 
@@ -335,6 +343,7 @@ impl ProxyBuilder {
         if let Some(ms) = self.resync_ms {
             text.push_str(&format!("resync_interval_ms = {ms}\n"));
         }
+        text.push_str(&self.etcd_extra);
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, &text).expect("writing proxy config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("proxy log");
@@ -415,6 +424,7 @@ impl Proxy {
             wait_ready: true,
             resync_ms: None,
             listen_host: None,
+            etcd_extra: String::new(),
         }
     }
 
@@ -426,6 +436,7 @@ impl Proxy {
             wait_ready: true,
             resync_ms: None,
             listen_host: None,
+            etcd_extra: String::new(),
         }
     }
 
