@@ -420,7 +420,13 @@ impl Registry {
     fn publish(&mut self, update: Update, kind: &str) {
         let started = Instant::now();
         let current = self.table.load();
+        let answers = matches!(update, Update::Resolved { .. });
         let (table, stats) = self.catalog.apply(&current, update);
+        if answers && stats == catalog::ApplyStats::default() {
+            // a refresh that changed no address (the usual one): no new snapshot
+            self.publish_names();
+            return;
+        }
         let revision = table.revision;
         let table = Arc::new(table);
         self.table.store(table);
@@ -469,6 +475,16 @@ impl Registry {
             micros = elapsed.as_micros() as u64,
             "snapshot published"
         );
+    }
+
+    /// The names in use and those failing, for metrics and the status page.
+    fn publish_names(&self) {
+        let failing = self.catalog.failing_names();
+        METRICS.registry_dns_names.set(self.catalog.name_count() as i64);
+        METRICS.registry_dns_failing.set(failing.len() as i64);
+        if let Ok(mut g) = self.status.dns_failing.lock() {
+            *g = failing;
+        }
     }
 
     /// Lists the whole prefix at one revision, in pages (a single response for 100,000 keys would
