@@ -667,3 +667,26 @@ async fn names_resolve_off_the_registry_path_and_failing_ones_are_shown() {
     let page = support::http_get_blocking(proxy.admin_port, "/").unwrap();
     assert!(page.contains("Names not resolving"), "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_page_over_the_message_limit_is_asked_again_with_fewer_keys() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = EtcdServer::start();
+    let b = Backend::start("b").await;
+    // 50 values of 1.4 MiB: 70 MiB in one page of the usual size, over the 64 MiB limit
+    let blob = "z".repeat(1_400_000);
+    let mut c = etcd.client().await;
+    for i in 0..50 {
+        let value = format!(r#"{{"addr":"{}","metadata":{{"blob":"{blob}"}}}}"#, b.addr);
+        c.txn(Txn::new().and_then([TxnOp::put(format!("/services/heavy/{i:02}"), value, None)]))
+            .await
+            .expect("put of a big value");
+    }
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    let keys = snapshot_keys(&proxy, Some("heavy")).await;
+    assert_eq!(keys.len(), 50, "{keys:?}");
+    assert!(proxy.log().contains("asking for fewer keys"));
+}

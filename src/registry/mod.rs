@@ -45,7 +45,8 @@ use crate::events::RECENT;
 use crate::metrics::METRICS;
 use crate::routing::{Health, ServiceSettings, SharedTable};
 
-/// Keys per page when listing the prefix.
+/// Keys per page when listing the prefix; a page larger than [`MAX_MESSAGE_BYTES`] (big values)
+/// is asked again with a quarter of the keys, down to one.
 const LIST_PAGE: i64 = 2_000;
 /// Largest list page or watch response accepted (a page of big values, the events of one
 /// revision); gRPC's default is 4 MiB.
@@ -264,8 +265,10 @@ impl DnsIo {
 /// Why a watch ended.
 enum WatchEnd {
     Shutdown,
-    /// Re-list: compaction, revision went backwards, cluster changed, resync timer.
+    /// Re-list: compaction.
     Relist(String),
+    /// Re-list: the resync timer (routine, not an event worth recording).
+    Resync,
     /// Stream broke: reconnect and resume from the last revision.
     Broken(String),
 }
@@ -480,7 +483,9 @@ impl Registry {
     /// The names in use and those failing, for metrics and the status page.
     fn publish_names(&self) {
         let failing = self.catalog.failing_names();
-        METRICS.registry_dns_names.set(self.catalog.name_count() as i64);
+        METRICS
+            .registry_dns_names
+            .set(self.catalog.name_count() as i64);
         METRICS.registry_dns_failing.set(failing.len() as i64);
         if let Ok(mut g) = self.status.dns_failing.lock() {
             *g = failing;
@@ -499,18 +504,32 @@ impl Registry {
         let mut revision = 0i64;
         let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let deadline = Instant::now() + self.cfg.request_timeout.max(Duration::from_secs(1)) * 4;
+        let mut page = LIST_PAGE;
         loop {
             let mut opts = GetOptions::new()
                 .with_range(range_end.clone())
-                .with_limit(LIST_PAGE);
+                .with_limit(page);
             if revision > 0 {
                 // every page at the first page's revision: one consistent snapshot
                 opts = opts.with_revision(revision);
             }
             let resp = tokio::time::timeout_at(deadline.into(), kv.get(start.clone(), Some(opts)))
                 .await
-                .map_err(|_| RegistryError::ListTimeout)?
-                .map_err(RegistryError::List)?;
+                .map_err(|_| RegistryError::ListTimeout)?;
+            let resp = match resp {
+                // gRPC's answer to a message over the decode limit
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.code() == tonic::Code::OutOfRange && page > 1 =>
+                {
+                    page = (page / 4).max(1);
+                    debug!(
+                        page,
+                        "list page over the message limit: asking for fewer keys"
+                    );
+                    continue;
+                }
+                r => r.map_err(RegistryError::List)?,
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
                 self.cluster_id = resp.header().map(|h| h.cluster_id());
@@ -598,7 +617,7 @@ impl Registry {
         loop {
             let msg = tokio::select! {
                 _ = shutdown.changed() => return WatchEnd::Shutdown,
-                _ = &mut resync => return WatchEnd::Relist("periodic resync".into()),
+                _ = &mut resync => return WatchEnd::Resync,
                 _ = &mut confirm, if state == WatchState::Unconfirmed => {
                     state = WatchState::Delivering;
                     self.delivering(*revision, backoff);
@@ -734,11 +753,14 @@ impl Registry {
             .await;
             let (error, new_client) = match result {
                 Ok(WatchEnd::Shutdown) => return,
+                Ok(WatchEnd::Resync) => {
+                    debug!(revision, "periodic resync: re-listing etcd prefix");
+                    failures = 0;
+                    continue;
+                }
                 Ok(WatchEnd::Relist(reason)) => {
                     info!(reason = %reason, revision, "re-listing etcd prefix");
-                    if reason != "periodic resync" {
-                        RECENT.record("registry", format!("re-listing etcd prefix: {reason}"));
-                    }
+                    RECENT.record("registry", format!("re-listing etcd prefix: {reason}"));
                     failures = 0;
                     continue;
                 }
