@@ -811,6 +811,8 @@ mod tests {
             ("[etcd]\nendpoints = []", "etcd.endpoints"),
             ("[etcd]\nendpoints = [\"http://x\"]", "etcd.endpoints"),
             ("[etcd]\nprefix = \"services\"", "etcd.prefix"),
+            ("[etcd]\ndns_refresh_ms = 0", "etcd.dns_refresh_ms"),
+            ("[etcd]\ndns_timeout_ms = 0", "etcd.dns_timeout_ms"),
             (
                 "[[routing.routes]]\nservice = \"bad name\"\npath_prefix=\"/a\"",
                 "routing.routes[0].service",

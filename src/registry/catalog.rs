@@ -150,6 +150,7 @@ impl Catalog {
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         let revision = match update {
             Update::Reset { revision, kvs } => {
+                self.own.forget_local_addresses();
                 let listed: HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_slice()).collect();
                 let valid = self.services.values().flat_map(|e| &e.instances);
                 let gone: Vec<Arc<str>> = valid

@@ -11,6 +11,7 @@
 //! port is refused. An etcd endpoint at a local address is treated the same way: etcd on this host
 //! may listen on all of them.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -57,6 +58,10 @@ pub type IsLocal = Box<dyn Fn(IpAddr) -> bool + Send + Sync>;
 pub struct OwnAddresses {
     entries: Vec<OwnAddress>,
     is_local: IsLocal,
+    /// Answers of `is_local` (a bind per address): a list of 100,000 instances at the proxy's
+    /// port asks once per address. Cleared at every full list, so an address this host gains
+    /// later is seen then.
+    local: HashMap<IpAddr, bool>,
 }
 
 impl Default for OwnAddresses {
@@ -79,7 +84,16 @@ impl OwnAddresses {
 
     /// With another notion of "local" (unit tests).
     pub fn with_is_local(entries: Vec<OwnAddress>, is_local: IsLocal) -> Self {
-        OwnAddresses { entries, is_local }
+        OwnAddresses {
+            entries,
+            is_local,
+            local: HashMap::new(),
+        }
+    }
+
+    /// Forgets which addresses were found local (the host's addresses may have changed).
+    pub fn forget_local_addresses(&mut self) {
+        self.local.clear();
     }
 
     pub fn add(&mut self, own: OwnAddress) {
@@ -93,23 +107,31 @@ impl OwnAddresses {
     }
 
     /// The own address `addr` would reach, if any.
-    pub fn refuses(&self, addr: SocketAddr) -> Option<&OwnAddress> {
+    pub fn refuses(&mut self, addr: SocketAddr) -> Option<&OwnAddress> {
         let ip = canonical(addr.ip());
         // an address at none of our ports is the common case: no local-address check for it
-        let mut same_port = self.entries.iter().filter(|e| e.addr.port() == addr.port());
-        same_port.find(|e| {
-            let own = canonical(e.addr.ip());
+        let n = (0..self.entries.len()).find(|&n| {
+            let e = &self.entries[n];
+            if e.addr.port() != addr.port() {
+                return false;
+            }
+            let (own, not_ours) = (canonical(e.addr.ip()), e.not_ours);
             // reached at every local address of the port
-            let everywhere = own.is_unspecified() || (e.not_ours && self.local(own));
+            let everywhere = own.is_unspecified() || (not_ours && self.local(own));
             own == ip
                 // connecting to 0.0.0.0 or [::] reaches this host's loopback
                 || (ip.is_unspecified() && (everywhere || own.is_loopback()))
                 || (everywhere && self.local(ip))
-        })
+        })?;
+        self.entries.get(n)
     }
 
-    fn local(&self, ip: IpAddr) -> bool {
-        ip.is_loopback() || ip.is_unspecified() || (self.is_local)(ip)
+    fn local(&mut self, ip: IpAddr) -> bool {
+        if ip.is_loopback() || ip.is_unspecified() {
+            return true;
+        }
+        let is_local = &self.is_local;
+        *self.local.entry(ip).or_insert_with(|| is_local(ip))
     }
 }
 
@@ -152,7 +174,7 @@ mod tests {
 
     #[test]
     fn a_specific_listener_is_refused_at_its_address_only() {
-        let o = own(&[("admin listener", "127.0.0.1:9090")]);
+        let mut o = own(&[("admin listener", "127.0.0.1:9090")]);
         assert_eq!(
             o.refuses(sa("127.0.0.1:9090")).map(|e| e.what.as_str()),
             Some("admin listener")
@@ -172,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_wildcard_listener_is_refused_at_every_local_address() {
-        let o = own(&[("proxy listener", "0.0.0.0:8080"), ("tls", "[::]:8443")]);
+        let mut o = own(&[("proxy listener", "0.0.0.0:8080"), ("tls", "[::]:8443")]);
         for a in [
             "127.0.0.1:8080",
             "127.0.0.2:8080",
@@ -194,12 +216,34 @@ mod tests {
 
     #[test]
     fn a_local_etcd_endpoint_is_refused_at_every_local_address_of_its_port() {
-        let o = own(&[("etcd endpoint", "127.0.0.1:2379")]);
+        let mut o = own(&[("etcd endpoint", "127.0.0.1:2379")]);
         assert!(o.refuses(sa("10.0.0.5:2379")).is_some());
         assert!(o.refuses(sa("10.0.0.6:2379")).is_none());
-        let remote = own(&[("etcd endpoint", "10.0.0.7:2379")]);
+        let mut remote = own(&[("etcd endpoint", "10.0.0.7:2379")]);
         assert!(remote.refuses(sa("10.0.0.7:2379")).is_some());
         assert!(remote.refuses(sa("127.0.0.1:2379")).is_none());
+    }
+
+    #[test]
+    fn each_address_is_checked_once_until_forgotten() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let mut o = OwnAddresses::with_is_local(
+            vec![OwnAddress::listener("proxy listener", sa("0.0.0.0:8080"))],
+            Box::new(move |_| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                false
+            }),
+        );
+        for _ in 0..1000 {
+            assert!(o.refuses(sa("10.0.0.9:8080")).is_none());
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        o.forget_local_addresses();
+        assert!(o.refuses(sa("10.0.0.9:8080")).is_none());
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
     }
 
     #[test]
