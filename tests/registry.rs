@@ -690,3 +690,29 @@ async fn a_list_page_over_the_message_limit_is_asked_again_with_fewer_keys() {
     assert_eq!(keys.len(), 50, "{keys:?}");
     assert!(proxy.log().contains("asking for fewer keys"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_etcd_makes_the_registry_stale_while_routing_goes_on() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/h/1", b.addr_string()).await;
+    wait_keys(&proxy, "h", &["/services/h/1"]).await;
+    let pid = etcd.pid().expect("etcd pid");
+    // frozen, not dead: the connection stays open and nothing arrives (keep-alive finds it)
+    signal(pid, "-STOP");
+    wait_connected(&proxy, false).await;
+    let status = proxy.admin_json("/api/registry").await;
+    assert!(status["stale_since"].is_string(), "{status}");
+    let (code, body) = proxy.get_service("h", "/").await;
+    assert_eq!(code, 200, "routing goes on from the last snapshot: {body}");
+    signal(pid, "-CONT");
+    wait_connected(&proxy, true).await;
+    let status = proxy.admin_json("/api/registry").await;
+    assert_eq!(status["stale_since"], serde_json::Value::Null, "{status}");
+    etcd.put("/services/h/2", b.addr_string()).await;
+    wait_keys(&proxy, "h", &["/services/h/1", "/services/h/2"]).await;
+}

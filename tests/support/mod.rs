@@ -153,6 +153,11 @@ impl EtcdServer {
         panic!("etcd did not become healthy within 20s; log:\n{log}");
     }
 
+    /// The etcd process id (to SIGSTOP it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL, keeping the data dir.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
