@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  services ──put key + lease──▶ etcd ◀──list R, watch R+1 (prefix)── registry (one task)
-//!                                                                       │ Update::{Reset, Batch}
+//!                                                                       │ Update::{Reset, Batch, Resolved}
 //!                                                                       ▼
 //!                                                    catalog: services → instances (owned by that task)
 //!                                                                       │ build

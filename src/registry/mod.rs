@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Every update is applied to the [`Catalog`] and published as one `ArcSwap` store. Readiness is a
-//! latch set after the first complete list.
+//! latch set after the first complete list. DNS names of registrations are resolved by a task of
+//! their own ([`dns`]) whose answers arrive as `Update::Resolved`; addresses that are switchyard
+//! itself are refused ([`own`]).
 //!
 //! Every new watch follows a list: a watch that broke is never resumed from its old revision. A
 //! resumed watch trusts that the member still holds the same history (a wiped etcd that was
