@@ -148,7 +148,7 @@ impl RegistryStatus {
         self.stale_since.lock().ok().and_then(|g| *g)
     }
 
-    /// "stale since 2026-12-03T06:05:57Z (12 s ago): <last error>" while the watch is not
+    /// `stale since 2026-12-03T06:05:57Z (12 s ago): <last error>` while the watch is not
     /// delivering; `None` while it is.
     pub fn stale_detail(&self) -> Option<String> {
         let since = self.stale_since()?;
