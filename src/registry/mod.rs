@@ -21,8 +21,9 @@
 //! The watch counts as delivering (`connected`) once etcd has confirmed it: at once when it was
 //! created at the revision just listed, else after its first response or
 //! [`WATCH_CONFIRM`] without an error. Until then the registry is stale: `/api/registry` and
-//! `/readyz` say since when, and the backoff keeps growing (a "created" reply alone resets
-//! nothing).
+//! `/readyz` say since when. The reconnect backoff is reset only by a watch that delivered for
+//! [`STABLE_WATCH`] before it broke: a watch that is created and fails again and again (a
+//! "created" reply alone proves nothing) makes the backoff grow.
 
 pub mod catalog;
 pub mod codec;
@@ -56,6 +57,10 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// A watch created behind the store's revision (writes landed between the list and the watch)
 /// counts as delivering after this long without an error, or at its first response.
 pub const WATCH_CONFIRM: Duration = Duration::from_secs(1);
+/// A watch that delivered at least this long before it broke resets the reconnect backoff; one
+/// that breaks sooner (created, then an error, again and again) lets it grow, so a failure that
+/// repeats at once costs a list per `etcd.backoff_max_ms`, not one per `backoff_initial_ms`.
+pub const STABLE_WATCH: Duration = Duration::from_secs(10);
 
 /// Why talking to etcd failed. The registry keeps routing with its last snapshot either way.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +292,9 @@ pub struct Registry {
     lookup: Arc<dyn Lookup>,
     /// Cluster id seen at the last complete list.
     cluster_id: Option<u64>,
+    /// Since when the watch has delivered without breaking (re-lists in between); `None` until
+    /// one is confirmed after a break.
+    delivering_since: Option<Instant>,
 }
 
 /// How far a watch has got.
@@ -327,6 +335,7 @@ impl Registry {
             dns_requests: Some(dns_requests),
             lookup: Arc::new(SystemLookup),
             cluster_id: None,
+            delivering_since: None,
         }
     }
 
@@ -567,7 +576,7 @@ impl Registry {
     }
 
     /// The watch is confirmed: it delivers what etcd has.
-    fn delivering(&self, revision: i64, backoff: &mut Backoff) {
+    fn delivering(&mut self, revision: i64) {
         if !self.status.connected() {
             info!(revision, "etcd watch established");
             RECENT.record(
@@ -580,7 +589,8 @@ impl Registry {
         if let Ok(mut g) = self.status.stale_since.lock() {
             *g = None;
         }
-        backoff.reset();
+        // kept through re-lists (resync, compaction): cleared only when the watch breaks
+        self.delivering_since.get_or_insert_with(Instant::now);
     }
 
     async fn watch(
@@ -588,7 +598,6 @@ impl Registry {
         client: &mut Client,
         revision: &mut i64,
         shutdown: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
         resync_at: Instant,
         dns: &mut DnsIo,
     ) -> WatchEnd {
@@ -622,7 +631,7 @@ impl Registry {
                 _ = &mut resync => return WatchEnd::Resync,
                 _ = &mut confirm, if state == WatchState::Unconfirmed => {
                     state = WatchState::Delivering;
-                    self.delivering(*revision, backoff);
+                    self.delivering(*revision);
                     continue;
                 }
                 event = dns.next() => {
@@ -662,7 +671,7 @@ impl Registry {
                 }
                 if header_rev <= *revision {
                     state = WatchState::Delivering;
-                    self.delivering(*revision, backoff);
+                    self.delivering(*revision);
                 } else {
                     state = WatchState::Unconfirmed;
                     confirm
@@ -673,7 +682,7 @@ impl Registry {
             }
             if state != WatchState::Delivering {
                 state = WatchState::Delivering;
-                self.delivering(*revision, backoff);
+                self.delivering(*revision);
             }
             let events = resp.events();
             if events.is_empty() {
@@ -742,14 +751,7 @@ impl Registry {
                 }
                 let resync_at = Instant::now() + self.cfg.resync_interval;
                 Ok(self
-                    .watch(
-                        c,
-                        &mut revision,
-                        &mut shutdown,
-                        &mut backoff,
-                        resync_at,
-                        &mut dns,
-                    )
+                    .watch(c, &mut revision, &mut shutdown, resync_at, &mut dns)
                     .await)
             }
             .await;
@@ -769,6 +771,13 @@ impl Registry {
                 Ok(WatchEnd::Broken(e)) => (e, false),
                 Err(e) => (e.to_string(), e.needs_new_client()),
             };
+            if self
+                .delivering_since
+                .take()
+                .is_some_and(|t| t.elapsed() >= STABLE_WATCH)
+            {
+                backoff.reset();
+            }
             failures += 1;
             let was_connected = self.status.connected();
             self.status.set_connected(false);
