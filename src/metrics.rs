@@ -95,7 +95,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         registry_connected: register_int_gauge!(
             "switchyard_registry_connected",
-            "1 while the etcd watch is established, else 0."
+            "1 while the etcd watch delivers (confirmed after a list), else 0; see /api/registry stale_since."
         )?,
         registry_revision: register_int_gauge!(
             "switchyard_registry_revision",
@@ -115,7 +115,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         registry_relists: register_int_counter!(
             "switchyard_registry_relists_total",
-            "Full lists of the prefix (start, compaction, resync, etcd reset)."
+            "Full lists of the prefix (start, every reconnect, compaction, resync)."
         )?,
         registry_reconnects: register_int_counter!(
             "switchyard_registry_reconnects_total",
