@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use switchyard::registry::catalog::{Catalog, Change, SystemResolver, Update};
+use switchyard::registry::catalog::{Catalog, Change, Update};
 use switchyard::routing::{Health, Policy, Router, RoutingTable, ServiceSettings};
 
 fn catalog() -> Catalog {
@@ -24,7 +24,7 @@ fn catalog() -> Catalog {
         Vec::<Arc<str>>::new(),
         Arc::new(|_: &str| ServiceSettings::default()),
         Health::Healthy,
-        Box::new(SystemResolver),
+        switchyard::registry::dns::Requests::detached(),
     )
 }
 
@@ -82,7 +82,7 @@ fn select(c: &mut Criterion) {
                 ..Default::default()
             }),
             Health::Healthy,
-            Box::new(SystemResolver),
+            switchyard::registry::dns::Requests::detached(),
         );
         let (t, _) = cat.apply(
             &RoutingTable::default(),

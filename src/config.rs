@@ -220,6 +220,8 @@ pub struct EtcdSection {
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
     pub resync_interval_ms: u64,
+    pub dns_refresh_ms: u64,
+    pub dns_timeout_ms: u64,
     pub username: Option<String>,
     pub password: Option<String>,
 }
@@ -234,6 +236,8 @@ impl Default for EtcdSection {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             resync_interval_ms: 60_000,
+            dns_refresh_ms: 30_000,
+            dns_timeout_ms: 5_000,
             username: None,
             password: None,
         }
@@ -475,10 +479,35 @@ pub struct EtcdConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub resync_interval: Duration,
+    /// Registered DNS names are looked up again this often.
+    pub dns_refresh: Duration,
+    /// One lookup of a registered name may take this long.
+    pub dns_timeout: Duration,
     pub credentials: Option<(String, String)>,
 }
 
 impl Config {
+    /// switchyard's own listeners. An instance registered at one of them is refused (it would
+    /// make the proxy a door to itself); a new listener adds itself here.
+    pub fn own_listeners(&self) -> Vec<crate::registry::OwnAddress> {
+        use crate::registry::OwnAddress;
+        let mut own = vec![
+            OwnAddress::listener("proxy listener", self.proxy.listen),
+            OwnAddress::listener("admin listener", self.admin_listen),
+        ];
+        if let Some(c) = &self.consul {
+            own.push(OwnAddress::listener("Consul API listener", c.listen));
+        }
+        if let Some(t) = &self.tls {
+            own.extend(
+                t.listen
+                    .iter()
+                    .map(|a| OwnAddress::listener("TLS listener", *a)),
+            );
+        }
+        own
+    }
+
     /// Settings for `service`, falling back to defaults.
     pub fn service_settings(&self, service: &str) -> ServiceSettings {
         self.services
@@ -672,6 +701,8 @@ impl FileConfig {
             backoff_initial: ms("etcd.backoff_initial_ms", e.backoff_initial_ms)?,
             backoff_max: ms("etcd.backoff_max_ms", e.backoff_max_ms)?,
             resync_interval: ms("etcd.resync_interval_ms", e.resync_interval_ms)?,
+            dns_refresh: ms("etcd.dns_refresh_ms", e.dns_refresh_ms)?,
+            dns_timeout: ms("etcd.dns_timeout_ms", e.dns_timeout_ms)?,
             credentials,
         };
 
@@ -1138,6 +1169,8 @@ mod tests {
             ("[etcd]\nendpoints = []", "etcd.endpoints"),
             ("[etcd]\nendpoints = [\"http://x\"]", "etcd.endpoints"),
             ("[etcd]\nprefix = \"services\"", "etcd.prefix"),
+            ("[etcd]\ndns_refresh_ms = 0", "etcd.dns_refresh_ms"),
+            ("[etcd]\ndns_timeout_ms = 0", "etcd.dns_timeout_ms"),
             (
                 "[[routing.routes]]\nservice = \"bad name\"\npath_prefix=\"/a\"",
                 "routing.routes[0].service",

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  services ──put key + lease──▶ etcd ◀──list R, watch R+1 (prefix)── registry (one task)
-//!                                                                       │ Update::{Reset, Batch}
+//!                                                                       │ Update::{Reset, Batch, Resolved}
 //!                                                                       ▼
 //!                                                    catalog: services → instances (owned by that task)
 //!                                                                       │ build
@@ -24,7 +24,9 @@
 //!
 //! - [`config`]: TOML file → `FileConfig` → validated [`config::Config`]; the embedded default.
 //! - [`cli`]: clap definitions of `serve`, `check-config`, `register`, `services`.
-//! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`] and the value codecs.
+//! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`], the value codecs, DNS
+//!   names resolved off the registry task (`registry::dns`) and the refused own addresses
+//!   (`registry::own`).
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot (its [`routing::ServiceMap`] is shared
 //!   between snapshots in copy-on-write shards), route matching and selection policies.
 //! - [`health`]: active probes (HTTP, HTTPS, TCP, gRPC), passive detection, the probe scheduler and the

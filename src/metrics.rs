@@ -53,6 +53,9 @@ pub struct Metrics {
     pub registry_relists: IntCounter,
     pub registry_reconnects: IntCounter,
     pub registry_last_update: IntGauge,
+    pub registry_dns_names: IntGauge,
+    pub registry_dns_failing: IntGauge,
+    pub registry_dns_failures: IntCounter,
     pub snapshot_updates: IntCounter,
     pub snapshot_apply_seconds: HistogramVec,
 }
@@ -114,7 +117,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         registry_connected: register_int_gauge!(
             "switchyard_registry_connected",
-            "1 while the etcd watch is established, else 0."
+            "1 while the etcd watch delivers (confirmed after a list), else 0; see /api/registry stale_since."
         )?,
         registry_revision: register_int_gauge!(
             "switchyard_registry_revision",
@@ -134,7 +137,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         registry_relists: register_int_counter!(
             "switchyard_registry_relists_total",
-            "Full lists of the prefix (start, compaction, resync, etcd reset)."
+            "Full lists of the prefix (start, every reconnect, compaction, resync)."
         )?,
         registry_reconnects: register_int_counter!(
             "switchyard_registry_reconnects_total",
@@ -143,6 +146,18 @@ fn build() -> Result<Metrics, prometheus::Error> {
         registry_last_update: register_int_gauge!(
             "switchyard_registry_last_update_timestamp_seconds",
             "Unix time of the last routing snapshot update."
+        )?,
+        registry_dns_names: register_int_gauge!(
+            "switchyard_registry_dns_names",
+            "DNS names used by registrations (resolved off the registry task, every etcd.dns_refresh_ms)."
+        )?,
+        registry_dns_failing: register_int_gauge!(
+            "switchyard_registry_dns_failing_names",
+            "Registered DNS names whose last lookup failed (instances keep their last good address)."
+        )?,
+        registry_dns_failures: register_int_counter!(
+            "switchyard_registry_dns_lookup_failures_total",
+            "Lookups of registered DNS names that failed or timed out."
         )?,
         snapshot_updates: register_int_counter!(
             "switchyard_snapshot_updates_total",

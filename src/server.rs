@@ -138,7 +138,8 @@ impl Switchyard {
             pinned,
             settings,
             config.health.initial_health(),
-        );
+        )
+        .refusing(config.own_listeners());
         // bound here, not by pingora: a port in use is an error now, naming the setting
         let consul = match &config.consul {
             None => None,

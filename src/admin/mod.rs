@@ -210,6 +210,8 @@ impl AdminApp {
         json!({
             "ready": self.status.ready(),
             "connected": self.status.connected(),
+            "stale_since": self.status.stale_since().map(crate::registry::rfc3339),
+            "stale": self.status.stale_detail(),
             "revision": self.status.revision(),
             "endpoints": self.etcd_endpoints,
             "prefix": self.prefix,
@@ -217,6 +219,14 @@ impl AdminApp {
             "last_update_unix": self.status.last_update().map(|t| unix_ms(t) / 1000),
             "relists": self.status.relists.load(Ordering::Relaxed),
             "reconnects": self.status.reconnects.load(Ordering::Relaxed),
+            "dns_failing": self.status.failing_names().into_iter()
+                .map(|n| json!({
+                    "name": n.name,
+                    "since": crate::registry::rfc3339(n.since),
+                    "error": n.error,
+                    "last_good": n.last_good.map(|ip| ip.to_string()),
+                }))
+                .collect::<Vec<_>>(),
             "invalid_registrations": self.status.invalid_entries().into_iter()
                 .map(|(key, reason)| json!({"key": key, "reason": reason}))
                 .collect::<Vec<_>>(),
@@ -244,7 +254,12 @@ impl AdminApp {
                     );
                     reply(503, "text/plain", why.into_bytes())
                 } else if self.status.ready() {
-                    reply(200, "text/plain", b"ready\n".to_vec())
+                    // still ready: the last snapshot keeps routing; say that it may lag etcd
+                    let body = match self.status.stale_detail() {
+                        Some(stale) => format!("ready (registry {stale})\n"),
+                        None => "ready\n".to_string(),
+                    };
+                    reply(200, "text/plain", body.into_bytes())
                 } else {
                     let why = match self.status.last_error() {
                         Some(e) => format!("not ready: no complete etcd list yet ({e})\n"),

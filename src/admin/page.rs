@@ -62,7 +62,13 @@ pub fn render(app: &AdminApp, only: Option<&str>) -> String {
         st.relists.load(Ordering::Relaxed),
         st.reconnects.load(Ordering::Relaxed),
     );
-    if let Some(e) = st.last_error() {
+    if let Some(stale) = st.stale_detail() {
+        let _ = write!(
+            h,
+            "<tr><th>view</th><td class=\"bad\">{}</td></tr>",
+            escape(&stale)
+        );
+    } else if let Some(e) = st.last_error() {
         let _ = write!(
             h,
             "<tr><th>last error</th><td class=\"bad\">{}</td></tr>",
@@ -91,6 +97,29 @@ pub fn render(app: &AdminApp, only: Option<&str>) -> String {
         }
     } else {
         summary(&mut h, &services, instances);
+    }
+    let failing = st.failing_names();
+    if !failing.is_empty() {
+        h.push_str(
+            "<h2>Names not resolving</h2><table><tr><th>name</th><th>since</th>\
+             <th>error</th><th>routed at</th></tr>",
+        );
+        for n in failing.iter().take(200) {
+            let routed = n
+                .last_good
+                .map_or("nothing (never resolved)".to_string(), |ip| {
+                    format!("{ip} (last good address)")
+                });
+            let _ = write!(
+                h,
+                "<tr><td><code>{}</code></td><td>{}</td><td class=\"bad\">{}</td><td>{}</td></tr>",
+                escape(&n.name),
+                crate::registry::rfc3339(n.since),
+                escape(&n.error),
+                escape(&routed)
+            );
+        }
+        h.push_str("</table>");
     }
     let invalid = st.invalid_entries();
     if !invalid.is_empty() {

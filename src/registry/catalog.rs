@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
-use super::codec::{self, DecodeError, HostPort, Registration};
+use super::codec::{self, Registration};
+use super::dns::{self, Address, Names, Resolved};
+use super::own::OwnAddresses;
 use crate::routing::{Health, Instance, InstanceState, RoutingTable, Service, ServiceSettings};
 
 /// One change from etcd, in the registry's vocabulary.
@@ -30,34 +32,8 @@ pub enum Update {
     },
     /// The events of one watch response.
     Batch { revision: i64, changes: Vec<Change> },
-}
-
-/// Resolves a registered address to the socket address we connect to.
-pub trait Resolve {
-    fn resolve(&self, addr: &HostPort) -> Result<SocketAddr, String>;
-}
-
-/// Resolves IP literals directly and DNS names with the system resolver.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemResolver;
-
-impl Resolve for SystemResolver {
-    fn resolve(&self, addr: &HostPort) -> Result<SocketAddr, String> {
-        if let Ok(ip) = addr.host.parse::<std::net::IpAddr>() {
-            return Ok(SocketAddr::new(ip, addr.port));
-        }
-        use std::net::ToSocketAddrs;
-        let mut addrs: Vec<SocketAddr> = (addr.host.as_str(), addr.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {addr}: {e}"))?
-            .collect();
-        // prefer IPv4 for names like "localhost" that resolve to both
-        addrs.sort_by_key(|a| !a.is_ipv4());
-        addrs
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("{addr} resolved to no address"))
-    }
+    /// Answers of the resolver for names in use (the revision stays).
+    Resolved { names: Vec<Resolved> },
 }
 
 /// Why an entry is invalid (kept so status pages and 503 bodies can say so).
@@ -65,6 +41,16 @@ impl Resolve for SystemResolver {
 pub struct InvalidEntry {
     pub service: Option<Arc<str>>,
     pub reason: String,
+    /// Fingerprint of the value that was refused: the same value again (every re-list) is not
+    /// counted or logged again.
+    value: u64,
+}
+
+fn fingerprint(value: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Default)]
@@ -103,7 +89,10 @@ pub struct Catalog {
     pinned: HashSet<Arc<str>>,
     settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
     initial_health: Health,
-    resolver: Box<dyn Resolve + Send + Sync>,
+    /// DNS names in use, their last answers (resolved off this task).
+    names: Names,
+    /// switchyard's own listeners and etcd: an instance there is refused.
+    own: OwnAddresses,
 }
 
 impl Catalog {
@@ -112,7 +101,7 @@ impl Catalog {
         pinned: impl IntoIterator<Item = Arc<str>>,
         settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
         initial_health: Health,
-        resolver: Box<dyn Resolve + Send + Sync>,
+        dns: dns::Requests,
     ) -> Self {
         Catalog {
             prefix,
@@ -122,8 +111,29 @@ impl Catalog {
             pinned: pinned.into_iter().collect(),
             settings,
             initial_health,
-            resolver,
+            names: Names::new(dns),
+            own: OwnAddresses::default(),
         }
+    }
+
+    /// Asks the resolver again for every name in use.
+    pub fn refresh_names(&mut self) {
+        self.names.refresh();
+    }
+
+    /// Names that do not resolve now.
+    pub fn failing_names(&self) -> Vec<dns::FailingName> {
+        self.names.failing()
+    }
+
+    /// DNS names used by registrations.
+    pub fn name_count(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The addresses refused as instance addresses (applies to later updates).
+    pub fn own_addresses_mut(&mut self) -> &mut OwnAddresses {
+        &mut self.own
     }
 
     pub fn instance_count(&self) -> usize {
@@ -140,11 +150,14 @@ impl Catalog {
         let mut touched: HashSet<Arc<str>> = HashSet::new();
         let revision = match update {
             Update::Reset { revision, kvs } => {
+                self.own.forget_local_addresses();
                 let listed: HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_slice()).collect();
                 let valid = self.services.values().flat_map(|e| &e.instances);
                 let gone: Vec<Arc<str>> = valid
                     .map(|i| &i.key)
                     .chain(self.invalid.keys())
+                    // waiting for their name's first answer
+                    .chain(self.names.keys())
                     .filter(|k| !listed.contains(k.as_bytes()))
                     .cloned()
                     .collect();
@@ -166,6 +179,14 @@ impl Catalog {
                     }
                 }
                 revision
+            }
+            Update::Resolved { names } => {
+                for (host, answer) in names {
+                    for (key, value) in self.names.resolved(&host, answer) {
+                        self.put(key.as_bytes(), &value, &mut touched, &mut stats);
+                    }
+                }
+                current.revision
             }
         };
         let mut services = current.services.clone();
@@ -209,29 +230,34 @@ impl Catalog {
             let reg = codec::decode_value(value)?;
             Ok((parts.service.to_string(), parts.instance.to_string(), reg))
         });
+        let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
         let (service, id, reg) = match decoded {
             Ok(v) => v,
-            Err(e) => return self.mark_invalid(key, e.to_string(), touched, stats),
-        };
-        let addr = match self.resolver.resolve(&reg.addr) {
-            Ok(a) => a,
-            Err(reason) => return self.mark_invalid(key, reason, touched, stats),
-        };
-        let key_str: Arc<str> = match std::str::from_utf8(key) {
-            Ok(k) => k.into(),
-            Err(_) => {
-                return self.mark_invalid(key, DecodeError::KeyNotUtf8.to_string(), touched, stats)
+            Err(e) => {
+                self.names.forget(&key_str);
+                return self.mark_invalid(key, value, e.to_string(), touched, stats);
             }
         };
-        // a key that was invalid and is now valid
-        if let Some(old) = self.invalid.remove(&key_str) {
-            if let Some(svc) = old.service {
-                if let Some(e) = self.services.get_mut(&svc) {
-                    e.invalid.remove(&key_str);
-                }
-                touched.insert(svc);
+        let ip = match self.names.address(&key_str, value, &reg.addr.host) {
+            Address::Ready(ip) => ip,
+            Address::Pending => {
+                // not routed until its name answers; not invalid either
+                debug!(key = %key_str, name = %reg.addr.host, "waiting for the name to resolve");
+                self.remove_valid(&key_str, touched, stats);
+                self.clear_invalid(&key_str, touched);
+                return;
             }
+            Address::Failed(reason) => {
+                return self.mark_invalid(key, value, reason, touched, stats);
+            }
+        };
+        let addr = SocketAddr::new(ip, reg.addr.port);
+        if let Some(own) = self.own.refuses(addr) {
+            let reason = format!("address {addr} is switchyard's own {own}");
+            return self.mark_invalid(key, value, reason, touched, stats);
         }
+        // a key that was invalid and is now valid
+        self.clear_invalid(&key_str, touched);
         let service: Arc<str> = self
             .services
             .get_key_value(service.as_str())
@@ -291,11 +317,21 @@ impl Catalog {
     fn mark_invalid(
         &mut self,
         key: &[u8],
+        value: &[u8],
         reason: String,
         touched: &mut HashSet<Arc<str>>,
         stats: &mut ApplyStats,
     ) {
         let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
+        let value = fingerprint(value);
+        if self
+            .invalid
+            .get(&key_str)
+            .is_some_and(|e| e.value == value && e.reason == reason)
+        {
+            // refused before for the same value (a re-list): counted and logged then
+            return;
+        }
         warn!(key = %key_str, error = %reason, "skipping invalid registration");
         crate::events::RECENT.record(
             "registry",
@@ -313,8 +349,14 @@ impl Catalog {
                 .insert(key_str.clone());
             touched.insert(svc.clone());
         }
-        self.invalid
-            .insert(key_str, InvalidEntry { service, reason });
+        self.invalid.insert(
+            key_str,
+            InvalidEntry {
+                service,
+                reason,
+                value,
+            },
+        );
     }
 
     fn remove_valid(
@@ -345,10 +387,15 @@ impl Catalog {
     fn delete(&mut self, key: &[u8], touched: &mut HashSet<Arc<str>>, stats: &mut ApplyStats) {
         let key_str: Arc<str> = String::from_utf8_lossy(key).into_owned().into();
         self.remove_valid(&key_str, touched, stats);
-        if let Some(old) = self.invalid.remove(&key_str) {
+        self.clear_invalid(&key_str, touched);
+        self.names.forget(&key_str);
+    }
+
+    fn clear_invalid(&mut self, key: &Arc<str>, touched: &mut HashSet<Arc<str>>) {
+        if let Some(old) = self.invalid.remove(key) {
             if let Some(svc) = old.service {
                 if let Some(e) = self.services.get_mut(&svc) {
-                    e.invalid.remove(&key_str);
+                    e.invalid.remove(key);
                 }
                 touched.insert(svc);
             }
@@ -360,27 +407,31 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    struct FakeDns;
-    impl Resolve for FakeDns {
-        fn resolve(&self, addr: &HostPort) -> Result<SocketAddr, String> {
-            match addr.host.as_str() {
-                "backend.test" => Ok(SocketAddr::from(([127, 0, 0, 9], addr.port))),
-                h => h
-                    .parse::<std::net::IpAddr>()
-                    .map(|ip| SocketAddr::new(ip, addr.port))
-                    .map_err(|_| format!("cannot resolve {addr}")),
-            }
-        }
-    }
-
     fn catalog() -> Catalog {
         Catalog::new(
             "/s/".into(),
             [Arc::from("pinned")],
             Arc::new(|_: &str| ServiceSettings::default()),
             Health::Healthy,
-            Box::new(FakeDns),
+            dns::Requests::detached(),
         )
+    }
+
+    /// What the resolver would answer for the test's names.
+    fn fake_dns(host: &str) -> Result<Vec<std::net::IpAddr>, dns::DnsError> {
+        match host {
+            "backend.test" => Ok(vec!["::9".parse().unwrap(), "127.0.0.9".parse().unwrap()]),
+            h => Err(dns::DnsError::Failed {
+                host: h.to_string(),
+                reason: "no such name".into(),
+            }),
+        }
+    }
+
+    fn answer(host: &str, r: Result<Vec<std::net::IpAddr>, dns::DnsError>) -> Update {
+        Update::Resolved {
+            names: vec![(host.to_string(), r)],
+        }
     }
 
     fn put(k: &str, v: &str) -> Change {
@@ -388,6 +439,12 @@ mod tests {
             key: k.as_bytes().to_vec(),
             value: v.as_bytes().to_vec(),
         }
+    }
+
+    /// `/s/a/1` and `/s/a/2` at revision 2.
+    fn two_instances(c: &mut Catalog) -> RoutingTable {
+        let puts = vec![put("/s/a/1", "127.0.0.1:1"), put("/s/a/2", "127.0.0.1:2")];
+        c.apply(&RoutingTable::default(), batch(2, puts)).0
     }
 
     fn batch(rev: i64, changes: Vec<Change>) -> Update {
@@ -414,7 +471,18 @@ mod tests {
                 ],
             ),
         );
-        assert_eq!((s.added, s.invalid), (2, 3));
+        // the names wait for the resolver; everything else is applied at once
+        assert_eq!((s.added, s.invalid), (1, 2));
+        assert_eq!(t1.service("a").unwrap().instances.len(), 1);
+        let (t1, s) = c.apply(
+            &t1,
+            Update::Resolved {
+                names: ["backend.test", "nowhere.test"]
+                    .map(|h| (h.to_string(), fake_dns(h)))
+                    .to_vec(),
+            },
+        );
+        assert_eq!((s.added, s.invalid), (1, 1));
         assert_eq!(t1.revision, 2);
         let a = t1.service("a").unwrap();
         assert_eq!(a.instances.len(), 2);
@@ -455,6 +523,166 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_at_an_own_address_is_refused_and_stops_being_routed() {
+        use super::super::own::OwnAddress;
+        let mut c = catalog();
+        c.own_addresses_mut().add(OwnAddress::listener(
+            "admin listener",
+            "127.0.0.1:9090".parse().unwrap(),
+        ));
+        let t1 = two_instances(&mut c);
+        let (t2, s) = c.apply(
+            &t1,
+            batch(
+                3,
+                vec![
+                    put("/s/a/2", "127.0.0.1:9090"),
+                    put(
+                        "/s/adm/1",
+                        r#"{"addr":"127.0.0.1:9090","metadata":{"health_path":"/healthz"}}"#,
+                    ),
+                ],
+            ),
+        );
+        assert_eq!((s.removed, s.invalid), (1, 2));
+        assert_eq!(t2.service("a").unwrap().instances.len(), 1);
+        assert_eq!(
+            t2.service("adm").unwrap().instances.len(),
+            0,
+            "known, not routable"
+        );
+        let reasons: Vec<String> = c.invalid_entries().map(|(_, e)| e.reason.clone()).collect();
+        assert!(
+            reasons
+                .iter()
+                .all(|r| r.contains("switchyard's own admin listener (127.0.0.1:9090)")),
+            "{reasons:?}"
+        );
+    }
+
+    fn addrs(t: &RoutingTable, service: &str) -> Vec<String> {
+        t.service(service)
+            .map(|s| s.instances.iter().map(|i| i.addr.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_name_that_resolved_once_keeps_routing_while_dns_fails() {
+        let (requests, mut asked) = dns::Requests::channel();
+        let mut c = Catalog::new(
+            "/s/".into(),
+            Vec::<Arc<str>>::new(),
+            Arc::new(|_: &str| ServiceSettings::default()),
+            Health::Healthy,
+            requests,
+        );
+        let listed = || Update::Reset {
+            revision: 7,
+            kvs: vec![
+                (b"/s/n/1".to_vec(), b"backend.test:80".to_vec()),
+                (b"/s/n/2".to_vec(), b"backend.test:81".to_vec()),
+                (b"/s/n/ip".to_vec(), b"127.0.0.1:82".to_vec()),
+            ],
+        };
+        // the IP registration is routed at once; the name waits, asked for once
+        let (t1, s) = c.apply(&RoutingTable::default(), listed());
+        assert_eq!((s.added, s.invalid), (1, 0));
+        assert_eq!(asked.try_recv().ok().as_deref(), Some("backend.test"));
+        assert!(asked.try_recv().is_err(), "one lookup per name in flight");
+        let (t2, s) = c.apply(&t1, answer("backend.test", fake_dns("backend.test")));
+        assert_eq!(s.added, 2);
+        assert_eq!(
+            addrs(&t2, "n"),
+            ["127.0.0.9:80", "127.0.0.9:81", "127.0.0.1:82"]
+        );
+        let state = t2.service("n").unwrap().instances[0].state.clone();
+        // DNS fails: nothing changes but the failing list
+        let servfail = dns::DnsError::Timeout {
+            host: "backend.test".into(),
+            after: std::time::Duration::from_secs(5),
+        };
+        let (t3, s) = c.apply(&t2, answer("backend.test", Err(servfail)));
+        assert_eq!(s, ApplyStats::default());
+        let failing = c.failing_names();
+        assert_eq!(failing.len(), 1);
+        assert_eq!(failing[0].last_good, Some("127.0.0.9".parse().unwrap()));
+        assert!(failing[0].error.contains("timed out"), "{failing:?}");
+        // a re-list meanwhile resolves nothing and removes nothing
+        c.refresh_names();
+        assert_eq!(asked.try_recv().ok().as_deref(), Some("backend.test"));
+        let (t4, s) = c.apply(&t3, listed());
+        assert_eq!((s.removed, s.invalid), (0, 0));
+        assert_eq!(addrs(&t4, "n").len(), 3);
+        assert!(Arc::ptr_eq(
+            &t4.service("n").unwrap().instances[0].state,
+            &state
+        ));
+        // it resolves again, elsewhere: the instances move
+        let moved = Ok(vec!["127.0.0.10".parse().unwrap()]);
+        let (t5, s) = c.apply(&t4, answer("backend.test", moved));
+        assert_eq!(s.updated, 2);
+        assert_eq!(
+            addrs(&t5, "n"),
+            ["127.0.0.10:80", "127.0.0.10:81", "127.0.0.1:82"]
+        );
+        assert!(c.failing_names().is_empty());
+        // deleting every user forgets the name
+        let deletes = ["/s/n/1", "/s/n/2"].map(|k| Change::Delete {
+            key: k.as_bytes().to_vec(),
+        });
+        c.apply(&t5, batch(8, deletes.to_vec()));
+        assert_eq!(c.name_count(), 0);
+    }
+
+    #[test]
+    fn a_name_that_never_resolved_is_invalid_until_it_does() {
+        let mut c = catalog();
+        let (t1, _) = c.apply(
+            &RoutingTable::default(),
+            batch(2, vec![put("/s/n/1", "nowhere.test:80")]),
+        );
+        let (t2, s) = c.apply(&t1, answer("nowhere.test", fake_dns("nowhere.test")));
+        assert_eq!(s.invalid, 1);
+        assert_eq!(t2.service("n").unwrap().invalid, 1);
+        // failing again: not counted again
+        let (t3, s) = c.apply(&t2, answer("nowhere.test", fake_dns("nowhere.test")));
+        assert_eq!(s, ApplyStats::default());
+        let (t4, s) = c.apply(&t3, answer("nowhere.test", fake_dns("backend.test")));
+        assert_eq!((s.added, c.invalid_entries().count()), (1, 0));
+        assert_eq!(addrs(&t4, "n"), ["127.0.0.9:80"]);
+    }
+
+    #[test]
+    fn an_invalid_key_is_counted_once_until_its_value_changes() {
+        let mut c = catalog();
+        let list = |v: &str| Update::Reset {
+            revision: 5,
+            kvs: vec![
+                (b"/s/a/bad".to_vec(), v.as_bytes().to_vec()),
+                (b"/s/a/1".to_vec(), b"127.0.0.1:1".to_vec()),
+            ],
+        };
+        let (t1, s) = c.apply(&RoutingTable::default(), list("garbage"));
+        assert_eq!((s.added, s.invalid), (1, 1));
+        // every later re-list sees the same garbage: not counted again
+        let (t2, s) = c.apply(&t1, list("garbage"));
+        assert_eq!(
+            s,
+            ApplyStats::default(),
+            "an unchanged list changes nothing"
+        );
+        // a different bad value is news
+        let (t3, s) = c.apply(&t2, list("still garbage"));
+        assert_eq!(s.invalid, 1);
+        // fixed, then broken again with the first value: counted again
+        let (t4, s) = c.apply(&t3, list("127.0.0.1:2"));
+        assert_eq!((s.added, s.invalid), (1, 0));
+        let (_, s) = c.apply(&t4, list("garbage"));
+        assert_eq!((s.removed, s.invalid), (1, 1));
+        assert_eq!(c.invalid_entries().count(), 1);
+    }
+
+    #[test]
     fn state_survives_weight_and_metadata_changes_not_address_changes() {
         let mut c = catalog();
         let (t1, _) = c.apply(
@@ -488,13 +716,7 @@ mod tests {
     #[test]
     fn reset_removes_what_is_not_listed() {
         let mut c = catalog();
-        let (t1, _) = c.apply(
-            &RoutingTable::default(),
-            batch(
-                2,
-                vec![put("/s/a/1", "127.0.0.1:1"), put("/s/a/2", "127.0.0.1:2")],
-            ),
-        );
+        let t1 = two_instances(&mut c);
         let (t2, s) = c.apply(
             &t1,
             Update::Reset {

@@ -26,7 +26,7 @@ pub enum DecodeError {
     OutsidePrefix(String),
     #[error("key {0:?} has no instance part (expected <prefix><service>/<instance-id>)")]
     NoInstance(String),
-    #[error("invalid service name {0:?} (allowed: A-Z a-z 0-9 . _ -)")]
+    #[error("invalid service name {0:?} (allowed: A-Z a-z 0-9 . _ -, not \".\" or \"..\")")]
     BadServiceName(String),
     #[error("value is not utf-8")]
     ValueNotUtf8,
@@ -82,9 +82,12 @@ pub struct KeyParts<'a> {
     pub instance: &'a str,
 }
 
-/// Is `name` a valid service name (`[A-Za-z0-9._-]+`)?
+/// Is `name` a valid service name (`[A-Za-z0-9._-]+`, but not `.` or `..`, which a path would
+/// resolve as directories)?
 pub fn valid_service_name(name: &str) -> bool {
     !name.is_empty()
+        && name != "."
+        && name != ".."
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -346,6 +349,17 @@ mod tests {
             decode_key("/services/", b"/services//x"),
             Err(DecodeError::BadServiceName(_))
         ));
+        for dots in ["/services/./x", "/services/../x"] {
+            assert!(
+                matches!(
+                    decode_key("/services/", dots.as_bytes()),
+                    Err(DecodeError::BadServiceName(_))
+                ),
+                "{dots} must be refused"
+            );
+        }
+        assert!(decode_key("/services/", b"/services/.../x").is_ok());
+        assert!(decode_key("/services/", b"/services/.a/x").is_ok());
         assert!(matches!(
             decode_key("/services/", b"\xff"),
             Err(DecodeError::KeyNotUtf8)

@@ -3,15 +3,32 @@
 //! ```text
 //! connect ─▶ list prefix at R ─▶ Update::Reset ─▶ watch prefix from R+1 ─▶ Update::Batch per response
 //!    ▲                 ▲                                  │
-//!    │                 └── compaction / revision went back / resync timer
-//!    └── error: keep the last snapshot, back off (capped, jittered), resume from the last revision
+//!    │                 └── compaction / resync timer ◀────┤
+//!    └── error: keep the last snapshot, back off (capped, jittered), then list again ◀──┘
 //! ```
 //!
 //! Every update is applied to the [`Catalog`] and published as one `ArcSwap` store. Readiness is a
-//! latch set after the first complete list.
+//! latch set after the first complete list. DNS names of registrations are resolved by a task of
+//! their own ([`dns`]) whose answers arrive as `Update::Resolved`; addresses that are switchyard
+//! itself are refused ([`own`]).
+//!
+//! Every new watch follows a list: a watch that broke is never resumed from its old revision. A
+//! resumed watch trusts that the member still holds the same history (a wiped etcd that was
+//! re-registered past our revision does not), and its catch-up message can grow without bound
+//! (the events of a long partition). A list is one consistent view at one revision, diffed
+//! against the catalog, so instance state survives it.
+//!
+//! The watch counts as delivering (`connected`) once etcd has confirmed it: at once when it was
+//! created at the revision just listed, else after its first response or
+//! [`WATCH_CONFIRM`] without an error. Until then the registry is stale: `/api/registry` and
+//! `/readyz` say since when. The reconnect backoff is reset only by a watch that delivered for
+//! [`STABLE_WATCH`] before it broke: a watch that is created and fails again and again (a
+//! "created" reply alone proves nothing) makes the backoff grow.
 
 pub mod catalog;
 pub mod codec;
+pub mod dns;
+pub mod own;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,20 +36,55 @@ use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-pub use catalog::{Catalog, Change, SystemResolver, Update};
+pub use catalog::{Catalog, Change, Update};
+pub use dns::{FailingName, Lookup, SystemLookup};
+pub use own::{OwnAddress, OwnAddresses};
 
 use crate::config::EtcdConfig;
 use crate::events::RECENT;
 use crate::metrics::METRICS;
 use crate::routing::{Health, ServiceSettings, SharedTable};
 
-/// Keys per page when listing the prefix.
+/// Keys per page when listing the prefix; a page larger than [`MAX_MESSAGE_BYTES`] (big values)
+/// is asked again with a quarter of the keys, down to one.
 const LIST_PAGE: i64 = 2_000;
-/// Largest list response accepted (a page of big values); gRPC's default is 4 MiB.
-const LIST_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest list page or watch response accepted (a page of big values, the events of one
+/// revision); gRPC's default is 4 MiB.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// A watch created behind the store's revision (writes landed between the list and the watch)
+/// counts as delivering after this long without an error, or at its first response.
+pub const WATCH_CONFIRM: Duration = Duration::from_secs(1);
+/// A watch that delivered at least this long before it broke resets the reconnect backoff; one
+/// that breaks sooner (created, then an error, again and again) lets it grow, so a failure that
+/// repeats at once costs a list per `etcd.backoff_max_ms`, not one per `backoff_initial_ms`.
+pub const STABLE_WATCH: Duration = Duration::from_secs(10);
+
+/// Why talking to etcd failed. The registry keeps routing with its last snapshot either way.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("connect to etcd timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("connect to etcd failed: {0}")]
+    Connect(#[source] etcd_client::Error),
+    #[error("list of the prefix timed out")]
+    ListTimeout,
+    #[error("list of the prefix failed: {0}")]
+    List(#[source] etcd_client::Error),
+}
+
+impl RegistryError {
+    /// A failed connect is retried with a new client; after any other error the client
+    /// reconnects by itself.
+    fn needs_new_client(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::ConnectTimeout(_) | RegistryError::Connect(_)
+        )
+    }
+}
 
 /// The end of the key range `[prefix, end)` that holds every key starting with `prefix`.
 pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
@@ -57,8 +109,13 @@ pub struct RegistryStatus {
     pub reconnects: AtomicU64,
     last_error: Mutex<Option<String>>,
     last_update: Mutex<Option<SystemTime>>,
+    /// Since when the watch has not been delivering (broken, or created but not yet confirmed
+    /// after a break); `None` while it delivers.
+    stale_since: Mutex<Option<SystemTime>>,
     /// Invalid registrations currently in etcd: key and reason.
     invalid: Mutex<Vec<(String, String)>>,
+    /// Registered DNS names that do not resolve now.
+    dns_failing: Mutex<Vec<FailingName>>,
 }
 
 impl RegistryStatus {
@@ -84,6 +141,40 @@ impl RegistryStatus {
     pub fn invalid_entries(&self) -> Vec<(String, String)> {
         self.invalid.lock().map(|g| g.clone()).unwrap_or_default()
     }
+    /// Registered DNS names that do not resolve now (sorted by name).
+    pub fn failing_names(&self) -> Vec<FailingName> {
+        self.dns_failing
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+    /// Since when the routed view may lag etcd: the watch broke (or was never confirmed) then.
+    pub fn stale_since(&self) -> Option<SystemTime> {
+        self.stale_since.lock().ok().and_then(|g| *g)
+    }
+
+    /// `stale since 2026-12-03T06:05:57Z (12 s ago): <last error>` while the watch is not
+    /// delivering; `None` while it is.
+    pub fn stale_detail(&self) -> Option<String> {
+        let since = self.stale_since()?;
+        let ago = SystemTime::now()
+            .duration_since(since)
+            .unwrap_or_default()
+            .as_secs();
+        let mut text = format!("stale since {} ({ago} s ago)", rfc3339(since));
+        if let Some(e) = self.last_error() {
+            text.push_str(": ");
+            text.push_str(&e);
+        }
+        Some(text)
+    }
+
+    /// The watch stopped delivering: keep the first time it did.
+    fn set_stale(&self) {
+        if let Ok(mut g) = self.stale_since.lock() {
+            g.get_or_insert_with(SystemTime::now);
+        }
+    }
 
     fn set_connected(&self, v: bool) {
         self.connected.store(v, Ordering::Relaxed);
@@ -94,6 +185,30 @@ impl RegistryStatus {
             *g = e;
         }
     }
+}
+
+/// `t` as UTC `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian calendar).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
 }
 
 /// Capped exponential backoff with full jitter.
@@ -127,11 +242,40 @@ impl Backoff {
     }
 }
 
+/// The registry's side of the resolver task.
+struct DnsIo {
+    answers: mpsc::UnboundedReceiver<dns::Resolved>,
+    refresh: tokio::time::Interval,
+}
+
+enum DnsEvent {
+    /// Every answer waiting: applied as one snapshot.
+    Answers(Vec<dns::Resolved>),
+    Refresh,
+}
+
+impl DnsIo {
+    async fn next(&mut self) -> DnsEvent {
+        tokio::select! {
+            Some(first) = self.answers.recv() => {
+                let mut names = vec![first];
+                while let Ok(more) = self.answers.try_recv() {
+                    names.push(more);
+                }
+                DnsEvent::Answers(names)
+            }
+            _ = self.refresh.tick() => DnsEvent::Refresh,
+        }
+    }
+}
+
 /// Why a watch ended.
 enum WatchEnd {
     Shutdown,
-    /// Re-list: compaction, revision went backwards, cluster changed, resync timer.
+    /// Re-list: compaction.
     Relist(String),
+    /// Re-list: the resync timer (routine, not an event worth recording).
+    Resync,
     /// Stream broke: reconnect and resume from the last revision.
     Broken(String),
 }
@@ -143,8 +287,25 @@ pub struct Registry {
     catalog: Catalog,
     /// Bumped after every published snapshot; the health checker follows it.
     generation: watch::Sender<u64>,
+    /// Names the catalog wants resolved (taken by the resolver task in `run`).
+    dns_requests: Option<mpsc::UnboundedReceiver<String>>,
+    lookup: Arc<dyn Lookup>,
     /// Cluster id seen at the last complete list.
     cluster_id: Option<u64>,
+    /// Since when the watch has delivered without breaking (re-lists in between); `None` until
+    /// one is confirmed after a break.
+    delivering_since: Option<Instant>,
+}
+
+/// How far a watch has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchState {
+    /// Requested, no "created" reply yet.
+    Requested,
+    /// Created behind the store's revision: catch-up events may still be on their way.
+    Unconfirmed,
+    /// Confirmed: it delivers.
+    Delivering,
 }
 
 impl Registry {
@@ -156,12 +317,13 @@ impl Registry {
         settings: Arc<dyn Fn(&str) -> ServiceSettings + Send + Sync>,
         initial_health: Health,
     ) -> Self {
+        let (requests, dns_requests) = dns::Requests::channel();
         let catalog = Catalog::new(
             cfg.prefix.clone(),
             pinned,
             settings,
             initial_health,
-            Box::new(SystemResolver),
+            requests,
         );
         let (generation, _) = watch::channel(0);
         Registry {
@@ -170,8 +332,75 @@ impl Registry {
             status,
             catalog,
             generation,
+            dns_requests: Some(dns_requests),
+            lookup: Arc::new(SystemLookup),
             cluster_id: None,
+            delivering_since: None,
         }
+    }
+
+    /// Resolves registered names with `lookup` instead of the system resolver.
+    pub fn with_lookup(mut self, lookup: Arc<dyn Lookup>) -> Self {
+        self.lookup = lookup;
+        self
+    }
+
+    /// Starts the resolver task; returns the registry's side of it.
+    fn start_resolver(&mut self) -> DnsIo {
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        if let Some(requests) = self.dns_requests.take() {
+            tokio::spawn(dns::resolve_requests(
+                requests,
+                answers_tx,
+                self.lookup.clone(),
+                self.cfg.dns_timeout,
+            ));
+        }
+        let period = self.cfg.dns_refresh;
+        let mut refresh = tokio::time::interval_at((Instant::now() + period).into(), period);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        DnsIo { answers, refresh }
+    }
+
+    fn on_dns(&mut self, event: DnsEvent) {
+        match event {
+            DnsEvent::Answers(names) => self.publish(Update::Resolved { names }, "dns"),
+            DnsEvent::Refresh => self.catalog.refresh_names(),
+        }
+    }
+
+    /// Refuses instances at these addresses (switchyard's listeners); the etcd endpoints are
+    /// added by [`Registry::run`].
+    pub fn refusing(mut self, own: impl IntoIterator<Item = OwnAddress>) -> Self {
+        for o in own {
+            self.catalog.own_addresses_mut().add(o);
+        }
+        self
+    }
+
+    /// Adds the addresses of the etcd endpoints to the refused ones (names resolved off this
+    /// task, each within the dial timeout).
+    async fn refuse_etcd_endpoints(&mut self) {
+        for ep in &self.cfg.endpoints {
+            let hostport = ep.split_once("://").map_or(ep.as_str(), |(_, r)| r);
+            let hostport = hostport.split('/').next().unwrap_or(hostport);
+            let resolved =
+                tokio::time::timeout(self.cfg.dial_timeout, tokio::net::lookup_host(hostport))
+                    .await;
+            match resolved {
+                Ok(Ok(addrs)) => {
+                    for addr in addrs {
+                        let own = OwnAddress::endpoint(format!("etcd endpoint {ep}"), addr);
+                        self.catalog.own_addresses_mut().add(own);
+                    }
+                }
+                Ok(Err(e)) => warn!(endpoint = %ep, error = %e,
+                    "cannot resolve an etcd endpoint: registrations at it are not refused"),
+                Err(_) => warn!(endpoint = %ep,
+                    "resolving an etcd endpoint timed out: registrations at it are not refused"),
+            }
+        }
+        debug!(own = ?self.catalog.own_addresses_mut(), "instance addresses refused");
     }
 
     /// Receiver that changes after every published snapshot.
@@ -183,7 +412,7 @@ impl Registry {
         self.status.clone()
     }
 
-    async fn connect(&self) -> Result<Client, String> {
+    async fn connect(&self) -> Result<Client, RegistryError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.cfg.dial_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
@@ -197,15 +426,21 @@ impl Registry {
             Client::connect(&self.cfg.endpoints, Some(opts)),
         )
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect failed: {e}"))
+        .map_err(|_| RegistryError::ConnectTimeout(self.cfg.dial_timeout))?
+        .map_err(RegistryError::Connect)
     }
 
     /// Publishes `update` as one snapshot swap.
     fn publish(&mut self, update: Update, kind: &str) {
         let started = Instant::now();
         let current = self.table.load();
+        let answers = matches!(update, Update::Resolved { .. });
         let (table, stats) = self.catalog.apply(&current, update);
+        if answers && stats == catalog::ApplyStats::default() {
+            // a refresh that changed no address (the usual one): no new snapshot
+            self.publish_names();
+            return;
+        }
         let revision = table.revision;
         let table = Arc::new(table);
         self.table.store(table);
@@ -228,6 +463,14 @@ impl Registry {
         if let Ok(mut g) = self.status.invalid.lock() {
             *g = invalid;
         }
+        let failing = self.catalog.failing_names();
+        METRICS
+            .registry_dns_names
+            .set(self.catalog.name_count() as i64);
+        METRICS.registry_dns_failing.set(failing.len() as i64);
+        if let Ok(mut g) = self.status.dns_failing.lock() {
+            *g = failing;
+        }
         let now = SystemTime::now();
         METRICS
             .registry_last_update
@@ -248,29 +491,56 @@ impl Registry {
         );
     }
 
+    /// The names in use and those failing, for metrics and the status page.
+    fn publish_names(&self) {
+        let failing = self.catalog.failing_names();
+        METRICS
+            .registry_dns_names
+            .set(self.catalog.name_count() as i64);
+        METRICS.registry_dns_failing.set(failing.len() as i64);
+        if let Ok(mut g) = self.status.dns_failing.lock() {
+            *g = failing;
+        }
+    }
+
     /// Lists the whole prefix at one revision, in pages (a single response for 100,000 keys would
     /// exceed gRPC's message limit), and publishes it as one `Update::Reset`.
-    async fn list(&mut self, client: &mut Client) -> Result<i64, String> {
+    async fn list(&mut self, client: &mut Client) -> Result<i64, RegistryError> {
         let mut kv = client
             .kv_client()
-            .max_decoding_message_size(LIST_MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let (previous_revision, previous_cluster) = (self.status.revision(), self.cluster_id);
         let range_end = prefix_range_end(self.cfg.prefix.as_bytes());
         let mut start = self.cfg.prefix.as_bytes().to_vec();
         let mut revision = 0i64;
         let mut kvs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let deadline = Instant::now() + self.cfg.request_timeout.max(Duration::from_secs(1)) * 4;
+        let mut page = LIST_PAGE;
         loop {
             let mut opts = GetOptions::new()
                 .with_range(range_end.clone())
-                .with_limit(LIST_PAGE);
+                .with_limit(page);
             if revision > 0 {
                 // every page at the first page's revision: one consistent snapshot
                 opts = opts.with_revision(revision);
             }
             let resp = tokio::time::timeout_at(deadline.into(), kv.get(start.clone(), Some(opts)))
                 .await
-                .map_err(|_| "list timed out".to_string())?
-                .map_err(|e| format!("list failed: {e}"))?;
+                .map_err(|_| RegistryError::ListTimeout)?;
+            let resp = match resp {
+                // gRPC's answer to a message over the decode limit
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.code() == tonic::Code::OutOfRange && page > 1 =>
+                {
+                    page = (page / 4).max(1);
+                    debug!(
+                        page,
+                        "list page over the message limit: asking for fewer keys"
+                    );
+                    continue;
+                }
+                r => r.map_err(RegistryError::List)?,
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
                 self.cluster_id = resp.header().map(|h| h.cluster_id());
@@ -287,6 +557,16 @@ impl Registry {
             }
         }
         debug!(keys = kvs.len(), revision, "listed etcd prefix");
+        // the list replaces everything either way; these only tell the operator what happened
+        if previous_cluster.is_some() && self.cluster_id != previous_cluster {
+            warn!(old = ?previous_cluster, new = ?self.cluster_id, "etcd cluster id changed");
+        } else if revision < previous_revision {
+            warn!(
+                store_revision = revision,
+                our_revision = previous_revision,
+                "etcd revision went backwards (data lost or new cluster)"
+            );
+        }
         self.publish(Update::Reset { revision, kvs }, "list");
         // the listed pages are gone: at 100,000 keys tens of MB this thread will not use again
         crate::memory::release();
@@ -295,23 +575,22 @@ impl Registry {
         Ok(revision)
     }
 
-    /// Current store revision and cluster id, to notice an etcd that lost its data (revision went
-    /// backwards) or a different cluster behind the same endpoints.
-    async fn store_revision(&self, client: &mut Client) -> Result<(i64, Option<u64>), String> {
-        let resp = tokio::time::timeout(
-            self.cfg.request_timeout,
-            client.get(
-                self.cfg.prefix.as_bytes(),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            ),
-        )
-        .await
-        .map_err(|_| "revision check timed out".to_string())?
-        .map_err(|e| format!("revision check failed: {e}"))?;
-        Ok((
-            resp.header().map(|h| h.revision()).unwrap_or(0),
-            resp.header().map(|h| h.cluster_id()),
-        ))
+    /// The watch is confirmed: it delivers what etcd has.
+    fn delivering(&mut self, revision: i64) {
+        if !self.status.connected() {
+            info!(revision, "etcd watch established");
+            RECENT.record(
+                "registry",
+                format!("etcd watch established at revision {revision}"),
+            );
+        }
+        self.status.set_connected(true);
+        self.status.set_error(None);
+        if let Ok(mut g) = self.status.stale_since.lock() {
+            *g = None;
+        }
+        // kept through re-lists (resync, compaction): cleared only when the watch breaks
+        self.delivering_since.get_or_insert_with(Instant::now);
     }
 
     async fn watch(
@@ -319,16 +598,20 @@ impl Registry {
         client: &mut Client,
         revision: &mut i64,
         shutdown: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
         resync_at: Instant,
+        dns: &mut DnsIo,
     ) -> WatchEnd {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(*revision + 1)
             .with_progress_notify();
+        // the events of one revision can be large (a transaction of big values)
+        let mut watch_client = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let created = tokio::time::timeout(
             self.cfg.request_timeout,
-            client.watch(self.cfg.prefix.as_bytes(), Some(opts)),
+            watch_client.watch(self.cfg.prefix.as_bytes(), Some(opts)),
         )
         .await;
         let mut stream = match created {
@@ -336,12 +619,25 @@ impl Registry {
             Ok(Err(e)) => return WatchEnd::Broken(format!("watch failed: {e}")),
             Ok(Ok(s)) => s,
         };
+        let mut state = WatchState::Requested;
         let resync = tokio::time::sleep_until(resync_at.into());
         tokio::pin!(resync);
+        // armed when the watch is created behind the store's revision
+        let confirm = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(confirm);
         loop {
             let msg = tokio::select! {
                 _ = shutdown.changed() => return WatchEnd::Shutdown,
-                _ = &mut resync => return WatchEnd::Relist("periodic resync".into()),
+                _ = &mut resync => return WatchEnd::Resync,
+                _ = &mut confirm, if state == WatchState::Unconfirmed => {
+                    state = WatchState::Delivering;
+                    self.delivering(*revision);
+                    continue;
+                }
+                event = dns.next() => {
+                    self.on_dns(event);
+                    continue;
+                }
                 msg = stream.message() => msg,
             };
             let resp = match msg {
@@ -361,18 +657,32 @@ impl Registry {
             }
             let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             if resp.created() {
-                // created is not success on its own: a cancel may follow; but the stream is up
-                if !self.status.connected() {
-                    info!(revision = *revision, "etcd watch established");
-                    RECENT.record(
-                        "registry",
-                        format!("etcd watch established at revision {}", *revision),
-                    );
+                // created is not success on its own: a cancel or a stream error may follow
+                let cluster = resp.header().map(|h| h.cluster_id());
+                if cluster.is_some() && self.cluster_id.is_some() && cluster != self.cluster_id {
+                    // with several endpoints the list and the watch may reach different members;
+                    // one of another cluster (a wiped member that formed its own) has another
+                    // history
+                    return WatchEnd::Broken(format!(
+                        "the watched etcd member is in cluster {:x}, the list came from {:x}",
+                        cluster.unwrap_or(0),
+                        self.cluster_id.unwrap_or(0)
+                    ));
                 }
-                self.status.set_connected(true);
-                self.status.set_error(None);
-                backoff.reset();
+                if header_rev <= *revision {
+                    state = WatchState::Delivering;
+                    self.delivering(*revision);
+                } else {
+                    state = WatchState::Unconfirmed;
+                    confirm
+                        .as_mut()
+                        .reset((Instant::now() + WATCH_CONFIRM).into());
+                }
                 continue;
+            }
+            if state != WatchState::Delivering {
+                state = WatchState::Delivering;
+                self.delivering(*revision);
             }
             let events = resp.events();
             if events.is_empty() {
@@ -417,93 +727,88 @@ impl Registry {
         let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
         let mut client: Option<Client> = None;
         let mut revision: i64 = 0;
-        let mut need_list = true;
         let mut failures: u64 = 0;
         info!(endpoints = ?self.cfg.endpoints, prefix = %self.cfg.prefix, "registry starting");
+        self.refuse_etcd_endpoints().await;
+        let mut dns = self.start_resolver();
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let result: Result<WatchEnd, String> = async {
+            let result: Result<WatchEnd, RegistryError> = async {
                 let c = match client.as_mut() {
                     Some(c) => c,
                     None => client.insert(self.connect().await?),
                 };
-                if !need_list && revision > 0 {
-                    let (store_rev, cluster) = self.store_revision(c).await?;
-                    if cluster.is_some() && self.cluster_id.is_some() && cluster != self.cluster_id
-                    {
-                        warn!(
-                            old = ?self.cluster_id,
-                            new = ?cluster,
-                            "etcd cluster id changed: re-listing"
-                        );
-                        need_list = true;
-                    } else if store_rev < revision {
-                        warn!(
-                            store_revision = store_rev,
-                            our_revision = revision,
-                            "etcd revision went backwards (data lost or new cluster): re-listing"
-                        );
-                        need_list = true;
-                    }
-                }
-                if need_list {
-                    revision = self.list(c).await?;
-                    need_list = false;
-                    if !self.status.ready.swap(true, Ordering::AcqRel) {
-                        info!(
-                            revision,
-                            instances = self.catalog.instance_count(),
-                            "registry ready: first complete list applied"
-                        );
-                    }
+                // every watch starts from a fresh list (see the module docs)
+                revision = self.list(c).await?;
+                if !self.status.ready.swap(true, Ordering::AcqRel) {
+                    info!(
+                        revision,
+                        instances = self.catalog.instance_count(),
+                        "registry ready: first complete list applied"
+                    );
                 }
                 let resync_at = Instant::now() + self.cfg.resync_interval;
                 Ok(self
-                    .watch(c, &mut revision, &mut shutdown, &mut backoff, resync_at)
+                    .watch(c, &mut revision, &mut shutdown, resync_at, &mut dns)
                     .await)
             }
             .await;
-            match result {
+            let (error, new_client) = match result {
                 Ok(WatchEnd::Shutdown) => return,
-                Ok(WatchEnd::Relist(reason)) => {
-                    info!(reason = %reason, revision, "re-listing etcd prefix");
-                    if reason != "periodic resync" {
-                        RECENT.record("registry", format!("re-listing etcd prefix: {reason}"));
-                    }
-                    need_list = true;
+                Ok(WatchEnd::Resync) => {
+                    debug!(revision, "periodic resync: re-listing etcd prefix");
                     failures = 0;
                     continue;
                 }
-                Ok(WatchEnd::Broken(e)) | Err(e) => {
-                    failures += 1;
-                    let was_connected = self.status.connected();
-                    self.status.set_connected(false);
-                    self.status.set_error(Some(e.clone()));
-                    if was_connected || failures == 1 {
-                        warn!(error = %e, revision, "etcd unavailable; routing with the last snapshot");
-                        RECENT.record(
-                            "registry",
-                            format!("etcd unavailable, routing with the last snapshot: {e}"),
-                        );
-                    } else {
-                        debug!(error = %e, failures, "etcd still unavailable");
-                    }
-                    if was_connected {
-                        METRICS.registry_reconnects.inc();
-                        self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // A broken connect is retried with a fresh client; a broken stream keeps the
-                    // client (it reconnects by itself) and re-creates the watch.
-                    if e.starts_with("connect") {
-                        client = None;
-                    }
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                Ok(WatchEnd::Relist(reason)) => {
+                    info!(reason = %reason, revision, "re-listing etcd prefix");
+                    RECENT.record("registry", format!("re-listing etcd prefix: {reason}"));
+                    failures = 0;
+                    continue;
+                }
+                Ok(WatchEnd::Broken(e)) => (e, false),
+                Err(e) => (e.to_string(), e.needs_new_client()),
+            };
+            if self
+                .delivering_since
+                .take()
+                .is_some_and(|t| t.elapsed() >= STABLE_WATCH)
+            {
+                backoff.reset();
+            }
+            failures += 1;
+            let was_connected = self.status.connected();
+            self.status.set_connected(false);
+            self.status.set_stale();
+            self.status.set_error(Some(error.clone()));
+            if was_connected || failures == 1 {
+                warn!(error = %error, revision, "etcd unavailable; routing with the last snapshot");
+                RECENT.record(
+                    "registry",
+                    format!("etcd unavailable, routing with the last snapshot: {error}"),
+                );
+            } else {
+                debug!(error = %error, failures, "etcd still unavailable");
+            }
+            if was_connected {
+                METRICS.registry_reconnects.inc();
+                self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            // A broken connect is retried with a fresh client; a broken stream keeps the client
+            // (it reconnects by itself); either way the next watch follows a new list.
+            if new_client {
+                client = None;
+            }
+            let delay = tokio::time::sleep(backoff.next_delay());
+            tokio::pin!(delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = &mut delay => break,
+                    // names keep resolving while etcd is away
+                    event = dns.next() => self.on_dns(event),
                 }
             }
         }
@@ -519,6 +824,28 @@ mod tests {
         assert_eq!(prefix_range_end(b"/services/"), b"/services0".to_vec());
         assert_eq!(prefix_range_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_range_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(at(1_796_281_557)), "2026-12-03T07:05:57Z");
+    }
+
+    #[test]
+    fn stale_detail_names_the_time_and_the_error() {
+        let st = RegistryStatus::default();
+        assert_eq!(st.stale_detail(), None);
+        st.set_error(Some("watch stream error: x".into()));
+        st.set_stale();
+        let first = st.stale_since();
+        st.set_stale();
+        assert_eq!(st.stale_since(), first, "the first time is kept");
+        let d = st.stale_detail().unwrap();
+        assert!(d.starts_with("stale since 20"), "{d}");
+        assert!(d.ends_with("s ago): watch stream error: x"), "{d}");
     }
 
     #[test]

@@ -75,10 +75,17 @@ pub struct EtcdServer {
     pub peer_port: u16,
     dir: tempfile::TempDir,
     name: String,
+    /// Extra command-line flags (kept across restarts).
+    args: Vec<String>,
 }
 
 impl EtcdServer {
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with_args(&[])
+    }
+
+    /// A real etcd with extra flags, e.g. `--max-request-bytes`.
+    pub fn start_with_args(args: &[&str]) -> EtcdServer {
         let dir = tempfile::tempdir().expect("temp dir for etcd");
         let mut s = EtcdServer {
             child: None,
@@ -86,6 +93,7 @@ impl EtcdServer {
             peer_port: free_port(),
             dir,
             name: format!("sy-test-{}", free_port()),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -124,6 +132,7 @@ impl EtcdServer {
             .arg(format!("{}=http://127.0.0.1:{}", self.name, self.peer_port))
             .arg("--log-level")
             .arg("warn")
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -144,6 +153,11 @@ impl EtcdServer {
         }
         let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
         panic!("etcd did not become healthy within 20s; log:\n{log}");
+    }
+
+    /// The etcd process id (to SIGSTOP it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL, keeping the data dir.
@@ -275,9 +289,17 @@ pub struct ProxyBuilder {
     prefix: Option<String>,
     wait_ready: bool,
     resync_ms: Option<u64>,
+    listen_host: Option<String>,
+    etcd_extra: String,
 }
 
 impl ProxyBuilder {
+    /// Bind the proxy listener to this host (default 127.0.0.1), e.g. "0.0.0.0".
+    pub fn listen_host(mut self, host: &str) -> Self {
+        self.listen_host = Some(host.to_string());
+        self
+    }
+
     /// Extra TOML appended to the generated config (sections other than [proxy]/[admin]/[etcd]).
     pub fn config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
@@ -287,6 +309,13 @@ impl ProxyBuilder {
 
     pub fn prefix(mut self, p: &str) -> Self {
         self.prefix = Some(p.to_string());
+        self
+    }
+
+    /// A line added to the generated `[etcd]` section, e.g. `dns_timeout_ms = 500`.
+    pub fn etcd_config(mut self, line: &str) -> Self {
+        self.etcd_extra.push_str(line);
+        self.etcd_extra.push('\n');
         self
     }
 
@@ -323,6 +352,7 @@ impl ProxyBuilder {
         if let Some(ms) = self.resync_ms {
             text.push_str(&format!("resync_interval_ms = {ms}\n"));
         }
+        text.push_str(&self.etcd_extra);
         // never Consul's default 8500: tests run many proxies at once
         let mut consul_port = 0;
         if !text.contains("[consul]") {
@@ -343,7 +373,10 @@ impl ProxyBuilder {
             .arg("--config")
             .arg(&path)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!(
+                "{}:{port}",
+                self.listen_host.as_deref().unwrap_or("127.0.0.1")
+            ))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
             .env("RUST_LOG", "info,switchyard=debug")
@@ -412,6 +445,8 @@ impl Proxy {
             prefix: None,
             wait_ready: true,
             resync_ms: None,
+            listen_host: None,
+            etcd_extra: String::new(),
         }
     }
 
@@ -422,6 +457,8 @@ impl Proxy {
             prefix: None,
             wait_ready: true,
             resync_ms: None,
+            listen_host: None,
+            etcd_extra: String::new(),
         }
     }
 
