@@ -121,7 +121,8 @@ for variant in $VARIANTS; do
     if [[ -n "$BASE_BIN" ]]; then
         PP=$(free_port)
         PA=$(free_port)
-        write_switchyard_config "$WORK/switchyard-base-$variant.toml" \
+        # the base binary's own config (an older one may not know sections the new one has)
+        BIN="$BASE_BIN" write_switchyard_config "$WORK/switchyard-base-$variant.toml" \
             "127.0.0.1:$PP" "127.0.0.1:$PA" "$WORKERS"
         start_switchyard "$BASE_BIN" "$WORK/switchyard-base-$variant.toml" "127.0.0.1:$PA" "$PROXY_CPUS"
         wait_routes_both "127.0.0.1:$PP"
