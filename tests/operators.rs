@@ -50,7 +50,23 @@ async fn metrics_count_real_traffic_and_registry_state() {
     // never admitted (its health check cannot pass): 503, counted under its service
     assert_eq!(proxy.get_service("d", "/").await.0, 503);
 
-    let t = proxy.metrics().await;
+    // a request is counted once its answer is written: a scrape right after the last answer may
+    // come first, so wait until the last one is in
+    let t = eventually(PATIENCE, "every request counted", || async {
+        let t = proxy.metrics().await;
+        let counted = m(&t, "switchyard_requests_total{code=\"2xx\",service=\"m\"}") >= 10.0
+            && m(
+                &t,
+                "switchyard_request_duration_seconds_count{service=\"m\"}",
+            ) >= 10.0
+            && m(&t, "switchyard_requests_total{code=\"5xx\",service=\"d\"}") >= 1.0;
+        if counted {
+            Ok(t)
+        } else {
+            Err(t)
+        }
+    })
+    .await;
     assert_eq!(
         m(&t, "switchyard_requests_total{code=\"2xx\",service=\"m\"}"),
         10.0

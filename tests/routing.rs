@@ -290,15 +290,18 @@ async fn unknown_empty_dead_and_slow_services_get_our_status_codes() {
         body.contains("\"slow\"") && body.contains("timed out"),
         "{body}"
     );
-    let m = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
+    // counted once the answer is written: a scrape right after the answer may come first
+    eventually(PATIENCE, "the 504 counted under its service", || async {
+        let m = proxy.metrics().await;
+        match metric_value(
             &m,
-            "switchyard_requests_total{code=\"5xx\",service=\"slow\"}"
-        ),
-        Some(1.0),
-        "{m}"
-    );
+            "switchyard_requests_total{code=\"5xx\",service=\"slow\"}",
+        ) {
+            Some(v) if v == 1.0 => Ok(()),
+            other => Err(format!("{other:?} in {m}")),
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
