@@ -297,7 +297,7 @@ async fn unknown_empty_dead_and_slow_services_get_our_status_codes() {
             &m,
             "switchyard_requests_total{code=\"5xx\",service=\"slow\"}",
         ) {
-            Some(v) if v == 1.0 => Ok(()),
+            Some(1.0) => Ok(()),
             other => Err(format!("{other:?} in {m}")),
         }
     })
