@@ -103,7 +103,7 @@ pub fn route_request(
 }
 
 /// One finished request, as the access log shows it (shared by every request path).
-pub struct AccessLine<'a> {
+struct AccessLine<'a> {
     pub service: &'a str,
     pub instance: Option<&'a Instance>,
     pub method: &'a str,
@@ -115,7 +115,7 @@ pub struct AccessLine<'a> {
 }
 
 /// Writes one access-log line (target `switchyard::access`).
-pub fn access_line(a: &AccessLine<'_>) {
+fn access_line(a: &AccessLine<'_>) {
     info!(
         target: "switchyard::access",
         service = %a.service,
@@ -128,6 +128,43 @@ pub fn access_line(a: &AccessLine<'_>) {
         error = a.error,
         "request"
     );
+}
+
+/// One finished request, as every request path reports it.
+pub struct Finished<'a> {
+    pub service: Option<&'a Arc<Service>>,
+    /// The explicit route's service name when the service has nothing registered.
+    pub label: Option<&'a str>,
+    pub instance: Option<&'a Instance>,
+    /// Method and path, when the access log is on.
+    pub log: Option<&'a (String, String)>,
+    pub status: u16,
+    pub elapsed: std::time::Duration,
+    pub tries: usize,
+    pub error: &'a str,
+}
+
+/// Ends a request: counts it ([`record_request`]) and, with the access log on, logs it under its
+/// service, its route's label, or the unknown-service label.
+pub fn finish_request(f: &Finished<'_>) {
+    record_request(f.service, f.label, f.status, f.elapsed);
+    if let Some((method, path)) = f.log {
+        let name = f
+            .service
+            .map(|s| &*s.name)
+            .or(f.label)
+            .unwrap_or(crate::metrics::UNKNOWN_SERVICE);
+        access_line(&AccessLine {
+            service: name,
+            instance: f.instance,
+            method,
+            path,
+            status: f.status,
+            elapsed: f.elapsed,
+            tries: f.tries,
+            error: f.error,
+        });
+    }
 }
 
 /// Counts a finished request in the metrics: under its service, the label of an explicit route

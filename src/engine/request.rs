@@ -11,7 +11,7 @@ use tracing::debug;
 use super::exchange::{Attempt, UpstreamError};
 use super::{timer, write_own, Conn, Engine, Step};
 use crate::http1::{self, Framing, HeadError, Hop, MAX_HEAD, MAX_HEADERS};
-use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
+use crate::proxy::{finish_request, Finished, InFlight, Outcome};
 use crate::routing::{Instance, Service};
 use timer::timed;
 
@@ -351,24 +351,16 @@ impl Engine {
         tries: usize,
         error: Option<&str>,
     ) {
-        let elapsed = start.elapsed();
-        record_request(service, label, status, elapsed);
-        if let Some((method, path)) = log {
-            let name = service
-                .map(|s| &*s.name)
-                .or(label)
-                .unwrap_or(crate::metrics::UNKNOWN_SERVICE);
-            access_line(&AccessLine {
-                service: name,
-                instance,
-                method,
-                path,
-                status,
-                elapsed,
-                tries,
-                error: error.unwrap_or(""),
-            });
-        }
+        finish_request(&Finished {
+            service,
+            label,
+            instance,
+            log,
+            status,
+            elapsed: start.elapsed(),
+            tries,
+            error: error.unwrap_or(""),
+        });
     }
 }
 

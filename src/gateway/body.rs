@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::grpc;
-use crate::proxy::{access_line, record_request, AccessLine, InFlight};
+use crate::proxy::{finish_request, Finished, InFlight};
 use crate::routing::{Instance, Service};
 use crate::upstream::pool::StreamSlot;
 
@@ -66,20 +66,16 @@ pub struct Finish {
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
-        record_request(Some(&self.service), None, self.status, elapsed);
-        if let Some((method, path)) = &self.log {
-            access_line(&AccessLine {
-                service: &self.service.name,
-                instance: self.picked.as_ref().map(|p| &*p.0),
-                method,
-                path,
-                status: self.status,
-                elapsed,
-                tries: self.tries,
-                error: self.error.unwrap_or(""),
-            });
-        }
+        finish_request(&Finished {
+            service: Some(&self.service),
+            label: None,
+            instance: self.picked.as_ref().map(|p| &*p.0),
+            log: self.log.as_ref(),
+            status: self.status,
+            elapsed: self.start.elapsed(),
+            tries: self.tries,
+            error: self.error.unwrap_or(""),
+        });
     }
 }
 

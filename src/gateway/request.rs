@@ -28,7 +28,7 @@ use tracing::debug;
 
 use super::body::{full, Finish, Picked, Relay, RespBody};
 use super::{grpc, ClientInfo, Gateway};
-use crate::proxy::{access_line, record_request, AccessLine, InFlight, Outcome};
+use crate::proxy::{finish_request, Finished, InFlight, Outcome};
 use crate::routing::Service;
 use crate::upstream::pool::{ReqBody, Sender, TlsTarget};
 use crate::upstream::{protocol_for, ClientTls, Protocol};
@@ -134,24 +134,16 @@ impl Gateway {
         status: u16,
         body: String,
     ) -> Response<RespBody> {
-        let elapsed = facts.start.elapsed();
-        record_request(service, label, status, elapsed);
-        if let Some((method, path)) = &facts.log {
-            let name = service
-                .map(|s| &*s.name)
-                .or(label)
-                .unwrap_or(crate::metrics::UNKNOWN_SERVICE);
-            access_line(&AccessLine {
-                service: name,
-                instance: None,
-                method,
-                path,
-                status,
-                elapsed,
-                tries: 0,
-                error: "",
-            });
-        }
+        finish_request(&Finished {
+            service,
+            label,
+            instance: None,
+            log: facts.log.as_ref(),
+            status,
+            elapsed: facts.start.elapsed(),
+            tries: 0,
+            error: "",
+        });
         own_response(facts, status, body)
     }
 
