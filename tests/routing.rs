@@ -527,3 +527,59 @@ async fn work_stealing_runtime_routes_and_times_out() {
         "504 before read_timeout_ms"
     );
 }
+
+/// A keep-alive instance that answers every request `delay` late, with the body `slow`.
+async fn slow_instance(delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        tokio::time::sleep(delay).await;
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_sends_fewer_requests_to_a_slow_instance() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd)
+        .config("[services.lat]\npolicy = \"p2c_ewma\"\n")
+        .start()
+        .await;
+    let fast = Backend::start("fast").await;
+    let slow = slow_instance(Duration::from_millis(30)).await;
+    etcd.put("/services/lat/fast", fast.addr_string()).await;
+    etcd.put("/services/lat/slow", slow.to_string()).await;
+    proxy.wait_usable("lat", 2).await;
+    let c = client();
+    let mut to_slow = 0;
+    for _ in 0..200 {
+        let r = c.get(proxy.url("/lat/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        if r.text().await.unwrap() == "slow" {
+            to_slow += 1;
+        }
+    }
+    // round robin would send it half; p2c_ewma only when both of its two choices are the slow one
+    assert!(to_slow < 80, "the slow instance got {to_slow} of 200");
+    assert!(to_slow > 0, "the slow instance was never tried");
+}

@@ -82,10 +82,12 @@ impl Relay<'_> {
         }
         let facts = self.read_head(up, rbuf, out).await?;
         crate::health::passive_success(self.service, self.inst);
+        let first_byte = self.started.elapsed();
+        self.inst.state.observe_latency(first_byte);
         self.service
             .metrics()
             .upstream
-            .observe(self.started.elapsed().as_secs_f64());
+            .observe(first_byte.as_secs_f64());
         let status = facts.status;
 
         // the body: whatever is buffered goes out in the same write as the head

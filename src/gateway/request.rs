@@ -263,10 +263,9 @@ impl Gateway {
             match sent {
                 Sent::Head(mut resp) => {
                     crate::health::passive_success(&service, &inst);
-                    service
-                        .metrics()
-                        .upstream
-                        .observe(upstream_start.elapsed().as_secs_f64());
+                    let first_byte = upstream_start.elapsed();
+                    inst.state.observe_latency(first_byte);
+                    service.metrics().upstream.observe(first_byte.as_secs_f64());
                     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && back.is_some()
                         && upgrade.is_some();

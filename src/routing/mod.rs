@@ -77,7 +77,14 @@ pub struct InstanceState {
     /// Passively ejected with no active check to bring it back: from this time on ([`clock_ms`])
     /// it takes requests again, on trial. 0: not ejected that way.
     readmit_at: AtomicU64,
+    /// Peak-EWMA of the time to the first response byte, in microseconds (0: no sample yet), and
+    /// when it was last updated ([`clock_ms`]): the latency half of `p2c_ewma`'s cost.
+    latency_us: AtomicU64,
+    latency_at: AtomicU64,
 }
+
+/// How fast an old latency sample is forgotten (peak-EWMA's decay time, as linkerd's default).
+const LATENCY_DECAY_MS: f64 = 10_000.0;
 
 /// Milliseconds on a process-local monotonic clock, never 0.
 pub fn clock_ms() -> u64 {
@@ -105,7 +112,31 @@ impl InstanceState {
             connect_failures: AtomicU64::new(0),
             last_check: std::sync::Mutex::new(None),
             readmit_at: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            latency_at: AtomicU64::new(0),
         }
+    }
+
+    /// Records one request's time to its first response byte (peak-EWMA, as linkerd and Finagle:
+    /// a slower sample is taken at once, a faster one pulls the average down with a weight that
+    /// grows with the time since the last sample). Racing updates may lose one sample; no lock.
+    pub fn observe_latency(&self, rtt: std::time::Duration) {
+        let sample = (rtt.as_micros() as u64).max(1);
+        let now = clock_ms();
+        let prev = self.latency_us.load(Ordering::Relaxed);
+        let at = self.latency_at.swap(now, Ordering::Relaxed);
+        let next = if prev == 0 || sample > prev {
+            sample
+        } else {
+            let w = (-(now.saturating_sub(at) as f64) / LATENCY_DECAY_MS).exp();
+            (prev as f64 * w + sample as f64 * (1.0 - w)) as u64
+        };
+        self.latency_us.store(next.max(1), Ordering::Relaxed);
+    }
+
+    /// The current latency estimate in microseconds (0: never measured).
+    pub fn latency_us(&self) -> u64 {
+        self.latency_us.load(Ordering::Relaxed)
     }
 
     /// Ejected passively and its cool-down is over: requests may try it again.

@@ -7,6 +7,10 @@
 //!   each instance gets requests in proportion to its weight, interleaved rather than in bursts.
 //! - [`Policy::Random`]: weighted random.
 //! - [`Policy::LeastRequest`]: power of two choices on in-flight requests, weighted.
+//! - [`Policy::P2cEwma`]: power of two choices on a cost of peak-EWMA latency × (in-flight + 1)
+//!   / weight (linkerd's and Finagle's balancer): a slow instance gets fewer requests at once,
+//!   without waiting for it to fail. An instance never measured costs nothing, so it is tried
+//!   and measured.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -24,6 +28,8 @@ pub enum Policy {
     RoundRobin,
     Random,
     LeastRequest,
+    /// `p2c_ewma`.
+    P2cEwma,
 }
 
 /// Per-snapshot selection state of one service.
@@ -33,6 +39,7 @@ pub enum Selector {
     RoundRobin(Mutex<Vec<i64>>),
     Random,
     LeastRequest,
+    P2cEwma,
 }
 
 impl Selector {
@@ -41,6 +48,7 @@ impl Selector {
             Policy::RoundRobin => Selector::RoundRobin(Mutex::new(vec![0; instances.len()])),
             Policy::Random => Selector::Random,
             Policy::LeastRequest => Selector::LeastRequest,
+            Policy::P2cEwma => Selector::P2cEwma,
         }
     }
 
@@ -105,23 +113,35 @@ impl Selector {
                 }
                 None
             }
-            Selector::LeastRequest => {
-                let candidates: Vec<&Arc<Instance>> =
-                    instances.iter().filter(|i| eligible(i)).collect();
-                match candidates.len() {
-                    0 => None,
-                    1 => Some(candidates[0].clone()),
-                    n => {
-                        let mut rng = rand::thread_rng();
-                        let a = candidates[rng.gen_range(0..n)];
-                        let b = candidates[rng.gen_range(0..n)];
-                        // load per unit of weight, compared without division
-                        let load = |i: &Instance| i.state.inflight.load(Ordering::Relaxed) as u64;
-                        let (la, lb) = (load(a) * b.weight as u64, load(b) * a.weight as u64);
-                        Some(if la <= lb { a.clone() } else { b.clone() })
-                    }
-                }
-            }
+            Selector::LeastRequest => two_choices(instances, eligible, |i| {
+                i.state.inflight.load(Ordering::Relaxed) as f64
+            }),
+            Selector::P2cEwma => two_choices(instances, eligible, |i| {
+                let inflight = i.state.inflight.load(Ordering::Relaxed) as f64;
+                i.state.latency_us() as f64 * (inflight + 1.0)
+            }),
+        }
+    }
+}
+
+/// Power of two choices: two eligible instances at random, the one with the lower `load` per
+/// unit of weight.
+fn two_choices(
+    instances: &[Arc<Instance>],
+    eligible: impl Fn(&Arc<Instance>) -> bool,
+    load: impl Fn(&Instance) -> f64,
+) -> Option<Arc<Instance>> {
+    let candidates: Vec<&Arc<Instance>> = instances.iter().filter(|i| eligible(i)).collect();
+    match candidates.len() {
+        0 => None,
+        1 => Some(candidates[0].clone()),
+        n => {
+            let mut rng = rand::thread_rng();
+            let a = candidates[rng.gen_range(0..n)];
+            let b = candidates[rng.gen_range(0..n)];
+            // load per unit of weight, compared without division
+            let (la, lb) = (load(a) * b.weight as f64, load(b) * a.weight as f64);
+            Some(if la <= lb { a.clone() } else { b.clone() })
         }
     }
 }
@@ -162,7 +182,12 @@ mod tests {
     fn draining_unhealthy_and_excluded_are_skipped() {
         let insts = vec![inst("a", 1), inst("b", 0), inst("c", 1), inst("d", 1)];
         insts[2].state.set_health(Health::Unhealthy);
-        for policy in [Policy::RoundRobin, Policy::Random, Policy::LeastRequest] {
+        for policy in [
+            Policy::RoundRobin,
+            Policy::Random,
+            Policy::LeastRequest,
+            Policy::P2cEwma,
+        ] {
             let sel = Selector::new(policy, &insts);
             let c = counts(&sel, &insts, 100);
             assert!(
@@ -179,7 +204,12 @@ mod tests {
     #[test]
     fn all_weights_zero_selects_nothing() {
         let insts = vec![inst("a", 0), inst("b", 0)];
-        for policy in [Policy::RoundRobin, Policy::Random, Policy::LeastRequest] {
+        for policy in [
+            Policy::RoundRobin,
+            Policy::Random,
+            Policy::LeastRequest,
+            Policy::P2cEwma,
+        ] {
             assert!(Selector::new(policy, &insts).select(&insts, &[]).is_none());
         }
         assert!(Selector::new(Policy::RoundRobin, &[])
@@ -234,5 +264,37 @@ mod tests {
         let insts = vec![inst("a", 3), inst("b", 1)];
         let c = counts(&Selector::new(Policy::Random, &insts), &insts, 4000);
         assert!(c["a"] > 2600 && c["a"] < 3400, "{c:?}");
+    }
+
+    #[test]
+    fn p2c_ewma_sends_less_to_a_slow_instance() {
+        use std::time::Duration;
+        let insts = vec![inst("fast", 1), inst("slow", 1)];
+        insts[0].state.observe_latency(Duration::from_millis(1));
+        insts[1].state.observe_latency(Duration::from_millis(50));
+        let c = counts(&Selector::new(Policy::P2cEwma, &insts), &insts, 4000);
+        // the slow one wins only when both choices are it: about a quarter
+        assert!(c["slow"] > 700 && c["slow"] < 1300, "{c:?}");
+        // in-flight requests make the fast one costlier: with 100 on it, the slow one is cheaper
+        insts[0].state.inflight.store(100, Ordering::Relaxed);
+        let c = counts(&Selector::new(Policy::P2cEwma, &insts), &insts, 4000);
+        assert!(c["slow"] > 2700, "{c:?}");
+    }
+
+    #[test]
+    fn peak_ewma_takes_a_slower_sample_at_once_and_a_faster_one_gradually() {
+        use std::time::Duration;
+        let s = &inst("a", 1).state;
+        assert_eq!(s.latency_us(), 0);
+        s.observe_latency(Duration::from_millis(2));
+        assert_eq!(s.latency_us(), 2000);
+        s.observe_latency(Duration::from_millis(40));
+        assert_eq!(s.latency_us(), 40_000, "a peak is taken at once");
+        s.observe_latency(Duration::from_millis(1));
+        let after = s.latency_us();
+        assert!(
+            after > 30_000 && after <= 40_000,
+            "decays gradually: {after}"
+        );
     }
 }
