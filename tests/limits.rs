@@ -133,18 +133,25 @@ async fn a_request_body_slower_than_the_minimum_rate_is_answered_408() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_instance_costs_an_idempotent_request_one_try_not_the_read_timeout() {
+/// A proxy with `config` and service `s` of two instances, the first of which then stops
+/// answering (on every connection).
+async fn one_hung_one_live(config: &str) -> (EtcdServer, Proxy, (Backend, Backend)) {
     let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd)
-        .config("[proxy]\nper_try_timeout_ms = 300\nconnect_timeout_ms = 500\nread_timeout_ms = 20000\n[health]\nenabled = false\n")
-        .start()
-        .await;
+    let proxy = Proxy::builder(&etcd).config(config).start().await;
     let (hung, live) = (Backend::start("hung").await, Backend::start("live").await);
     etcd.put("/services/s/hung", hung.addr_string()).await;
     etcd.put("/services/s/live", live.addr_string()).await;
     proxy.wait_usable("s", 2).await;
     hung.set_hang(true);
+    (etcd, proxy, (hung, live))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instance_costs_an_idempotent_request_one_try_not_the_read_timeout() {
+    let (_etcd, proxy, _backends) = one_hung_one_live(
+        "[proxy]\nper_try_timeout_ms = 300\nconnect_timeout_ms = 500\nread_timeout_ms = 20000\n[health]\nenabled = false\n",
+    )
+    .await;
     let c = support::client();
     for i in 0..6 {
         let started = std::time::Instant::now();
@@ -165,16 +172,10 @@ async fn a_silent_instance_costs_an_idempotent_request_one_try_not_the_read_time
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_waiting_on_an_instance_that_gets_ejected_go_to_another_one() {
-    let etcd = EtcdServer::start();
-    let proxy = Proxy::builder(&etcd)
-        .config("[proxy]\nconnect_timeout_ms = 500\nread_timeout_ms = 30000\n[health]\ninterval_ms = 200\ntimeout_ms = 200\njitter_ms = 0\n")
-        .start()
-        .await;
-    let (hung, live) = (Backend::start("hung").await, Backend::start("live").await);
-    etcd.put("/services/s/hung", hung.addr_string()).await;
-    etcd.put("/services/s/live", live.addr_string()).await;
-    proxy.wait_usable("s", 2).await;
-    hung.set_hang(true);
+    let (_etcd, proxy, _backends) = one_hung_one_live(
+        "[proxy]\nconnect_timeout_ms = 500\nread_timeout_ms = 30000\n[health]\ninterval_ms = 200\ntimeout_ms = 200\njitter_ms = 0\n",
+    )
+    .await;
     // requests in flight on the hung instance finish on the live one once checks eject it
     let started = std::time::Instant::now();
     let mut calls = Vec::new();
