@@ -184,22 +184,18 @@ impl Engine {
                 // response is read
                 let failed = match timed(cfg.write_timeout, up.write_all(&conn.out)).await {
                     Ok(()) if !inline => break 'instances (up, None, started, inst),
-                    Ok(()) if head.idempotent => {
-                        let first = read_first_watching(
-                            &mut up,
-                            &mut conn.rbuf,
-                            cfg.per_try_timeout,
-                            &inst,
-                        );
-                        match first.await {
+                    Ok(()) => {
+                        // an idempotent request may go elsewhere: its own limit, and it watches
+                        let (limit, watch) = if head.idempotent {
+                            (cfg.per_try_timeout, Some(&*inst))
+                        } else {
+                            (cfg.read_timeout, None)
+                        };
+                        match read_first(&mut up, &mut conn.rbuf, limit, watch).await {
                             Ok(n) => break 'instances (up, Some(n), started, inst),
                             Err(e) => e,
                         }
                     }
-                    Ok(()) => match read_first(&mut up, &mut conn.rbuf, cfg.read_timeout).await {
-                        Ok(n) => break 'instances (up, Some(n), started, inst),
-                        Err(e) => e,
-                    },
                     Err(e) => UpstreamError::NoResponse(e),
                 };
                 match failed {
@@ -423,14 +419,15 @@ async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
 /// How often a request waiting for its first byte looks whether its instance was ejected.
 const EJECTION_POLL: Duration = Duration::from_millis(250);
 
-/// [`read_first`] for a request that may go to another instance: within `limit`, and ending with
-/// [`UpstreamError::Ejected`] as soon as the instance is found ejected while it stays silent (a
+/// Reads until at least one byte of the response arrived, within `limit`; returns the bytes
+/// buffered. With `watch` (a request that may go to another instance), it ends with
+/// [`UpstreamError::Ejected`] as soon as that instance is found ejected while it stays silent (a
 /// hung instance takes no waiting request down with it).
-async fn read_first_watching<R: AsyncRead + Unpin>(
+pub(super) async fn read_first<R: AsyncRead + Unpin>(
     up: &mut R,
     rbuf: &mut Vec<u8>,
     limit: Duration,
-    inst: &Instance,
+    watch: Option<&Instance>,
 ) -> Result<usize, UpstreamError> {
     rbuf.clear();
     // on the coarse clock: no clock read on the common path beyond the wheel's own
@@ -440,38 +437,25 @@ async fn read_first_watching<R: AsyncRead + Unpin>(
         if left.is_zero() {
             return Err(UpstreamError::Timeout);
         }
+        let slice = if watch.is_some() {
+            left.min(EJECTION_POLL)
+        } else {
+            left
+        };
         // read_buf is cancel-safe: a slice that ends without bytes loses none
-        match timed(left.min(EJECTION_POLL), up.read_buf(rbuf)).await {
+        match timed(slice, up.read_buf(rbuf)).await {
             Ok(0) => {
                 let e = io::Error::new(io::ErrorKind::UnexpectedEof, "closed before responding");
                 return Err(UpstreamError::NoResponse(e));
             }
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                if inst.state.health() == Health::Unhealthy {
+                if watch.is_some_and(|i| i.state.health() == Health::Unhealthy) {
                     return Err(UpstreamError::Ejected);
                 }
             }
             Err(e) => return Err(UpstreamError::NoResponse(e)),
         }
-    }
-}
-
-/// Reads until at least one byte of the response arrived. Returns the bytes buffered.
-pub(super) async fn read_first<R: AsyncRead + Unpin>(
-    up: &mut R,
-    rbuf: &mut Vec<u8>,
-    limit: Duration,
-) -> Result<usize, UpstreamError> {
-    rbuf.clear();
-    match timed(limit, up.read_buf(rbuf)).await {
-        Ok(0) => Err(UpstreamError::NoResponse(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed before responding",
-        ))),
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(UpstreamError::Timeout),
-        Err(e) => Err(UpstreamError::NoResponse(e)),
     }
 }
 

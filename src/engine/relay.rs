@@ -78,7 +78,7 @@ impl Relay<'_> {
     {
         let cfg = self.cfg;
         if have.is_none() {
-            read_first(up, rbuf, cfg.read_timeout).await?;
+            read_first(up, rbuf, cfg.read_timeout, None).await?;
         }
         let facts = self.read_head(up, rbuf, out).await?;
         crate::health::passive_success(self.service, self.inst);
