@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
+use support::relay::Relay;
 use support::{eventually, metric_value, Backend, EtcdServer, Proxy};
 
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -715,4 +716,159 @@ async fn a_hung_etcd_makes_the_registry_stale_while_routing_goes_on() {
     assert_eq!(status["stale_since"], serde_json::Value::Null, "{status}");
     etcd.put("/services/h/2", b.addr_string()).await;
     wait_keys(&proxy, "h", &["/services/h/1", "/services/h/2"]).await;
+}
+
+/// etcd behind a [`Relay`], and a proxy that reaches etcd only through it (the periodic re-list
+/// far away: only reconnects can correct the view).
+async fn behind_a_relay() -> (EtcdServer, Relay, Proxy) {
+    let etcd = EtcdServer::start();
+    let relay = Relay::start(([127, 0, 0, 1], etcd.client_port).into()).await;
+    let proxy = Proxy::builder_endpoints(vec![relay.endpoint()])
+        .resync_ms(600_000)
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    (etcd, relay, proxy)
+}
+
+async fn metric(proxy: &Proxy, name: &str) -> f64 {
+    metric_value(&proxy.metrics().await, name).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_etcd_connection_relists_and_converges_to_etcds_view() {
+    let (etcd, relay, proxy) = behind_a_relay().await;
+    let b = Backend::start("b").await;
+    for i in 0..5 {
+        etcd.put(&format!("/services/d/{i}"), b.addr_string()).await;
+    }
+    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
+    let relists = metric(&proxy, "switchyard_registry_relists_total").await;
+    let reconnects = metric(&proxy, "switchyard_registry_reconnects_total").await;
+    let accepted = relay.accepted();
+    // changes the watch cannot deliver, then the connection is gone
+    relay.pause();
+    etcd.delete("/services/d/0").await;
+    etcd.delete("/services/d/1").await;
+    etcd.put(
+        "/services/d/2",
+        format!(r#"{{"addr":"{}","weight":5}}"#, b.addr),
+    )
+    .await;
+    for i in 0..3 {
+        etcd.put(&format!("/services/e/{i}"), b.addr_string()).await;
+    }
+    relay.drop_connections();
+    relay.resume();
+    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
+    wait_connected(&proxy, true).await;
+    let weight = proxy.admin_json("/api/services/d").await["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["key"] == "/services/d/2")
+        .map(|i| i["weight"].clone());
+    assert_eq!(weight, Some(serde_json::json!(5)), "the changed weight");
+    assert!(
+        relay.accepted() > accepted,
+        "the registry must reconnect through the relay"
+    );
+    let m = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "switchyard_registry_reconnects_total"),
+        Some(reconnects + 1.0),
+        "one lost connection, one reconnect: {m}"
+    );
+    assert!(
+        metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0) > relists,
+        "the reconnect must list again (was {relists}): {m}"
+    );
+    // and the new watch delivers
+    etcd.put("/services/e/later", b.addr_string()).await;
+    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_etcd_connection_shows_stale_since_and_recovers_on_resume() {
+    let (etcd, relay, proxy) = behind_a_relay().await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/p/1", b.addr_string()).await;
+    wait_keys(&proxy, "p", &["/services/p/1"]).await;
+    relay.pause();
+    // written while the proxy cannot hear it
+    etcd.put("/services/p/2", b.addr_string()).await;
+    // nothing passes, nothing closes: the registry's keep-alive must notice
+    wait_connected(&proxy, false).await;
+    assert!(
+        relay.open_connections() >= 1,
+        "a pause keeps the sockets open"
+    );
+    let status = proxy.admin_json("/api/registry").await;
+    let since = status["stale_since"]
+        .as_str()
+        .unwrap_or_else(|| panic!("stale_since must be set while paused: {status}"))
+        .to_string();
+    assert!(
+        status["stale"]
+            .as_str()
+            .is_some_and(|s| s.contains(&format!("stale since {since}"))),
+        "{status}"
+    );
+    let r = support::http_get_blocking(proxy.admin_port, "/readyz").unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "still ready: {r}");
+    assert!(
+        r.contains(&format!("stale since {since}")),
+        "/readyz must say since when the view is stale: {r}"
+    );
+    let (code, body) = proxy.get_service("p", "/").await;
+    assert_eq!(code, 200, "routing goes on from the last snapshot: {body}");
+    relay.resume();
+    wait_connected(&proxy, true).await;
+    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
+    let status = proxy.admin_json("/api/registry").await;
+    assert_eq!(status["stale_since"], serde_json::Value::Null, "{status}");
+    let r = support::http_get_blocking(proxy.admin_port, "/readyz").unwrap();
+    assert!(!r.contains("stale since"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_connection_failures_are_retried_with_a_capped_backoff() {
+    // backoff_initial_ms = 50, backoff_max_ms = 500 (the builder's): at the cap, an attempt every
+    // 250-500 ms
+    let (etcd, relay, proxy) = behind_a_relay().await;
+    let reconnects = metric(&proxy, "switchyard_registry_reconnects_total").await;
+    let before = relay.accepted();
+    relay.refuse();
+    wait_connected(&proxy, false).await;
+    // past the first, short delays (50 + 100 + 200 + 400 ms at most)
+    let warm = before + 5;
+    eventually(PATIENCE, "five refused connection attempts", || async {
+        let n = relay.accepted();
+        (n >= warm)
+            .then_some(())
+            .ok_or(format!("{} attempts", n - before))
+    })
+    .await;
+    let window = Duration::from_secs(4);
+    let start = relay.accepted();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(window).await;
+    let attempts = relay.accepted() - start;
+    let elapsed = started.elapsed();
+    // one connection per attempt at most 1 per 250 ms; without a backoff it is hundreds
+    let most = (elapsed.as_millis() / 250) as u64 + 2;
+    assert!(
+        (2..=most).contains(&attempts),
+        "expected 2..={most} connection attempts in {elapsed:?} at a 500 ms backoff cap, got {attempts}"
+    );
+    // many failed attempts, one lost connection
+    assert_eq!(
+        metric(&proxy, "switchyard_registry_reconnects_total").await,
+        reconnects + 1.0
+    );
+    relay.resume();
+    wait_connected(&proxy, true).await;
+    let b = Backend::start("b").await;
+    etcd.put("/services/back/1", b.addr_string()).await;
+    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
 }

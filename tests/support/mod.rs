@@ -4,6 +4,7 @@
 //! - [`Backend::start`]: a real HTTP/1.1 server (hyper) that reports who answered.
 //! - [`raw::RawBackend::start`]: a raw instance that records the exact bytes and requests it
 //!   received and answers hostile scripts (tests/hostile.rs).
+//! - [`relay::Relay::start`]: a TCP relay that pauses, drops and refuses connections (to etcd).
 //! - [`Proxy::start`]: the `switchyard` binary with a generated config.
 //! - [`eventually`]: a bounded poll instead of sleeps.
 //!
@@ -15,6 +16,7 @@ pub mod backend;
 pub mod certs;
 pub mod grpc;
 pub mod raw;
+pub mod relay;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
