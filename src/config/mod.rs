@@ -8,8 +8,8 @@
 //!                            errors name the key and carry the offending value
 //! ```
 //!
-//! One file per section: [`proxy`], [`admin`] (with `[consul]`), [`etcd`], [`routing`],
-//! [`health`], [`services`] (with `[upstream_tls]`), [`tls`], [`http2`], [`log`]. Every key is
+//! One file per section: `proxy.rs`, `admin.rs` (with `[consul]`), `etcd.rs`, `routing.rs`,
+//! `health.rs`, `services.rs` (with `[upstream_tls]`), `tls.rs`, `http2.rs`, `log.rs`. Every key is
 //! documented in `config/switchyard.toml`, which is also the embedded default.
 
 mod admin;
