@@ -7,6 +7,16 @@ use tracing::{info, warn};
 /// health checks, logs.
 const RESERVE: u64 = 256;
 
+/// A failure of the proxy's own resources (open files, memory, local ports), not of the peer it
+/// was connecting to: requests answer it 503 and health checks give no verdict, so it is never
+/// counted against an instance.
+pub fn is_local_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Raises the soft open-file limit to the hard limit; returns the limit now in force.
 pub fn raise_open_files() -> u64 {
     let mut lim = libc::rlimit {

@@ -87,7 +87,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         local_errors: register_int_counter!(
             "switchyard_proxy_local_errors_total",
-            "Connections to instances that failed for a shortage on the proxy's side (open files, memory, local ports): answered 503, never counted against the instance."
+            "Connections to instances (of requests and of health checks) that failed for a shortage on the proxy's side (open files, memory, local ports): requests are answered 503, checks give no verdict; never counted against the instance."
         )?,
         gateway_connections: register_int_gauge_vec!(
             "switchyard_gateway_connections",

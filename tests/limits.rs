@@ -1,8 +1,7 @@
 //! The proxy's own limits (issue 17, findings 5-7): client connections are bounded with a clear
-//! answer, a slow request body is cut off, and a silent or ejected instance costs an idempotent
-//! request one try, not the read timeout. (That a local shortage is never blamed on an instance is a unit test of
-//! `engine::exchange`: running a real proxy out of descriptors at the moment it connects is a
-//! race, since every failed accept frees the descriptor it took.)
+//! answer, a slow request body is cut off, a silent or ejected instance costs an idempotent
+//! request one try, not the read timeout, and a proxy run out of open files blames no instance
+//! for it (the exact errno classification is also a unit test of `engine::exchange`).
 
 mod support;
 
@@ -198,4 +197,134 @@ async fn requests_waiting_on_an_instance_that_gets_ejected_go_to_another_one() {
         "requests waited {:?} (read_timeout is 30 s)",
         started.elapsed()
     );
+}
+
+/// `log` without its terminal colour sequences (`ESC [ ... m`).
+fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut rest = log;
+    while let Some(at) = rest.find('\x1b') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        rest = rest.find('m').map_or("", |end| &rest[end + 1..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The status line of the first answer on `s` ("" when none came); `s` is held open until
+/// `stop` fires.
+async fn first_status(mut s: TcpStream, mut stop: tokio::sync::watch::Receiver<bool>) -> String {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        tokio::select! {
+            r = s.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&chunk[..n]);
+                    if out.windows(2).any(|w| w == b"\r\n") {
+                        break;
+                    }
+                }
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    let text = String::from_utf8_lossy(&out);
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_open_files_blames_no_instance_and_serves_again_after() {
+    const OPEN_FILES: u64 = 256;
+    let etcd = EtcdServer::start();
+    // the client bound above what the files carry, so the files run out first; a new connection
+    // per check, so checks need files too
+    let proxy = Proxy::builder(&etcd)
+        .open_files(OPEN_FILES)
+        .config(
+            "[proxy]\nmax_client_connections = 10000\nconnect_timeout_ms = 500\nread_timeout_ms = 5000\n\
+             [health]\ninterval_ms = 100\ntimeout_ms = 500\njitter_ms = 0\nreuse_connection = false\n",
+        )
+        .start()
+        .await;
+    let log = without_colours(&proxy.log());
+    assert!(
+        log.lines().any(|l| l.contains("connection capacity")
+            && l.contains(&format!("open_files={OPEN_FILES}"))),
+        "the capacity must be logged at start with the limit in force: {log}"
+    );
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    etcd.put("/services/s/a", a.addr_string()).await;
+    etcd.put("/services/s/b", b.addr_string()).await;
+    proxy.wait_usable("s", 2).await;
+    // twice as many clients as the proxy has files, each with a request
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut answers = Vec::new();
+    for i in 0..OPEN_FILES * 2 {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap_or_else(|e| panic!("client {i} could not connect: {e}"));
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("client {i} could not send: {e}"));
+        answers.push(tokio::spawn(first_status(s, stopped.clone())));
+    }
+    // the shortage goes on while accept() keeps failing (pingora retries it once a second):
+    // three failures are 2 s, 20 check intervals, of a proxy without a file to spare
+    eventually(
+        Duration::from_secs(20),
+        "accept() to fail three times for want of open files",
+        || async {
+            let n = proxy.log().matches("Too many open files").count();
+            (n >= 3).then_some(()).ok_or(format!("{n} times"))
+        },
+    )
+    .await;
+    stop.send_replace(true);
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for a in answers {
+        let line = a.await.expect("reader task");
+        let code = line.split(' ').nth(1).unwrap_or("none").to_string();
+        *statuses.entry(code).or_default() += 1;
+    }
+    // answered: served, or 503 for the proxy's own shortage; never 502 (an instance's fault)
+    for code in statuses.keys() {
+        assert!(
+            ["200", "503", "none"].contains(&code.as_str()),
+            "a client got {code} during the shortage: {statuses:?}"
+        );
+    }
+    eventually(
+        Duration::from_secs(15),
+        "requests to succeed once the clients are gone",
+        || async {
+            let got = get(proxy.port, "s").await;
+            got.starts_with("HTTP/1.1 200 ")
+                .then_some(())
+                .ok_or(format!("got {got:?}"))
+        },
+    )
+    .await;
+    let m = proxy.metrics().await;
+    let series = |name: &str| support::metric_value(&m, name).unwrap_or(0.0);
+    assert!(
+        series("switchyard_proxy_local_errors_total") > 0.0,
+        "the shortage must have hit connections to instances ({statuses:?}): {m}"
+    );
+    assert_eq!(
+        series("switchyard_health_transitions_total{service=\"s\",state=\"unhealthy\"}"),
+        0.0,
+        "no instance may be ejected for the proxy's shortage: {m}"
+    );
+    assert_eq!(
+        series("switchyard_health_checks_total{result=\"failure\",service=\"s\"}"),
+        0.0,
+        "a check that could not open a socket is no failed check of the instance: {m}"
+    );
+    let log = proxy.log();
+    assert!(!log.contains("instance ejected"), "{log}");
+    proxy.wait_usable("s", 2).await;
 }

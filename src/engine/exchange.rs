@@ -404,10 +404,7 @@ where
 
 /// A failure of the proxy's own resources, not of the instance it was connecting to.
 fn is_local(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EADDRNOTAVAIL)
-    )
+    crate::limits::is_local_shortage(e)
 }
 
 async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {

@@ -319,6 +319,18 @@ impl HealthChecker {
             None => {}
         }
         let spec = &p.target.spec;
+        if let Err(e) = &done.result {
+            if e.is_local() {
+                // the proxy's own shortage (out of open files): no verdict on the instance, which
+                // keeps its health and its count of failures; checked again next interval
+                METRICS.local_errors.inc();
+                debug!(instance = %p.instance.key, error = %e,
+                    "health check not made: the proxy is short of resources");
+                let due = done.started + spec.interval.saturating_sub(jitter(spec, done.first));
+                self.schedule.at(done.id, due);
+                return;
+            }
+        }
         let ok = done.result.is_ok();
         p.counters.check(ok);
         p.instance.state.record_check(crate::routing::CheckRecord {

@@ -58,6 +58,19 @@ pub enum ProbeError {
     NotServing(&'static str),
 }
 
+impl ProbeError {
+    /// The check could not be made for a shortage on the proxy's side (no file for a socket,
+    /// no local port): it says nothing about the instance.
+    pub fn is_local(&self) -> bool {
+        match self {
+            ProbeError::Connect { source, .. } | ProbeError::Io(source) => {
+                crate::limits::is_local_shortage(source)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One way of checking an instance. `check` is called repeatedly on the same value.
 #[async_trait]
 pub trait HealthCheck: Send + Sync {
@@ -585,6 +598,20 @@ pub(crate) mod tests {
             path: "/health".into(),
             expected: StatusSet::parse(expected).unwrap(),
         }
+    }
+
+    #[test]
+    fn only_the_proxys_own_shortage_is_no_verdict() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let connect = |errno| ProbeError::Connect {
+            addr,
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(connect(libc::EMFILE).is_local());
+        assert!(ProbeError::Io(std::io::Error::from_raw_os_error(libc::ENFILE)).is_local());
+        assert!(!connect(libc::ECONNREFUSED).is_local());
+        assert!(!ProbeError::Timeout(Duration::from_secs(1)).is_local());
+        assert!(!ProbeError::Status(500).is_local());
     }
 
     #[test]

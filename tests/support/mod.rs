@@ -293,6 +293,7 @@ pub struct ProxyBuilder {
     resync_ms: Option<u64>,
     listen_host: Option<String>,
     etcd_extra: String,
+    open_files: Option<u64>,
 }
 
 impl ProxyBuilder {
@@ -324,6 +325,12 @@ impl ProxyBuilder {
     /// etcd.resync_interval_ms (periodic full re-list).
     pub fn resync_ms(mut self, ms: u64) -> Self {
         self.resync_ms = Some(ms);
+        self
+    }
+
+    /// Starts the process with this open-file limit, soft and hard (it cannot raise it).
+    pub fn open_files(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
         self
     }
 
@@ -370,7 +377,25 @@ impl ProxyBuilder {
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, &text).expect("writing proxy config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("proxy log");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only calls setrlimit, which is
+            // async-signal-safe, and allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&path)
@@ -449,6 +474,7 @@ impl Proxy {
             resync_ms: None,
             listen_host: None,
             etcd_extra: String::new(),
+            open_files: None,
         }
     }
 
@@ -461,6 +487,7 @@ impl Proxy {
             resync_ms: None,
             listen_host: None,
             etcd_extra: String::new(),
+            open_files: None,
         }
     }
 
