@@ -872,3 +872,71 @@ async fn repeated_connection_failures_are_retried_with_a_capped_backoff() {
     etcd.put("/services/back/1", b.addr_string()).await;
     wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_stops_resolving_keeps_its_last_good_address_through_relists() {
+    let etcd = EtcdServer::start();
+    let files = tempfile::tempdir().expect("temp dir for resolver files");
+    let hosts = files.path().join("hosts");
+    let resolv_conf = files.path().join("resolv.conf");
+    let name = "named-backend.switchyard-test";
+    std::fs::write(&hosts, format!("127.0.0.1 {name}\n")).unwrap();
+    // no DNS server there: a name missing from the hosts file fails at once
+    std::fs::write(
+        &resolv_conf,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let proxy = Proxy::builder(&etcd)
+        .resolver_files(&hosts, &resolv_conf)
+        .resync_ms(300)
+        .etcd_config("dns_timeout_ms = 2000\ndns_refresh_ms = 200")
+        .config("[health]\nenabled = false\n")
+        .start()
+        .await;
+    let b = Backend::start("named").await;
+    etcd.put("/services/n/1", format!("{name}:{}", b.addr.port()))
+        .await;
+    wait_keys(&proxy, "n", &["/services/n/1"]).await;
+    let (status, body) = proxy.get_service("n", "/").await;
+    assert_eq!(status, 200, "{body}");
+    // the name is gone from the resolver (written in place: the bind mount holds the inode)
+    std::fs::write(&hosts, "").unwrap();
+    let v = eventually(PATIENCE, "the name to be shown as failing", || async {
+        let v = proxy.admin_json("/api/registry").await;
+        let n = v["dns_failing"].as_array().map_or(0, |a| a.len());
+        (n == 1).then_some(v.clone()).ok_or(format!("{v}"))
+    })
+    .await;
+    assert_eq!(v["dns_failing"][0]["name"], name, "{v}");
+    assert_eq!(v["dns_failing"][0]["last_good"], "127.0.0.1", "{v}");
+    // re-lists and refreshes while it fails remove nothing
+    let relists = metric(&proxy, "switchyard_registry_relists_total").await;
+    wait_metric_at_least(&proxy, "switchyard_registry_relists_total", relists + 3.0).await;
+    wait_metric_at_least(&proxy, "switchyard_registry_dns_lookup_failures_total", 3.0).await;
+    for i in 0..50 {
+        let (status, body) = proxy.get_service("n", "/").await;
+        assert_eq!(status, 200, "request {i} while DNS fails: {body}");
+    }
+    wait_keys(&proxy, "n", &["/services/n/1"]).await;
+    let v = proxy.admin_json("/api/registry").await;
+    assert_eq!(
+        v["invalid_registrations"].as_array().map(Vec::len),
+        Some(0),
+        "an unchanged registration stays valid while its name fails: {v}"
+    );
+    assert_eq!(
+        metric(&proxy, "switchyard_registry_dns_failing_names").await,
+        1.0
+    );
+    // resolving again: no longer failing
+    std::fs::write(&hosts, format!("127.0.0.1 {name}\n")).unwrap();
+    eventually(PATIENCE, "the name to resolve again", || async {
+        let v = proxy.admin_json("/api/registry").await;
+        let n = v["dns_failing"].as_array().map_or(usize::MAX, |a| a.len());
+        (n == 0).then_some(()).ok_or(format!("{v}"))
+    })
+    .await;
+    let (status, body) = proxy.get_service("n", "/").await;
+    assert_eq!(status, 200, "{body}");
+}

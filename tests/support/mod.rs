@@ -294,6 +294,7 @@ pub struct ProxyBuilder {
     listen_host: Option<String>,
     etcd_extra: String,
     open_files: Option<u64>,
+    resolver: Option<(PathBuf, PathBuf)>,
 }
 
 impl ProxyBuilder {
@@ -331,6 +332,14 @@ impl ProxyBuilder {
     /// Starts the process with this open-file limit, soft and hard (it cannot raise it).
     pub fn open_files(mut self, n: u64) -> Self {
         self.open_files = Some(n);
+        self
+    }
+
+    /// Runs the process in a mount namespace of its own where these files are `/etc/hosts` and
+    /// `/etc/resolv.conf` (needs root and `unshare`): the test decides what names resolve to, and
+    /// edits the files in place (the same inode) to change it.
+    pub fn resolver_files(mut self, hosts: &Path, resolv_conf: &Path) -> Self {
+        self.resolver = Some((hosts.to_path_buf(), resolv_conf.to_path_buf()));
         self
     }
 
@@ -377,7 +386,28 @@ impl ProxyBuilder {
         let path = dir.path().join("switchyard.toml");
         std::fs::write(&path, &text).expect("writing proxy config");
         let log = std::fs::File::create(dir.path().join("proxy.log")).expect("proxy log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        let bin = env!("CARGO_BIN_EXE_switchyard");
+        let mut command = match &self.resolver {
+            None => Command::new(bin),
+            Some((hosts, resolv_conf)) => {
+                let unshare = which("unshare").unwrap_or_else(|| {
+                    panic!("unshare (util-linux) is needed for a resolver of the test's own")
+                });
+                let mut c = Command::new(unshare);
+                // unshare makes the new namespace's mounts private: the host's files stay as
+                // they are
+                c.args(["-m", "--", "sh", "-c"])
+                    .arg(
+                        "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/resolv.conf \
+                         && shift 2 && exec \"$@\"",
+                    )
+                    .arg("sh")
+                    .arg(hosts)
+                    .arg(resolv_conf)
+                    .arg(bin);
+                c
+            }
+        };
         if let Some(n) = self.open_files {
             use std::os::unix::process::CommandExt;
             // SAFETY: between fork and exec the closure only calls setrlimit, which is
@@ -475,6 +505,7 @@ impl Proxy {
             listen_host: None,
             etcd_extra: String::new(),
             open_files: None,
+            resolver: None,
         }
     }
 
@@ -488,6 +519,7 @@ impl Proxy {
             listen_host: None,
             etcd_extra: String::new(),
             open_files: None,
+            resolver: None,
         }
     }
 
