@@ -25,7 +25,7 @@ pub struct RecentEvents {
 
 impl RecentEvents {
     pub fn record(&self, kind: &'static str, message: impl Into<String>) {
-        let at_ms = crate::routing::unix_ms(SystemTime::now());
+        let at_ms = crate::clock::unix_ms(SystemTime::now());
         if let Ok(mut ring) = self.ring.lock() {
             if ring.len() == CAPACITY {
                 ring.pop_front();

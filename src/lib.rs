@@ -59,6 +59,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod consul;
 pub mod engine;

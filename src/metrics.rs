@@ -14,7 +14,8 @@
 //!   `switchyard_upstream_response_seconds{service}` are atomics in a [`ServiceMetrics`] per
 //!   service that has served a request (about 330 bytes);
 //! - `switchyard_upstream_instances{service,state}` is counted from the routing snapshot being
-//!   served, so it is never stale and costs nothing between scrapes;
+//!   served (the admin endpoint counts it and hands the samples to [`gather_text`]), so it is
+//!   never stale and costs nothing between scrapes;
 //! - `switchyard_health_checks_total{service,result}` and
 //!   `switchyard_health_transitions_total{service,state}` are atomics in a [`HealthCounters`] per
 //!   service (48 bytes), kept for the life of the process like the other per-service counters.
@@ -23,8 +24,6 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-
-use crate::routing::{Health, RoutingTable, INSTANCE_STATES};
 
 use prometheus::{
     register_histogram, register_histogram_vec, register_int_counter, register_int_gauge,
@@ -313,7 +312,8 @@ pub struct HealthCounters {
     became: [Counter; 3],
 }
 
-const HEALTH_STATES: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::Pending];
+/// The states an instance's health can flip to (the `state` label of the transitions).
+pub const HEALTH_STATES: [&str; 3] = ["healthy", "unhealthy", "pending"];
 
 impl HealthCounters {
     pub fn check(&self, ok: bool) {
@@ -321,7 +321,8 @@ impl HealthCounters {
         c.inc();
     }
 
-    pub fn transition(&self, to: Health) {
+    /// A flip to `to`, one of [`HEALTH_STATES`].
+    pub fn transition(&self, to: &str) {
         if let Some(i) = HEALTH_STATES.iter().position(|s| *s == to) {
             self.became[i].inc();
         }
@@ -341,9 +342,13 @@ pub fn health_counters(service: &Arc<str>) -> Arc<HealthCounters> {
     })
 }
 
+/// One `switchyard_upstream_instances` sample: service, state, instances.
+pub type InstanceSample<'a> = (&'a str, &'a str, u64);
+
 /// Prometheus text exposition: everything in the default registry, then the per-service
-/// families written from `table` and the health counters (see the module comment).
-pub fn gather_text(table: &RoutingTable) -> Vec<u8> {
+/// families: `instances` (sorted by service, counted by the caller from the snapshot it
+/// serves), the health counters and the request counters (see the module comment).
+pub fn gather_text<'a>(instances: impl IntoIterator<Item = InstanceSample<'a>>) -> Vec<u8> {
     use prometheus::Encoder;
     LazyLock::force(&METRICS);
     let mut buf = Vec::new();
@@ -352,25 +357,29 @@ pub fn gather_text(table: &RoutingTable) -> Vec<u8> {
         tracing::warn!(error = %e, "encoding metrics failed");
     }
     let mut text = String::from_utf8(buf).unwrap_or_default();
-    write_service_families(&mut text, table);
+    write_service_families(&mut text, instances);
     write_request_families(&mut text);
     text.into_bytes()
 }
 
-fn write_service_families(out: &mut String, table: &RoutingTable) {
-    let mut services: Vec<_> = table.services.iter().collect();
-    services.sort_unstable_by(|a, b| a.0.cmp(b.0));
+fn write_service_families<'a>(
+    out: &mut String,
+    instances: impl IntoIterator<Item = InstanceSample<'a>>,
+) {
     family(
         out,
         "switchyard_upstream_instances",
         "gauge",
         "Registered instances by service and state (healthy, unhealthy, pending, draining).",
     );
-    for (name, svc) in &services {
-        for (state, n) in INSTANCE_STATES.iter().zip(svc.state_counts()) {
-            let label = Some(("state", *state));
-            sample(out, "switchyard_upstream_instances", name, label, n as u64);
-        }
+    for (name, state, n) in instances {
+        sample(
+            out,
+            "switchyard_upstream_instances",
+            name,
+            Some(("state", state)),
+            n,
+        );
     }
 
     let health = HEALTH_COUNTERS.sorted();
@@ -389,7 +398,7 @@ fn write_service_families(out: &mut String, table: &RoutingTable) {
         "state",
         &health,
         |c| {
-            let states = HEALTH_STATES.iter().map(|s| s.as_str());
+            let states = HEALTH_STATES.into_iter();
             states.zip(c.became.iter().map(Counter::get))
         },
     );
@@ -518,12 +527,6 @@ fn sample(out: &mut String, family: &str, service: &str, label: Option<(&str, &s
 mod tests {
     use super::*;
 
-    use crate::routing::{Instance, Service, ServiceSettings};
-
-    fn instance(key: &str, weight: u32, health: Health) -> Arc<Instance> {
-        Instance::for_test(key, weight, health)
-    }
-
     #[test]
     fn metrics_register_and_render() {
         let m = ServiceMetrics::of(&"svc".into());
@@ -532,22 +535,19 @@ mod tests {
         m.duration.observe(0.003);
         m.duration.observe(0.0005);
         m.duration.observe(60.0);
-        let instances = vec![
-            instance("a", 1, Health::Healthy),
-            instance("b", 1, Health::Healthy),
-            instance("c", 1, Health::Pending),
-            instance("d", 0, Health::Healthy),
+        let instances = [
+            ("m-svc", "healthy", 2),
+            ("m-svc", "unhealthy", 0),
+            ("m-svc", "pending", 1),
+            ("m-svc", "draining", 1),
         ];
-        let mut table = RoutingTable::default();
-        let svc = Service::new("m-svc".into(), instances, 0, &ServiceSettings::default());
-        table.services.insert("m-svc".into(), Arc::new(svc));
         let c = health_counters(&"m-svc".into());
         assert!(Arc::ptr_eq(&c, &health_counters(&"m-svc".into())));
         c.check(true);
         c.check(true);
-        c.transition(Health::Unhealthy);
+        c.transition("unhealthy");
 
-        let text = String::from_utf8(gather_text(&table)).unwrap();
+        let text = String::from_utf8(gather_text(instances)).unwrap();
         assert!(text.contains("switchyard_requests_total{code=\"2xx\",service=\"svc\"} 1"));
         for line in [
             "# TYPE switchyard_requests_total counter\n",

@@ -17,9 +17,10 @@ use pingora::protocols::http::ServerSession;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::clock::unix_ms;
 use crate::metrics::gather_text;
 use crate::registry::RegistryStatus;
-use crate::routing::{unix_ms, Instance, Service, SharedTable};
+use crate::routing::{Instance, Service, SharedTable, INSTANCE_STATES};
 
 pub struct AdminApp {
     pub table: SharedTable,
@@ -233,6 +234,18 @@ impl AdminApp {
         })
     }
 
+    /// The exposition, with the instance gauges counted from the snapshot being served.
+    fn metrics_text(&self) -> Vec<u8> {
+        let table = self.table.load();
+        let mut services: Vec<&Arc<Service>> = table.services.values().collect();
+        services.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let samples = services.iter().flat_map(|svc| {
+            let counts = INSTANCE_STATES.iter().zip(svc.state_counts());
+            counts.map(|(state, n)| (&*svc.name, *state, n as u64))
+        });
+        gather_text(samples)
+    }
+
     fn services_json(&self, pretty: bool) -> Response<Vec<u8>> {
         let table = self.table.load();
         let mut services: Vec<&Arc<Service>> = table.services.values().collect();
@@ -268,11 +281,7 @@ impl AdminApp {
                     reply(503, "text/plain", why.into_bytes())
                 }
             }
-            "/metrics" => reply(
-                200,
-                "text/plain; version=0.0.4",
-                gather_text(&self.table.load()),
-            ),
+            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics_text()),
             "/api/services" => self.services_json(pretty),
             "/api/registry" => json_reply(200, &self.registry_json(), pretty),
             "/api/events" => json_reply(200, &json!(crate::events::RECENT.snapshot()), pretty),
@@ -376,6 +385,38 @@ mod tests {
         let _listening = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         proxy.confirm().await;
         assert_eq!(readyz(&app), (200, "ready\n".to_string()));
+    }
+
+    #[test]
+    fn instance_gauges_are_counted_from_the_snapshot() {
+        use crate::routing::{Health, RoutingTable, ServiceSettings};
+        let instances = vec![
+            Instance::for_test("a", 1, Health::Healthy),
+            Instance::for_test("b", 1, Health::Healthy),
+            Instance::for_test("c", 1, Health::Pending),
+            Instance::for_test("d", 0, Health::Healthy),
+        ];
+        let mut table = RoutingTable::default();
+        let svc = Service::new("g-svc".into(), instances, 0, &ServiceSettings::default());
+        table.services.insert("g-svc".into(), Arc::new(svc));
+        let app = AdminApp {
+            table: crate::routing::new_shared_table(),
+            status: Default::default(),
+            started: Instant::now(),
+            etcd_endpoints: vec![],
+            prefix: "/s/".into(),
+            proxy: None,
+        };
+        app.table.store(Arc::new(table));
+        let text = String::from_utf8(app.metrics_text()).unwrap();
+        for line in [
+            "switchyard_upstream_instances{service=\"g-svc\",state=\"healthy\"} 2\n",
+            "switchyard_upstream_instances{service=\"g-svc\",state=\"unhealthy\"} 0\n",
+            "switchyard_upstream_instances{service=\"g-svc\",state=\"pending\"} 1\n",
+            "switchyard_upstream_instances{service=\"g-svc\",state=\"draining\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn service_table(h: &mut String, s: &Service) {
         let check = match i.state.last_check() {
             None => "not yet".to_string(),
             Some(c) => {
-                let at = crate::routing::unix_ms(c.at);
+                let at = crate::clock::unix_ms(c.at);
                 let class = if c.ok { "ok" } else { "bad" };
                 format!(
                     "<span class=\"{class}\">{}</span> at {} ({:.1} ms)",

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CheckSpec, HealthConfig, Protocol, StatusSet};
-use crate::registry::codec::HostPort;
 use crate::routing::{
-    Health, Instance, InstanceState, RoutingTable, Service, ServiceSettings, SharedTable,
+    Health, HostPort, Instance, InstanceState, RoutingTable, Service, ServiceSettings, SharedTable,
 };
 
 pub(super) fn spec() -> CheckSpec {

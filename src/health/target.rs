@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CheckSpec, Protocol, StatusSet};
-use crate::registry::codec::HostPort;
-use crate::routing::Instance;
+use crate::routing::{HostPort, Instance};
 
 /// What one instance's checks go to: the service's spec (shared; a copy only for an instance
 /// whose metadata overrides it) and the address to probe. Cheap to clone.

@@ -102,7 +102,7 @@ pub fn report_transition(service: &Arc<str>, key: &str, from: Health, to: Health
             ),
         );
     }
-    crate::metrics::health_counters(service).transition(to);
+    crate::metrics::health_counters(service).transition(to.as_str());
     // no receiver (no Consul API) is the common case, not an error
     let _ = TRANSITIONS.send(service.clone());
 }

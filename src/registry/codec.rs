@@ -10,7 +10,6 @@
 //! wrong so the registry can log it next to the key.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::Deserialize;
 
@@ -48,23 +47,7 @@ pub enum DecodeError {
     NegativeWeight(i64),
 }
 
-/// Where an instance can be reached, as the registry wrote it (not yet resolved).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct HostPort {
-    /// IP literal (without brackets) or DNS name.
-    pub host: String,
-    pub port: u16,
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
+pub use crate::routing::HostPort;
 
 /// A decoded registration value.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -474,7 +474,7 @@ impl Registry {
         let now = SystemTime::now();
         METRICS
             .registry_last_update
-            .set((crate::routing::unix_ms(now) / 1000) as i64);
+            .set((crate::clock::unix_ms(now) / 1000) as i64);
         if let Ok(mut g) = self.status.last_update.lock() {
             *g = Some(now);
         }

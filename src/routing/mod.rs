@@ -5,6 +5,7 @@
 //! [`Instance`]s are shared between snapshots through their [`InstanceState`], which is keyed by the
 //! instance's etcd key and therefore survives rebuilds, weight and metadata changes.
 
+mod address;
 pub mod route;
 pub mod select;
 pub mod services;
@@ -17,20 +18,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 
-use crate::registry::codec::HostPort;
+use crate::clock::clock_ms;
+pub use address::HostPort;
 pub use route::{RouteMatch, Router};
 pub use select::{Policy, Selector};
 pub use services::ServiceMap;
 
 /// Every value [`Instance::state_label`] takes (the `state` label of the instance gauges).
 pub const INSTANCE_STATES: [&str; 4] = ["healthy", "unhealthy", "pending", "draining"];
-
-/// Unix time in milliseconds (0 for times before the epoch).
-pub fn unix_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Health of an instance, stored in an atomic inside [`InstanceState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,24 +69,17 @@ pub struct InstanceState {
     /// Result of the most recent active health check (None before the first). Written by the
     /// health checker, read by the admin API; never touched on the request path.
     pub last_check: std::sync::Mutex<Option<CheckRecord>>,
-    /// Passively ejected with no active check to bring it back: from this time on ([`clock_ms`])
+    /// Passively ejected with no active check to bring it back: from this time on ([`clock_ms`](crate::clock::clock_ms))
     /// it takes requests again, on trial. 0: not ejected that way.
     readmit_at: AtomicU64,
     /// Peak-EWMA of the time to the first response byte, in microseconds (0: no sample yet), and
-    /// when it was last updated ([`clock_ms`]): the latency half of `p2c_ewma`'s cost.
+    /// when it was last updated ([`clock_ms`](crate::clock::clock_ms)): the latency half of `p2c_ewma`'s cost.
     latency_us: AtomicU64,
     latency_at: AtomicU64,
 }
 
 /// How fast an old latency sample is forgotten (peak-EWMA's decay time, as linkerd's default).
 const LATENCY_DECAY_MS: f64 = 10_000.0;
-
-/// Milliseconds on a process-local monotonic clock, never 0.
-pub fn clock_ms() -> u64 {
-    static EPOCH: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    EPOCH.elapsed().as_millis() as u64 + 1
-}
 
 /// One active health check result, for operators.
 #[derive(Debug, Clone)]
@@ -485,7 +473,11 @@ mod tests {
     use super::*;
 
     fn instance(key: &str, id: &str, registered: &str, addr: &str) -> Instance {
-        let registered = crate::registry::codec::parse_host_port(registered).unwrap();
+        let (host, port) = registered.rsplit_once(':').unwrap();
+        let registered = HostPort {
+            host: host.trim_start_matches('[').trim_end_matches(']').into(),
+            port: port.parse().unwrap(),
+        };
         Instance::new(
             key.into(),
             id,

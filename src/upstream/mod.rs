@@ -124,7 +124,7 @@ mod tests {
         Instance::new(
             "/s/a/1".into(),
             "1",
-            &crate::registry::codec::HostPort {
+            &crate::routing::HostPort {
                 host: "127.0.0.1".into(),
                 port: 1,
             },

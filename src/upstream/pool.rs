@@ -28,7 +28,7 @@ use tracing::debug;
 
 use super::connect::{connect, ConnectError};
 use super::{ClientTls, Protocol};
-use crate::routing::clock_ms;
+use crate::clock::clock_ms;
 
 /// Every this many requests, the pool drops closed and idle connections ([`Pool::sweep`]).
 const SWEEP_EVERY: u32 = 1024;
@@ -79,7 +79,7 @@ struct H2 {
 #[derive(Default)]
 struct Streams {
     now: AtomicUsize,
-    /// [`crate::routing::clock_ms`] when a stream last ended.
+    /// [`crate::clock::clock_ms`] when a stream last ended.
     released_at: AtomicU64,
 }
 
