@@ -152,6 +152,7 @@ fn heads(c: &mut Criterion) {
             let hop = Hop {
                 client_ip: "10.1.2.3",
                 via: "switchyard-1a2b3c4d",
+                tls: false,
             };
             req.write_upstream_head(&mut out, &req.target, "items.svc.local", &hop);
             black_box(out.len())

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::AdminApp;
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, ProxyListener};
 use crate::gateway::Gateway;
 use crate::health::HealthChecker;
 use crate::proxy::IN_FLIGHT;
@@ -165,7 +165,7 @@ impl Switchyard {
             config.http2.clone(),
             config.log.access_log,
         ));
-        let engine = Engine {
+        let engine = Arc::new(Engine {
             table: table.clone(),
             router: config.router.clone(),
             cfg: config.proxy.clone(),
@@ -176,8 +176,8 @@ impl Switchyard {
             max_clients: crate::limits::client_connection_limit(
                 config.proxy.max_client_connections,
             ),
-        };
-        let mut service = ListeningService::new("proxy".to_string(), engine);
+        });
+        let mut service = ListeningService::new("proxy".to_string(), ProxyListener(engine.clone()));
         // The engine reads into its own buffer and writes whole heads: pingora's per-connection
         // 64 KiB read buffer would only add a copy and memory per connection.
         service.endpoints().add_listener(
@@ -191,7 +191,7 @@ impl Switchyard {
             })?;
             let app = TlsListener {
                 acceptor: tokio_rustls::TlsAcceptor::from(server_config),
-                gateway: gateway.clone(),
+                engine: engine.clone(),
                 handshake_timeout: tls.handshake_timeout,
             };
             let mut service = ListeningService::new("tls".to_string(), app);

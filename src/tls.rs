@@ -5,7 +5,8 @@
 //!                                                      ▲ SIGHUP: load all again, swap whole
 //! client ──TLS (1.2 / 1.3)──▶ TlsListener ──SniResolver: first certificate valid for the SNI
 //!            ALPN h2 | http/1.1               name, else the first one
-//!                 └──▶ gateway (HTTP/2 or HTTP/1.1, the same request path as h2c)
+//!                 ├──▶ http/1.1: the native engine (the cleartext path, X-Forwarded-Proto: https)
+//!                 └──▶ h2: the gateway (the same request path as h2c)
 //! ```
 //!
 //! A reload that fails (a file missing, unreadable, or a key that does not match) keeps the
@@ -29,7 +30,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tracing::{debug, info, warn};
 
-use crate::gateway::{ClientInfo, Gateway};
+use crate::engine::Engine;
+use crate::gateway::ClientInfo;
 
 /// Why a certificate, key or CA file could not be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -251,10 +253,12 @@ pub async fn reload_on_sighup(resolver: Arc<SniResolver>, mut shutdown: Shutdown
     }
 }
 
-/// The TLS listener: a pingora app that terminates TLS and hands the connection to the gateway.
+/// The TLS listener: a pingora app that terminates TLS on the thread the engine picks for the
+/// connection ([`Engine::admit`]), then hands HTTP/1.1 to the engine and HTTP/2 (ALPN h2) to the
+/// gateway.
 pub struct TlsListener {
     pub acceptor: tokio_rustls::TlsAcceptor,
-    pub gateway: Arc<Gateway>,
+    pub engine: Arc<Engine>,
     /// Longest time a handshake may take (the client's read timeout).
     pub handshake_timeout: Duration,
 }
@@ -262,30 +266,52 @@ pub struct TlsListener {
 #[async_trait]
 impl ServerApp for TlsListener {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let ip = io
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
-            .map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        let (socket, ip, there, serving) = self.engine.admit(io)?;
+        let (me, shutdown) = (self.clone(), shutdown.clone());
+        there.handle().spawn(async move {
+            let Some(tls) = me.handshake(socket, &ip).await else {
+                return;
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let client = ClientInfo::new(ip, true);
+                let gateway = me.engine.gateway.clone();
+                gateway.serve(tls, true, client, shutdown).await;
+                drop(serving);
+            } else {
+                me.engine.serve(tls, ip, shutdown, serving).await;
+            }
+        });
+        None
+    }
+}
+
+impl TlsListener {
+    /// The TLS handshake, within `handshake_timeout`; failures are counted and logged at debug.
+    async fn handshake(
+        &self,
+        socket: std::net::TcpStream,
+        ip: &str,
+    ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+        let io = match tokio::net::TcpStream::from_std(socket) {
+            Ok(io) => io,
+            Err(e) => {
+                debug!(client = %ip, error = %e, "client connection dropped");
+                return None;
+            }
+        };
         let accept = self.acceptor.accept(io);
-        let tls = match tokio::time::timeout(self.handshake_timeout, accept).await {
-            Ok(Ok(tls)) => tls,
+        match tokio::time::timeout(self.handshake_timeout, accept).await {
+            Ok(Ok(tls)) => Some(tls),
             Ok(Err(e)) => {
                 crate::metrics::METRICS.tls_handshake_failures.inc();
                 debug!(client = %ip, error = %e, "TLS handshake failed");
-                return None;
+                None
             }
             Err(_) => {
                 crate::metrics::METRICS.tls_handshake_failures.inc();
                 debug!(client = %ip, "TLS handshake timed out");
-                return None;
+                None
             }
-        };
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let client = ClientInfo::new(ip, true);
-        self.gateway
-            .clone()
-            .serve(tls, h2, client, shutdown.clone())
-            .await;
-        None
+        }
     }
 }

@@ -306,7 +306,39 @@ async fn tls_terminates_with_sni_certificates_and_reloads_them_on_sighup() {
     // SNI picks the second certificate (a wildcard name too); HTTP/1.1 by ALPN; TLS 1.2
     let (code, out) = call("b.test", vec!["--http1.1"]).await;
     assert_eq!(code, 0, "https to b.test failed (curl exit {code}): {out}");
-    assert_eq!(split(&out).2, "1.1", "{out}");
+    let (body, _, version) = split(&out);
+    assert_eq!(version, "1.1", "{out}");
+    assert_eq!(json(&body)["headers"]["x-forwarded-proto"][0], "https");
+    // a 3 MiB upload over HTTP/1.1 + TLS: streamed to the instance while its answer is read
+    let upload = dir.path().join("upload.bin");
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
+    std::fs::write(&upload, &data).unwrap();
+    let (url, res) = (format!("https://b.test:{port}/upload"), resolve("b.test"));
+    let at_file = format!("@{}", upload.display());
+    let (code, out) = curl(&[
+        "--http1.1",
+        "--cacert",
+        &ca_path,
+        "--resolve",
+        &res,
+        "-H",
+        "Host: echo",
+        "--data-binary",
+        &at_file,
+        "-w",
+        W,
+        &url,
+    ])
+    .await;
+    assert_eq!(code, 0, "upload over TLS failed (curl exit {code}): {out}");
+    let (body, status, _) = split(&out);
+    assert_eq!(status, "200", "{out}");
+    assert_eq!(
+        (json(&body)["len"].as_u64(), json(&body)["sum"].as_u64()),
+        (Some(data.len() as u64), Some(sum)),
+        "the instance got the whole upload: {body}"
+    );
     let (code, out) = call("x.b.test", vec!["--tlsv1.2", "--tls-max", "1.2"]).await;
     assert_eq!(
         code, 0,

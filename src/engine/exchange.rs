@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use super::relay::{tunnel, Relay, Relayed};
 use super::request::Head;
-use super::{pool, read_more, timer, Conn, Engine, CLIENT_BUF, UPSTREAM_BUF};
+use super::{pool, read_more, timer, ClientIo, Conn, Engine, CLIENT_BUF, UPSTREAM_BUF};
 use crate::config::ProxyConfig;
 use crate::http1::{BodyError, BodyOut, Framing, HeadError, Reframe};
 use crate::routing::{Health, Instance, InstanceState, Service};
@@ -142,9 +142,9 @@ impl Engine {
     ///
     /// The rare steps (a new upstream connection, a request body that did not come with the head,
     /// an upgrade tunnel) are boxed futures, so the boxed state of every request stays small.
-    pub(super) async fn exchange(
+    pub(super) async fn exchange<S: ClientIo>(
         &self,
-        conn: &mut Conn,
+        conn: &mut Conn<S>,
         head: &Head,
         service: &Arc<Service>,
         inline: bool,
@@ -278,8 +278,8 @@ impl Engine {
 /// Sends the body that did not come with the head while the response is read and relayed, so
 /// that an instance may answer before it has read the whole body (an early 413 or 401) or while
 /// it still reads it (full duplex).
-async fn streamed(
-    conn: &mut Conn,
+async fn streamed<S: ClientIo>(
+    conn: &mut Conn<S>,
     relay: &Relay<'_>,
     up: &mut TcpStream,
 ) -> Result<Relayed, UpstreamError> {
@@ -297,7 +297,7 @@ async fn streamed(
         .await
         .map_err(UpstreamError::Client)?;
     }
-    let (mut cr, mut cw) = client.io.split();
+    let (mut cr, mut cw) = ClientIo::split(&mut client.io);
     let cbuf = &mut client.buf;
     let (mut ur, mut uw) = up.split();
     let mut encoded = Vec::new();

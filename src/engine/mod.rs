@@ -36,6 +36,7 @@
 //!   is a 502), ended after `proxy.tunnel_idle_timeout_ms` without traffic.
 //! - Passive ejection, X-Forwarded-*, metrics and the access log as [`crate::proxy`] describes.
 
+mod client;
 mod exchange;
 pub mod pool;
 mod relay;
@@ -51,13 +52,14 @@ use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::ProxyConfig;
 use crate::http1::MAX_HEAD;
 use crate::routing::{Router, SharedTable};
+pub(crate) use client::ClientIo;
 use request::Head;
 use threads::{Serving, Workers};
 use timer::timed;
@@ -93,9 +95,39 @@ pub fn via_name() -> Arc<str> {
     Arc::from(format!("switchyard-{:08x}", rand::random::<u32>()))
 }
 
+/// The proxy listener: its cleartext connections are the engine's (TLS ones come through
+/// [`crate::tls::TlsListener`], which shares the engine).
+pub struct ProxyListener(pub Arc<Engine>);
+
 #[async_trait]
-impl ServerApp for Engine {
+impl ServerApp for ProxyListener {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let (socket, ip, there, serving) = self.0.admit(io)?;
+        let shutdown = shutdown.clone();
+        // The connection gets a task of its own, also on this thread: pingora's task for it (2 KiB,
+        // sized for its accept and handshake steps) and this boxed future (1.4 KiB) end now
+        // instead of living as long as the connection.
+        let engine = self.0.clone();
+        there.handle().spawn(async move {
+            // registers the socket with this thread's runtime (it is already non-blocking: the
+            // flag belongs to the socket, shared with pingora's closed descriptor)
+            match TcpStream::from_std(socket) {
+                Ok(io) => engine.serve(io, ip, shutdown, serving).await,
+                Err(e) => debug!("client connection from {ip} dropped: {e}"),
+            }
+        });
+        None
+    }
+}
+
+impl Engine {
+    /// Takes a new client connection out of pingora's stream and picks the thread to serve it
+    /// ([`threads`]). `None`: dropped, or refused at `proxy.max_client_connections` (with a short
+    /// 503 written to the socket).
+    pub(crate) fn admit(
+        &self,
+        io: Stream,
+    ) -> Option<(std::net::TcpStream, String, Arc<threads::Worker>, Serving)> {
         let ip = io
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
@@ -118,15 +150,7 @@ impl ServerApp for Engine {
             debug!("client connection from {ip} refused: proxy.max_client_connections reached");
             return None;
         };
-        let shutdown = shutdown.clone();
-        // The connection gets a task of its own, also on this thread: pingora's task for it (2 KiB,
-        // sized for its accept and handshake steps) and this boxed future (1.4 KiB) end now
-        // instead of living as long as the connection (BENCHMARKS.md, sixth session).
-        let engine = self.clone();
-        there.handle().spawn(async move {
-            engine.serve(socket, ip, shutdown, serving).await;
-        });
-        None
+        Some((socket, ip, there, serving))
     }
 }
 
@@ -141,22 +165,13 @@ fn take_socket(io: &Stream) -> io::Result<std::net::TcpStream> {
 
 impl Engine {
     /// Serves one client connection on the calling thread, request after request.
-    async fn serve(
+    pub(crate) async fn serve<S: ClientIo>(
         &self,
-        socket: std::net::TcpStream,
+        io: S,
         ip: String,
         shutdown: ShutdownWatch,
         _serving: Serving,
     ) {
-        // registers the socket with this thread's runtime (it is already non-blocking: the flag
-        // belongs to the socket, shared with pingora's closed descriptor)
-        let io = match TcpStream::from_std(socket) {
-            Ok(io) => io,
-            Err(e) => {
-                debug!("client connection from {ip} dropped: {e}");
-                return;
-            }
-        };
         if !self.cfg.work_stealing {
             // this task stays on this thread: its time limits can use the thread's wheel
             timer::drive_this_thread(&shutdown);
@@ -206,8 +221,9 @@ impl Engine {
                     // buffered bytes on (boxed: its state is no part of an HTTP/1 connection's)
                     let buf = std::mem::take(&mut conn.client.buf);
                     let gw = self.gateway.clone();
-                    let (io, ip, shutdown) = (conn.client.io, conn.ip, conn.shutdown);
-                    return Box::pin(gw.serve_cleartext(io, buf, h2, ip, shutdown)).await;
+                    let client = crate::gateway::ClientInfo::new(conn.ip, S::TLS);
+                    let (io, shutdown) = (conn.client.io, conn.shutdown);
+                    return Box::pin(gw.serve_buffered(io, buf, h2, client, shutdown)).await;
                 }
             }
         }
@@ -216,7 +232,7 @@ impl Engine {
 
     /// Whether the connection starts with the HTTP/2 preface (reading the rest of it if only its
     /// beginning arrived). HTTP/2 connections are the gateway's (src/gateway).
-    async fn prior_knowledge(&self, conn: &mut Conn) -> bool {
+    async fn prior_knowledge<S: ClientIo>(&self, conn: &mut Conn<S>) -> bool {
         use crate::gateway::{preface, Preface};
         loop {
             match preface(&conn.client.buf) {
@@ -242,7 +258,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// then its bytes are read and dropped until it closes too or [`LINGER`] ends. Closing at once with
 /// unread bytes would reset the connection, and the reset can destroy the answer before the
 /// client reads it (nginx's lingering close, for the same reason).
-async fn linger(io: &mut TcpStream) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) {
     if io.shutdown().await.is_err() {
         return;
     }
@@ -265,12 +281,15 @@ struct Buffered<S> {
     buf: Vec<u8>,
 }
 
-impl Buffered<TcpStream> {
+impl<S: ClientIo> Buffered<S> {
     /// Waits for the next request on an idle connection, then reads it. The buffer is taken only
-    /// once bytes are there: an idle connection holds none (8 KiB each otherwise).
+    /// once bytes are there (where the stream can tell): an idle connection holds none (8 KiB each
+    /// otherwise).
     async fn fill_idle(&mut self, max: usize) -> io::Result<usize> {
         if self.buf.capacity() == 0 {
-            self.io.readable().await?;
+            if let Some(readable) = self.io.readable() {
+                readable.await?;
+            }
         }
         self.fill(max).await
     }
@@ -317,8 +336,8 @@ async fn read_more<R: tokio::io::AsyncRead + Unpin>(
     io.read_buf(buf).await
 }
 
-struct Conn {
-    client: Buffered<TcpStream>,
+struct Conn<S> {
+    client: Buffered<S>,
     /// Outgoing head (+ inline body), reused by every request on the connection.
     out: Vec<u8>,
     /// Upstream read buffer.
@@ -327,7 +346,7 @@ struct Conn {
     shutdown: ShutdownWatch,
 }
 
-impl Conn {
+impl<S: ClientIo> Conn<S> {
     /// Frees the buffers of an idle connection; they are allocated again on the next request.
     fn trim(&mut self) {
         if self.client.len() == 0 {
@@ -352,8 +371,8 @@ pub(crate) enum Step {
 
 /// Writes one of our own answers (`request`: the request it answers, if its head was read).
 /// Returns whether it was written.
-async fn write_own(
-    conn: &mut Conn,
+async fn write_own<S: ClientIo>(
+    conn: &mut Conn<S>,
     status: u16,
     body: &str,
     keep: bool,

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use super::exchange::{read_first, UpstreamError};
 use super::request::Head;
-use super::{read_more, send, timer, Conn, UPSTREAM_BUF};
+use super::{read_more, send, timer, ClientIo, Conn, UPSTREAM_BUF};
 use crate::config::ProxyConfig;
 use crate::http1::{
     self, BodyOut, ClientConnection, Framing, HeadError, OutFraming, Reframe, MAX_HEAD,
@@ -247,8 +247,8 @@ fn mode_keeps(mode: ClientConnection) -> bool {
 
 /// After 101 Switching Protocols: bytes both ways until both sides closed, or neither sent
 /// anything for `idle`.
-pub(super) async fn tunnel(
-    conn: &mut Conn,
+pub(super) async fn tunnel<S: ClientIo>(
+    conn: &mut Conn<S>,
     mut up: TcpStream,
     from: usize,
     to: usize,
@@ -267,7 +267,7 @@ pub(super) async fn tunnel(
             return;
         }
     }
-    let (mut cr, mut cw) = conn.client.io.split();
+    let (mut cr, mut cw) = ClientIo::split(&mut conn.client.io);
     let (mut ur, mut uw) = up.split();
     let mut to_up = vec![0u8; 16 * 1024];
     let mut to_client = vec![0u8; 16 * 1024];

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tracing::debug;
 
 use super::exchange::{Attempt, UpstreamError};
-use super::{timer, write_own, Conn, Engine, Step};
+use super::{timer, write_own, ClientIo, Conn, Engine, Step};
 use crate::http1::{self, Framing, HeadError, Hop, MAX_HEAD, MAX_HEADERS};
 use crate::proxy::{finish_request, Finished, InFlight, Outcome};
 use crate::routing::{Instance, Service};
@@ -38,7 +38,7 @@ pub(super) enum Route {
 impl Engine {
     /// Reads, routes and proxies one request whose first bytes are buffered. `Step::Close` ends
     /// the connection.
-    pub(super) async fn one_request(&self, conn: &mut Conn) -> Step {
+    pub(super) async fn one_request<S: ClientIo>(&self, conn: &mut Conn<S>) -> Step {
         // 1. the request head, within the header deadline in all (however the bytes are spread)
         // (bytes are always buffered here: serve waited for the first ones, and every read below
         // that returns adds some)
@@ -122,7 +122,10 @@ impl Engine {
     }
 
     /// Parses the buffered head and routes it; the upstream head is written into `conn.out`.
-    fn parse_head(&self, conn: &mut Conn) -> Result<Option<(Head, Route)>, HeadError> {
+    fn parse_head<S: ClientIo>(
+        &self,
+        conn: &mut Conn<S>,
+    ) -> Result<Option<(Head, Route)>, HeadError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let Some(req) = http1::parse_request(&conn.client.buf[..], &mut headers)? else {
             return Ok(None);
@@ -181,6 +184,7 @@ impl Engine {
                 let hop = Hop {
                     client_ip: &conn.ip,
                     via: &self.via,
+                    tls: S::TLS,
                 };
                 req.write_upstream_head(&mut conn.out, target, host, &hop);
                 Route::Service(service)
@@ -195,23 +199,23 @@ impl Engine {
         Ok(Some((head, route)))
     }
 
-    async fn reject_head(&self, conn: &mut Conn, e: HeadError) {
+    async fn reject_head<S: ClientIo>(&self, conn: &mut Conn<S>, e: HeadError) {
         debug!(error = %e, client = %conn.ip, "refused request head");
         let status = e.status();
         self.own_answer(conn, status, format!("{e}")).await;
     }
 
     /// Answers without a routed request (bad head, read timeout) and closes.
-    async fn own_answer(&self, conn: &mut Conn, status: u16, why: String) {
+    async fn own_answer<S: ClientIo>(&self, conn: &mut Conn<S>, status: u16, why: String) {
         let start = Instant::now();
         let body = format!("switchyard: {why}\n");
         write_own(conn, status, &body, false, None, self.cfg.write_timeout).await;
         self.finish(None, None, None, None, status, start, 0, None);
     }
 
-    async fn proxy(
+    async fn proxy<S: ClientIo>(
         &self,
-        conn: &mut Conn,
+        conn: &mut Conn<S>,
         head: Head,
         service: Arc<Service>,
         start: Instant,

@@ -146,19 +146,20 @@ impl Gateway {
         }
     }
 
-    /// Serves a cleartext client connection the engine hands over: one that started with the
-    /// HTTP/2 preface (`h2`), or an HTTP/1.1 one from the request whose head is buffered on.
+    /// Serves a client connection the engine hands over: one that started with the HTTP/2 preface
+    /// (`h2`), or an HTTP/1.1 one (cleartext or TLS) from the request whose head is buffered on.
     /// `buffered`: the bytes the engine already read, served first.
-    pub async fn serve_cleartext(
+    pub async fn serve_buffered<I>(
         self: Arc<Self>,
-        io: tokio::net::TcpStream,
+        io: I,
         buffered: Vec<u8>,
         h2: bool,
-        ip: String,
+        client: ClientInfo,
         shutdown: ShutdownWatch,
-    ) {
-        let io = Rewind::new(buffered, io);
-        self.serve(io, h2, ClientInfo::new(ip, false), shutdown)
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve(Rewind::new(buffered, io), h2, client, shutdown)
             .await;
     }
 

@@ -308,6 +308,8 @@ pub struct Hop<'a> {
     pub client_ip: &'a str,
     /// This proxy's name in `Via` (unique per process: a request that comes back is a loop).
     pub via: &'a str,
+    /// The client connection is TLS: `X-Forwarded-Proto: https`.
+    pub tls: bool,
 }
 
 /// A parsed request head: the facts the proxy needs, borrowed from the read buffer.
@@ -554,7 +556,11 @@ impl Request<'_> {
             out.extend_from_slice(b", ");
         }
         out.extend_from_slice(hop.client_ip.as_bytes());
-        out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+        out.extend_from_slice(if hop.tls {
+            b"\r\nX-Forwarded-Proto: https\r\n"
+        } else {
+            b"\r\nX-Forwarded-Proto: http\r\n"
+        });
         if let Some(host) = self.host {
             push_header(out, b"X-Forwarded-Host", host.as_bytes());
         }

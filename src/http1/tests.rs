@@ -12,6 +12,7 @@ fn req(text: &str) -> Result<Option<Parsed>, HeadError> {
         let hop = Hop {
             client_ip: "10.0.0.1",
             via: "sy-1",
+            tls: false,
         };
         r.write_upstream_head(&mut out, &r.target, r.host.unwrap_or("svc"), &hop);
         (
@@ -393,6 +394,7 @@ fn via_names_each_proxy_a_request_passed() {
         &Hop {
             client_ip: "10.0.0.1",
             via: "sy-2",
+            tls: true,
         },
     );
     let out = String::from_utf8(out).unwrap();
@@ -401,5 +403,9 @@ fn via_names_each_proxy_a_request_passed() {
             "Via: 1.0 fred, 1.1 sy-1 (switchyard)\r\nVia: HTTP/1.1 edge\r\nVia: 1.1 sy-2\r\n"
         ),
         "{out}"
+    );
+    assert!(
+        out.contains("\r\nX-Forwarded-Proto: https\r\n") && !out.contains("Proto: http\r\n"),
+        "a TLS client's request is forwarded with X-Forwarded-Proto: https: {out}"
     );
 }

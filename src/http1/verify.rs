@@ -171,6 +171,7 @@ pub fn forward_request(input: &[u8], piece: usize) -> Result<Option<(Vec<u8>, us
     let hop = super::Hop {
         client_ip: "192.0.2.1",
         via: "switchyard-test",
+        tls: false,
     };
     req.write_upstream_head(&mut out, &req.target, req.host.unwrap_or("svc"), &hop);
     let mut body = Reframe::new(req.framing, BodyOut::Chunked);
