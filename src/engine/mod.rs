@@ -15,7 +15,11 @@
 //!     ─▶ stream the rest of the body, if any ─▶ connection back to the pool
 //! ```
 //!
-//! Files, one step each: [`request`] (head, routing, our own answers), [`exchange`] (instances,
+//! Client connections come from the proxy listener (TCP, [`ProxyListener`]) and from the TLS
+//! listener when ALPN chose HTTP/1.1 ([`crate::tls`]): the engine is generic over the client
+//! stream ([`ClientIo`]).
+//!
+//! Files, one step each: [`client`] (the client stream), [`request`] (head, routing, our own answers), [`exchange`] (instances,
 //! retries, sending the request and its body), [`relay`] (the response, upgrades), [`pool`],
 //! [`timer`], [`threads`]. Messages are read and framed by [`crate::http1`], whose module docs
 //! state the rules: the proxy frames every message it forwards itself, so no request or response

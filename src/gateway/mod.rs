@@ -1,11 +1,11 @@
-//! The hyper-based request path: HTTP/2 from clients, TLS clients, and requests to instances that
-//! do not speak plain HTTP/1.1.
+//! The hyper-based request path: HTTP/2 from clients (h2c, or TLS with ALPN h2), and requests to
+//! instances that do not speak plain HTTP/1.1.
 //!
 //! ```text
 //! proxy listener ─▶ native engine (engine/mod.rs) ─┬─ HTTP/1.1 to http instances: its own path
 //!                   │ the HTTP/2 preface (h2c with prior knowledge) ─────────────┐
 //!                   │ a request for a service with h2c/grpc/https/h2 instances ──┤ (connection handed over)
-//! TLS listener (tls.rs) ─ ALPN h2 | http/1.1 ─────────────────────────────────────┤
+//! TLS listener (tls.rs) ─ ALPN http/1.1: the native engine, as above; ALPN h2 ─────┤
 //!                                                                                  ▼
 //!                            Gateway::serve: hyper server (HTTP/2 or HTTP/1.1), one task per stream
 //!                                 │ request.rs: route (same `route_request`), select per request,
