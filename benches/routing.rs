@@ -93,7 +93,7 @@ fn select(c: &mut Criterion) {
         );
         let svc = t.service("svc-0").expect("service").clone();
         g.bench_function(format!("{policy:?}"), |b| {
-            b.iter(|| black_box(svc.select(&[])))
+            b.iter(|| black_box(svc.select(&[], None)))
         });
     }
     g.finish();

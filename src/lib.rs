@@ -28,7 +28,10 @@
 //!   names resolved off the registry task (`registry::dns`) and the refused own addresses
 //!   (`registry::own`).
 //! - [`routing`]: the [`routing::RoutingTable`] snapshot (its [`routing::ServiceMap`] is shared
-//!   between snapshots in copy-on-write shards), route matching and selection policies.
+//!   between snapshots in copy-on-write shards), route matching and selection policies, and the
+//!   traffic policies both request paths share: outlier detection on answers (`routing::outlier`,
+//!   with its sweeper task), the retry budget (`routing::budget`), consistent hashing
+//!   (`routing::hash`), and their settings (`routing::traffic`: slow start, panic, zones).
 //! - [`health`]: active probes (HTTP, HTTPS, TCP, gRPC), passive detection, the probe scheduler and the
 //!   thread that runs new instances' first checks.
 //! - [`http1`]: HTTP/1.x messages (heads, the chunked coding, bodies re-framed by the proxy) and

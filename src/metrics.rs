@@ -11,8 +11,9 @@
 //! a service's request series (seven counters, two histograms) cost 5.6 KiB.
 //! - `switchyard_requests_total{service,code}`, `switchyard_retries_total{service}`,
 //!   `switchyard_request_duration_seconds{service}` and
-//!   `switchyard_upstream_response_seconds{service}` are atomics in a [`ServiceMetrics`] per
-//!   service that has served a request (about 330 bytes);
+//!   `switchyard_upstream_response_seconds{service}`, `switchyard_retry_budget_exhausted_total{service}`
+//!   and `switchyard_outlier_ejections_total{service,reason}` are atomics in a [`ServiceMetrics`]
+//!   per service that has served a request (about 450 bytes);
 //! - `switchyard_upstream_instances{service,state}` is counted from the routing snapshot being
 //!   served (the admin endpoint counts it and hands the samples to [`gather_text`]), so it is
 //!   never stale and costs nothing between scrapes;
@@ -179,6 +180,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| match build() {
 /// The code classes of `switchyard_requests_total`, in [`class_index`] order.
 pub const CODE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
+/// The `reason` label of `switchyard_outlier_ejections_total`, in the order of
+/// [`ServiceMetrics::ejections`].
+pub const EJECTION_REASONS: [&str; 3] = ["consecutive_5xx", "gateway_errors", "success_rate"];
+
 /// Index of a status in [`CODE_CLASSES`].
 #[inline]
 pub fn class_index(status: u16) -> usize {
@@ -243,6 +248,10 @@ pub struct ServiceMetrics {
     pub duration: LatencyHistogram,
     pub upstream: LatencyHistogram,
     pub retries: Counter,
+    /// Retries the retry budget refused.
+    pub budget_exhausted: Counter,
+    /// Outlier ejections, by reason in [`EJECTION_REASONS`] order.
+    pub ejections: [Counter; 3],
 }
 
 /// Per-service values kept for the life of the process (counters must not go back), by name,
@@ -282,6 +291,11 @@ impl ServiceMetrics {
     #[inline]
     pub fn request(&self, status: u16) -> &Counter {
         &self.requests[class_index(status)]
+    }
+
+    /// Requests answered so far, every status.
+    pub fn answered(&self) -> u64 {
+        self.requests.iter().map(Counter::get).sum()
     }
 }
 
@@ -370,7 +384,7 @@ fn write_service_families<'a>(
         out,
         "switchyard_upstream_instances",
         "gauge",
-        "Registered instances by service and state (healthy, unhealthy, pending, draining).",
+        "Registered instances by service and state (healthy, unhealthy, pending, draining, ejected: healthy but out as an outlier).",
     );
     for (name, state, n) in instances {
         sample(
@@ -424,13 +438,36 @@ fn write_request_families(out: &mut String) {
         out,
         retries,
         "counter",
-        "Requests tried again on another instance after a connection failure, by service.",
+        "Requests tried again on another instance (connect failures, replays, retry_on), by service.",
     );
     for (name, m) in &all {
         if m.retries.get() > 0 {
             sample(out, retries, name, None, m.retries.get());
         }
     }
+    let exhausted = "switchyard_retry_budget_exhausted_total";
+    family(
+        out,
+        exhausted,
+        "counter",
+        "Retries not made because the service's retry budget was spent, by service.",
+    );
+    for (name, m) in &all {
+        if m.budget_exhausted.get() > 0 {
+            sample(out, exhausted, name, None, m.budget_exhausted.get());
+        }
+    }
+    labelled_counters(
+        out,
+        "switchyard_outlier_ejections_total",
+        "Instances ejected by outlier detection, by service and reason.",
+        "reason",
+        &all,
+        |m| {
+            let counts = m.ejections.iter().map(Counter::get);
+            EJECTION_REASONS.into_iter().zip(counts)
+        },
+    );
     for (family_name, help, pick) in [
         (
             "switchyard_request_duration_seconds",

@@ -251,6 +251,19 @@ impl Switchyard {
             health_service.threads = Some(1);
             server.add_service(health_service);
         }
+        // outlier detection's sweeps: success rates, ejections that ran out
+        let (outlier_table, interval) = (table.clone(), config.outlier_interval);
+        let mut outlier_service = background_service(
+            "outlier",
+            RunOnce::new(
+                "outlier",
+                Box::new(move |s| {
+                    Box::pin(crate::routing::outlier::run(outlier_table, interval, s))
+                }),
+            ),
+        );
+        outlier_service.threads = Some(1);
+        server.add_service(outlier_service);
         if let Some(tls) = &config.tls {
             let addrs: Vec<String> = tls.listen.iter().map(|a| a.to_string()).collect();
             info!(tls = %addrs.join(","), "TLS listener on {}", addrs.join(", "));

@@ -119,10 +119,23 @@ struct InstanceView<'a> {
     key: &'a str,
     last_check: Option<CheckView>,
     metadata: &'a BTreeMap<String, String>,
+    /// The current outlier ejection, if any.
+    outlier: Option<EjectionView>,
     registered_addr: String,
     requests: u64,
+    /// During its slow start: the share of its weight it gets now (10-99); else null.
+    slow_start_percent: Option<u64>,
     state: &'static str,
     weight: u32,
+}
+
+#[derive(Serialize)]
+struct EjectionView {
+    detail: String,
+    /// How many ejections count for its length (the n-th lasts n × the base time).
+    ejections: u32,
+    reason: &'static str,
+    remaining_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -134,7 +147,14 @@ struct CheckView {
 }
 
 impl<'a> InstanceView<'a> {
-    fn new(i: &'a Instance) -> Self {
+    fn new(i: &'a Instance, slow_start: std::time::Duration) -> Self {
+        let pick = crate::routing::Pick {
+            ramp_ms: slow_start.as_millis() as u64,
+            now: crate::clock::clock_ms(),
+            ..crate::routing::Pick::usable(&[])
+        };
+        let full = i.weight as u64 * 1000;
+        let ramped = pick.weight(i);
         InstanceView {
             addr: i.addr,
             connect_failures: i.state.connect_failures.load(Ordering::Relaxed),
@@ -149,8 +169,15 @@ impl<'a> InstanceView<'a> {
                 took_ms: c.took.as_secs_f64() * 1000.0,
             }),
             metadata: &i.metadata,
+            outlier: i.state.outlier.ejection().map(|e| EjectionView {
+                remaining_ms: e.until_ms.saturating_sub(crate::clock::clock_ms()),
+                detail: e.detail,
+                ejections: e.times,
+                reason: e.reason.as_str(),
+            }),
             registered_addr: i.registered().to_string(),
             requests: i.state.requests.load(Ordering::Relaxed),
+            slow_start_percent: (i.usable() && ramped < full).then(|| ramped * 100 / full),
             state: i.state_label(),
             weight: i.weight,
         }
@@ -167,7 +194,11 @@ impl Serialize for ServiceView<'_> {
         let mut st = ser.serialize_struct("Service", 4)?;
         st.serialize_field(
             "instances",
-            &Seq(|| s.instances.iter().map(|i| InstanceView::new(i))),
+            &Seq(|| {
+                s.instances
+                    .iter()
+                    .map(|i| InstanceView::new(i, s.traffic.slow_start))
+            }),
         )?;
         st.serialize_field("invalid_registrations", &s.invalid)?;
         st.serialize_field("name", &*s.name)?;

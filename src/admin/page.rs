@@ -26,7 +26,7 @@ pub fn escape(s: &str) -> String {
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}\
-th{background:#f3f3f3}.healthy{color:#176117}.unhealthy{color:#b00020;font-weight:bold}\
+th{background:#f3f3f3}.healthy{color:#176117}.unhealthy,.ejected{color:#b00020;font-weight:bold}\
 .pending{color:#8a6d00}.draining{color:#666}.bad{color:#b00020}.ok{color:#176117}code{font-size:13px}";
 
 /// Up to this many instances the page lists every one; above it, one summary row per service,
@@ -168,6 +168,18 @@ fn service_table(h: &mut String, s: &Service) {
     );
     for i in &s.instances {
         let state = i.state_label();
+        // an ejected instance says why and for how long
+        let why = match i.state.outlier.ejection() {
+            Some(e) => format!(
+                "<br><small>{}: {} ({} s left)</small>",
+                e.reason.as_str(),
+                escape(&e.detail),
+                e.until_ms
+                    .saturating_sub(crate::clock::clock_ms())
+                    .div_ceil(1000)
+            ),
+            None => String::new(),
+        };
         let meta: Vec<String> = i
             .metadata
             .iter()
@@ -188,7 +200,7 @@ fn service_table(h: &mut String, s: &Service) {
         };
         let _ = write!(
             h,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td>\
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"{state}\">{state}{why}</td>\
              <td>{check}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(i.id()),
             escape(&i.addr.to_string()),
@@ -214,7 +226,7 @@ fn summary(h: &mut String, services: &[&Arc<Service>], instances: usize) {
         h,
         "<h2>Services ({}, {instances} instances)</h2><p>One row per service; open one to see its \
          instances.</p><table><tr><th>service</th><th>usable</th><th>healthy</th><th>unhealthy</th>\
-         <th>pending</th><th>draining</th><th>invalid registrations</th></tr>",
+         <th>pending</th><th>draining</th><th>ejected</th><th>invalid registrations</th></tr>",
         services.len()
     );
     let mut attention = Vec::new();

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! One file per section: `proxy.rs`, `admin.rs` (with `[consul]`), `etcd.rs`, `routing.rs`,
-//! `health.rs`, `services.rs` (with `[upstream_tls]`), `tls.rs`, `http2.rs`, `log.rs`. Every key is
+//! `health.rs`, `traffic.rs`, `services.rs` (with `[upstream_tls]`), `tls.rs`, `http2.rs`, `log.rs`. Every key is
 //! documented in `config/switchyard.toml`, which is also the embedded default.
 
 mod admin;
@@ -23,6 +23,7 @@ mod services;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ pub use proxy::{ProxyConfig, ProxyEngine, ProxySection};
 pub use routing::{RouteSection, RoutingSection};
 pub use services::ServiceSection;
 pub use tls::{CertificateSection, Listen, TlsConfig, TlsSection};
+pub use traffic::{TrafficKeys, TrafficSection};
 
 use crate::gateway::Http2Config;
 use crate::health::HealthConfig;
@@ -134,6 +136,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub health: HealthSection,
     #[serde(default)]
+    pub traffic: TrafficSection,
+    #[serde(default)]
     pub services: BTreeMap<String, ServiceSection>,
     #[serde(default)]
     pub log: LogSection,
@@ -171,6 +175,8 @@ pub struct Config {
     /// Settings of services without a `[services.<name>]` section.
     pub default_service: ServiceSettings,
     pub health: HealthConfig,
+    /// How often outlier detection sweeps (`traffic.outlier_interval_ms`).
+    pub outlier_interval: Duration,
     pub log: LogSection,
     /// The TLS listener, when `[tls]` has one.
     pub tls: Option<TlsConfig>,
@@ -259,7 +265,15 @@ impl FileConfig {
         let consul = self.consul.validate(proxy.listen, admin_listen)?;
         let etcd = self.etcd.validate()?;
         let router = self.routing.validate()?;
-        let services = services::validate(&self.health, &self.upstream_tls, &self.services)?;
+        let zone = proxy.zone.clone();
+        let services = services::validate(
+            &self.health,
+            &self.traffic,
+            zone.as_ref(),
+            &self.upstream_tls,
+            &self.services,
+        )?;
+        let outlier_interval = self.traffic.interval()?;
         self.log.validate()?;
         let tls = self.tls.validate(&proxy.listen, &admin_listen)?;
         let http2 = self.http2.validate()?;
@@ -272,6 +286,7 @@ impl FileConfig {
             services: services.settings,
             default_service: services.default,
             health: services.health,
+            outlier_interval,
             log: self.log,
             tls,
             http2,

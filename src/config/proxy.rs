@@ -29,6 +29,8 @@ pub struct ProxySection {
     pub max_tries: usize,
     pub grace_period_seconds: u64,
     pub shutdown_timeout_seconds: u64,
+    /// The proxy's zone: instances with the same `zone` metadata are preferred ("": none).
+    pub zone: String,
 }
 
 impl Default for ProxySection {
@@ -53,6 +55,7 @@ impl Default for ProxySection {
             max_tries: 3,
             grace_period_seconds: 0,
             shutdown_timeout_seconds: 10,
+            zone: String::new(),
         }
     }
 }
@@ -98,6 +101,8 @@ pub struct ProxyConfig {
     pub max_tries: usize,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
+    /// `proxy.zone`, when set.
+    pub zone: Option<std::sync::Arc<str>>,
 }
 
 impl ProxySection {
@@ -143,6 +148,10 @@ impl ProxySection {
             max_tries: p.max_tries,
             grace_period: Duration::from_secs(p.grace_period_seconds),
             shutdown_timeout: Duration::from_secs(p.shutdown_timeout_seconds),
+            zone: match p.zone.trim() {
+                "" => None,
+                z => Some(z.into()),
+            },
         })
     }
 }

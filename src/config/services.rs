@@ -1,5 +1,5 @@
-//! `[services.<name>]` and `[upstream_tls]`: per-service balancing policy, instance protocol,
-//! upstream TLS and health overrides, each falling back to the global value.
+//! `[services.<name>]` and `[upstream_tls]`: per-service traffic policies (over `[traffic]`),
+//! instance protocol, upstream TLS and health overrides, each falling back to the global value.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::health::{HealthSection, ServiceHealthSection};
+use super::traffic::{TrafficKeys, TrafficSection};
 use super::{invalid, ConfigError};
 use crate::health::{HealthConfig, Protocol, TlsSettings};
 use crate::registry::codec::valid_service_name;
@@ -16,12 +17,52 @@ use crate::upstream::{ClientTls, TlsFiles, UpstreamSettings};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSection {
-    pub policy: Policy,
+    /// The `[traffic]` keys, for this service (see [`TrafficKeys`] for each one's meaning).
+    pub policy: Option<Policy>,
+    pub outlier_consecutive_5xx: Option<u32>,
+    pub outlier_consecutive_gateway_errors: Option<u32>,
+    pub outlier_base_ejection_ms: Option<u64>,
+    pub outlier_max_ejection_ms: Option<u64>,
+    pub outlier_max_ejection_percent: Option<u32>,
+    pub outlier_success_rate_min_requests: Option<u64>,
+    pub outlier_success_rate_gap_percent: Option<u32>,
+    pub outlier_uneject_on_check: Option<bool>,
+    pub retry_budget_percent: Option<u32>,
+    pub retry_budget_min_per_sec: Option<u32>,
+    pub retry_on: Option<Vec<String>>,
+    pub slow_start_ms: Option<u64>,
+    pub panic_threshold_percent: Option<u32>,
+    pub hash_on: Option<String>,
+    pub zone_min_usable_percent: Option<u32>,
     pub health: ServiceHealthSection,
     /// Protocol of instances registered without `protocol` metadata.
     pub protocol: Option<crate::upstream::Protocol>,
     /// TLS towards this service's `https`/`h2` instances, over `[upstream_tls]`.
     pub tls: Option<TlsFiles>,
+}
+
+impl ServiceSection {
+    /// Its `[traffic]` keys.
+    fn traffic_keys(&self) -> TrafficKeys {
+        TrafficKeys {
+            policy: self.policy,
+            outlier_consecutive_5xx: self.outlier_consecutive_5xx,
+            outlier_consecutive_gateway_errors: self.outlier_consecutive_gateway_errors,
+            outlier_base_ejection_ms: self.outlier_base_ejection_ms,
+            outlier_max_ejection_ms: self.outlier_max_ejection_ms,
+            outlier_max_ejection_percent: self.outlier_max_ejection_percent,
+            outlier_success_rate_min_requests: self.outlier_success_rate_min_requests,
+            outlier_success_rate_gap_percent: self.outlier_success_rate_gap_percent,
+            outlier_uneject_on_check: self.outlier_uneject_on_check,
+            retry_budget_percent: self.retry_budget_percent,
+            retry_budget_min_per_sec: self.retry_budget_min_per_sec,
+            retry_on: self.retry_on.clone(),
+            slow_start_ms: self.slow_start_ms,
+            panic_threshold_percent: self.panic_threshold_percent,
+            hash_on: self.hash_on.clone(),
+            zone_min_usable_percent: self.zone_min_usable_percent,
+        }
+    }
 }
 
 /// What `[health]`, `[upstream_tls]` and `[services.*]` validate into together.
@@ -35,9 +76,13 @@ pub(super) struct Services {
 /// Validates the per-service sections against the global `[health]` and `[upstream_tls]`.
 pub(super) fn validate(
     h: &HealthSection,
+    traffic: &TrafficSection,
+    zone: Option<&Arc<str>>,
     upstream_tls: &TlsFiles,
     sections: &BTreeMap<String, ServiceSection>,
 ) -> Result<Services, ConfigError> {
+    let global_traffic = traffic.keys();
+    let (policy, default_traffic) = global_traffic.validate("traffic", zone)?;
     h.validate_limits()?;
     let mut global_check = h.check_spec("health", &ServiceHealthSection::default(), None)?;
     let global_tls = if upstream_tls.is_empty() {
@@ -47,7 +92,8 @@ pub(super) fn validate(
     };
     global_check.tls = global_tls.clone().map(TlsSettings);
     let default = ServiceSettings {
-        policy: Policy::default(),
+        policy,
+        traffic: Arc::new(default_traffic),
         all_unhealthy: h.all_unhealthy,
         passive_failures: h.passive_failures,
         passive_cooldown: h.passive_cooldown("health", h.passive_cooldown_ms)?,
@@ -78,8 +124,13 @@ pub(super) fn validate(
             )?),
             None => global_tls.clone(),
         };
+        let (policy, traffic) = s
+            .traffic_keys()
+            .over(&global_traffic)
+            .validate(&format!("services.{name}"), zone)?;
         let service = ServiceSettings {
-            policy: s.policy,
+            policy,
+            traffic: Arc::new(traffic),
             all_unhealthy: sh.all_unhealthy.unwrap_or(h.all_unhealthy),
             passive_failures: sh.passive_failures.unwrap_or(h.passive_failures),
             passive_cooldown,

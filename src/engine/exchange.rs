@@ -5,7 +5,11 @@
 //! every method. Once the head was written, the instance may have acted on it, so a connection
 //! that closes (or an instance that stays silent) before any response byte leads to a new attempt
 //! only for an idempotent method, and only while the body can still be sent again (it came with
-//! the head, or none of it was read yet).
+//! the head, or none of it was read yet), and only with `retry_on` "reset" (the default). An
+//! answer whose status `retry_on` lists ("5xx", "gateway-error") is dropped and the request sent
+//! to another instance under the same conditions. Every retry is withdrawn from the service's
+//! retry budget ([`crate::routing::budget`]); every answer and failure after sending is counted
+//! by outlier detection ([`crate::routing::outlier`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +27,7 @@ use super::request::Head;
 use super::{pool, read_more, timer, ClientIo, Conn, Engine, CLIENT_BUF, UPSTREAM_BUF};
 use crate::config::ProxyConfig;
 use crate::http1::{BodyError, BodyOut, Framing, HeadError, Reframe};
+use crate::routing::outlier::{self, Answer};
 use crate::routing::{Health, Instance, InstanceState, Service};
 use timer::timed;
 
@@ -47,6 +52,9 @@ pub(super) enum UpstreamError {
     Client(io::Error),
     /// The client's request body broke its framing.
     ClientBody(BodyError),
+    /// The instance answered with a status `retry_on` lists, and the request may go elsewhere
+    /// (its answer was dropped unread).
+    Answered(u16),
     /// The client sent its body slower than `proxy.min_request_body_rate`.
     SlowClient,
 }
@@ -100,15 +108,14 @@ pub(super) struct Attempt {
     pub tried: SmallVec<[Arc<str>; 4]>,
     pub instance: Option<Arc<Instance>>,
     inflight: Option<Arc<InstanceState>>,
+    /// The request's hash key (policy `hash`).
+    pub key: Option<u64>,
 }
 
 impl Attempt {
     fn next(&mut self, service: &Service) -> Option<Arc<Instance>> {
         self.release();
-        let inst = service.select(&self.tried)?;
-        if !self.tried.is_empty() {
-            service.metrics().retries.inc();
-        }
+        let inst = service.select(&self.tried, self.key)?;
         self.tried.push(inst.key.clone());
         inst.state.inflight.fetch_add(1, Ordering::Relaxed);
         inst.state.requests.fetch_add(1, Ordering::Relaxed);
@@ -117,8 +124,12 @@ impl Attempt {
         Some(inst)
     }
 
-    fn can_retry(&self, service: &Service, max_tries: usize) -> bool {
-        self.tried.len() < max_tries && service.has_candidate(&self.tried)
+    /// Another instance may be tried: tries left, a candidate left, and the retry budget allows
+    /// it (which then counts the retry).
+    pub(super) fn can_retry(&self, service: &Service, max_tries: usize) -> bool {
+        self.tried.len() < max_tries
+            && service.has_candidate(&self.tried)
+            && crate::routing::budget::try_retry(service)
     }
 
     fn release(&mut self) {
@@ -154,124 +165,157 @@ impl Engine {
         if conn.rbuf.capacity() < UPSTREAM_BUF {
             conn.rbuf.reserve_exact(UPSTREAM_BUF);
         }
-        let (mut up, first, started, inst) = 'instances: loop {
-            let Some(inst) = attempt.next(service) else {
-                return Err((UpstreamError::NoInstance, None));
-            };
-            let addr = inst.addr;
-            let mut pooled = pool::checkout(addr, cfg.idle_timeout);
-            loop {
-                let reused = pooled.is_some();
-                let mut up = match pooled.take() {
-                    Some(s) => s,
-                    None => match Box::pin(connect(addr, cfg.connect_timeout)).await {
-                        Ok(s) => s,
-                        Err(e) if is_local(&e) => {
-                            crate::metrics::METRICS.local_errors.inc();
-                            return Err((UpstreamError::Local(e), None));
+        let on = service.traffic.retry.on;
+        // an answer retry_on lists may be dropped only when the request can be sent again whole
+        let status_retry = (on.status_5xx || on.gateway_error) && inline && head.idempotent;
+        'answers: loop {
+            let (mut up, first, started, inst) = 'instances: loop {
+                let Some(inst) = attempt.next(service) else {
+                    return Err((UpstreamError::NoInstance, None));
+                };
+                let addr = inst.addr;
+                let mut pooled = pool::checkout(addr, cfg.idle_timeout);
+                loop {
+                    let reused = pooled.is_some();
+                    let mut up = match pooled.take() {
+                        Some(s) => s,
+                        None => match Box::pin(connect(addr, cfg.connect_timeout)).await {
+                            Ok(s) => s,
+                            Err(e) if is_local(&e) => {
+                                crate::metrics::METRICS.local_errors.inc();
+                                return Err((UpstreamError::Local(e), None));
+                            }
+                            Err(e) => {
+                                crate::health::passive_failure(service, &inst, &e);
+                                if attempt.can_retry(service, cfg.max_tries) {
+                                    continue 'instances;
+                                }
+                                return Err((UpstreamError::Connect(e), None));
+                            }
+                        },
+                    };
+                    let started = Instant::now();
+                    // the head (with the body when it came with it); a streamed body follows while the
+                    // response is read
+                    let failed = match timed(cfg.write_timeout, up.write_all(&conn.out)).await {
+                        Ok(()) if !inline => break 'instances (up, None, started, inst),
+                        Ok(()) => {
+                            // an idempotent request may go elsewhere: its own limit, and it watches
+                            let (limit, watch) = if head.idempotent {
+                                (cfg.per_try_timeout, Some(&*inst))
+                            } else {
+                                (cfg.read_timeout, None)
+                            };
+                            match read_first(&mut up, &mut conn.rbuf, limit, watch).await {
+                                Ok(n) => break 'instances (up, Some(n), started, inst),
+                                Err(e) => e,
+                            }
                         }
-                        Err(e) => {
-                            crate::health::passive_failure(service, &inst, &e);
-                            if attempt.can_retry(service, cfg.max_tries) {
+                        Err(e) => UpstreamError::NoResponse(e),
+                    };
+                    if !reused
+                        && matches!(
+                            failed,
+                            UpstreamError::NoResponse(_) | UpstreamError::Timeout
+                        )
+                    {
+                        outlier::observe(service, &inst, Answer::Failed);
+                    }
+                    match failed {
+                        // the request may have reached the instance: again only when idempotent
+                        UpstreamError::NoResponse(e) if head.idempotent => {
+                            // a pooled connection the instance had just closed: a fresh one to the
+                            // same instance
+                            if reused {
+                                continue;
+                            }
+                            if on.reset && attempt.can_retry(service, cfg.max_tries) {
                                 continue 'instances;
                             }
-                            return Err((UpstreamError::Connect(e), None));
+                            return Err((UpstreamError::NoResponse(e), None));
                         }
-                    },
-                };
-                let started = Instant::now();
-                // the head (with the body when it came with it); a streamed body follows while the
-                // response is read
-                let failed = match timed(cfg.write_timeout, up.write_all(&conn.out)).await {
-                    Ok(()) if !inline => break 'instances (up, None, started, inst),
-                    Ok(()) => {
-                        // an idempotent request may go elsewhere: its own limit, and it watches
-                        let (limit, watch) = if head.idempotent {
-                            (cfg.per_try_timeout, Some(&*inst))
-                        } else {
-                            (cfg.read_timeout, None)
-                        };
-                        match read_first(&mut up, &mut conn.rbuf, limit, watch).await {
-                            Ok(n) => break 'instances (up, Some(n), started, inst),
-                            Err(e) => e,
-                        }
-                    }
-                    Err(e) => UpstreamError::NoResponse(e),
-                };
-                match failed {
-                    // the request may have reached the instance: again only when idempotent
-                    UpstreamError::NoResponse(e) if head.idempotent => {
-                        // a pooled connection the instance had just closed: a fresh one to the
-                        // same instance
-                        if reused {
-                            continue;
-                        }
-                        if attempt.can_retry(service, cfg.max_tries) {
+                        // no first byte within read_timeout: an idempotent request goes to another
+                        // instance (as nginx's proxy_next_upstream timeout); the silent one counts
+                        // towards passive ejection either way
+                        UpstreamError::Timeout
+                            if head.idempotent
+                                && on.reset
+                                && attempt.can_retry(service, cfg.max_tries) =>
+                        {
+                            crate::health::passive_failure(
+                                service,
+                                &inst,
+                                &"upstream read timed out",
+                            );
                             continue 'instances;
                         }
-                        return Err((UpstreamError::NoResponse(e), None));
+                        // ejected while this request waited on it: another instance, at once
+                        UpstreamError::Ejected if attempt.can_retry(service, cfg.max_tries) => {
+                            continue 'instances;
+                        }
+                        e => return Err((e, None)),
                     }
-                    // no first byte within read_timeout: an idempotent request goes to another
-                    // instance (as nginx's proxy_next_upstream timeout); the silent one counts
-                    // towards passive ejection either way
-                    UpstreamError::Timeout
-                        if head.idempotent && attempt.can_retry(service, cfg.max_tries) =>
-                    {
-                        crate::health::passive_failure(service, &inst, &"upstream read timed out");
-                        continue 'instances;
-                    }
-                    // ejected while this request waited on it: another instance, at once
-                    UpstreamError::Ejected if attempt.can_retry(service, cfg.max_tries) => {
-                        continue 'instances;
-                    }
-                    e => return Err((e, None)),
                 }
+            };
+            let sent = AtomicU16::new(0);
+            let body_sent = AtomicBool::new(first.is_some());
+            let relay = Relay {
+                cfg,
+                head,
+                service,
+                inst: &inst,
+                started,
+                shutting_down: timer::shutting_down(&conn.shutdown),
+                sent: &sent,
+                body_sent: &body_sent,
+                retry: (status_retry && first.is_some()).then_some(&*attempt),
+            };
+            let relayed = match first {
+                Some(n) => {
+                    let Conn {
+                        client, rbuf, out, ..
+                    } = &mut *conn;
+                    relay.run(&mut up, &mut client.io, rbuf, out, Some(n)).await
+                }
+                None => Box::pin(streamed(conn, &relay, &mut up)).await,
+            };
+            let relayed = match relayed {
+                // dropped with its connection (its body unread); the request goes to another instance
+                Err(UpstreamError::Answered(_)) => continue 'answers,
+                Err(
+                    e @ (UpstreamError::Timeout
+                    | UpstreamError::NoResponse(_)
+                    | UpstreamError::BadResponse(_)),
+                ) if sent.load(Ordering::Relaxed) == 0 => {
+                    outlier::observe(service, &inst, Answer::Failed);
+                    Err(e)
+                }
+                r => r,
+            };
+            let Relayed {
+                status,
+                client_keep,
+                upstream_reusable,
+                upgrade,
+            } = relayed.map_err(|e| {
+                let s = sent.load(Ordering::Relaxed);
+                (e, (s > 0).then_some(s))
+            })?;
+            let body_done = body_sent.load(Ordering::Relaxed);
+            if let Some((from, to)) = upgrade {
+                if body_done {
+                    Box::pin(tunnel(conn, up, from, to, cfg.tunnel_idle_timeout)).await;
+                }
+                return Ok((status, false, body_done));
             }
-        };
-        let sent = AtomicU16::new(0);
-        let body_sent = AtomicBool::new(first.is_some());
-        let relay = Relay {
-            cfg,
-            head,
-            service,
-            inst: &inst,
-            started,
-            shutting_down: timer::shutting_down(&conn.shutdown),
-            sent: &sent,
-            body_sent: &body_sent,
-        };
-        let relayed = match first {
-            Some(n) => {
-                let Conn {
-                    client, rbuf, out, ..
-                } = &mut *conn;
-                relay.run(&mut up, &mut client.io, rbuf, out, Some(n)).await
+            // an instance that answered before the whole request reached it may read the rest as a
+            // new request: its connection is not reused, and the client's unread body ends the client
+            // connection too
+            if upstream_reusable && body_done {
+                pool::checkin(inst.addr, up, cfg.keepalive_pool_size, cfg.idle_timeout);
             }
-            None => Box::pin(streamed(conn, &relay, &mut up)).await,
-        };
-        let Relayed {
-            status,
-            client_keep,
-            upstream_reusable,
-            upgrade,
-        } = relayed.map_err(|e| {
-            let s = sent.load(Ordering::Relaxed);
-            (e, (s > 0).then_some(s))
-        })?;
-        let body_done = body_sent.load(Ordering::Relaxed);
-        if let Some((from, to)) = upgrade {
-            if body_done {
-                Box::pin(tunnel(conn, up, from, to, cfg.tunnel_idle_timeout)).await;
-            }
-            return Ok((status, false, body_done));
+            return Ok((status, client_keep && body_done, body_done));
         }
-        // an instance that answered before the whole request reached it may read the rest as a
-        // new request: its connection is not reused, and the client's unread body ends the client
-        // connection too
-        if upstream_reusable && body_done {
-            pool::checkin(inst.addr, up, cfg.keepalive_pool_size, cfg.idle_timeout);
-        }
-        Ok((status, client_keep && body_done, body_done))
     }
 }
 

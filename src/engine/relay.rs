@@ -18,6 +18,7 @@ use crate::http1::{
     self, BodyOut, ClientConnection, Framing, HeadError, OutFraming, Reframe, MAX_HEAD,
     MAX_HEADERS, MAX_INTERIM,
 };
+use crate::routing::outlier::{self, Answer};
 use crate::routing::{Instance, Service};
 use timer::timed;
 
@@ -35,6 +36,8 @@ pub(super) struct Relay<'a> {
     pub sent: &'a AtomicU16,
     /// The whole request body reached the instance.
     pub body_sent: &'a AtomicBool,
+    /// The request may go to another instance if the answer's status is one `retry_on` lists.
+    pub retry: Option<&'a super::exchange::Attempt>,
 }
 
 /// How a relayed response ended.
@@ -181,6 +184,15 @@ impl Relay<'_> {
                         return Err(UpstreamError::BadResponse(e));
                     }
                     Ok(Some(r)) => {
+                        outlier::observe(self.service, self.inst, Answer::Status(r.status));
+                        // checked before the client's head is written over the request in `out`
+                        if let Some(attempt) = self.retry {
+                            if self.service.traffic.retry.on.status(r.status)
+                                && attempt.can_retry(self.service, self.cfg.max_tries)
+                            {
+                                return Err(UpstreamError::Answered(r.status));
+                            }
+                        }
                         let body_pending = !self.body_sent.load(Ordering::Relaxed);
                         let facts = client_head(out, self.shutting_down || body_pending, head, &r);
                         return Ok(RespFacts {

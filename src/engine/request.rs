@@ -27,6 +27,8 @@ pub(super) struct Head {
     pub http10: bool,
     /// Method and path, only when the access log is on.
     pub log: Option<(String, String)>,
+    /// The request's key for a `hash` service.
+    pub hash_key: Option<u64>,
 }
 
 pub(super) enum Route {
@@ -130,7 +132,8 @@ impl Engine {
         let Some(req) = http1::parse_request(&conn.client.buf[..], &mut headers)? else {
             return Ok(None);
         };
-        let head = Head {
+        let mut head = Head {
+            hash_key: None,
             head_len: req.head_len,
             framing: req.framing,
             keep_alive: req.keep_alive,
@@ -187,6 +190,8 @@ impl Engine {
                     tls: S::TLS,
                 };
                 req.write_upstream_head(&mut conn.out, target, host, &hop);
+                head.hash_key =
+                    service.hash_key(|name| req.header_values(name).collect(), &conn.ip);
                 Route::Service(service)
             }
             Outcome::Answer {
@@ -221,6 +226,7 @@ impl Engine {
         start: Instant,
     ) -> Step {
         let mut attempt = Attempt::default();
+        attempt.key = head.hash_key;
         // A body that came with the head goes out in the same write and can be replayed: a length
         // as it is, a chunked body decoded and re-encoded (refused here, before any instance sees
         // the request, when it breaks the framing).
@@ -410,6 +416,11 @@ fn error_status(e: &UpstreamError, attempt: &Attempt) -> (u16, String) {
             format!("upstream connection broke during the response: {e}"),
         ),
         UpstreamError::ClientBody(err) => (400, format!("invalid request body: {err}")),
+        // retried by the exchange, never returned; should one be, it is the instance's answer
+        UpstreamError::Answered(status) => (
+            502,
+            format!("the instance answered {status} and no retry was made after {tries} tries"),
+        ),
         UpstreamError::Client(e) => (0, format!("client went away: {e}")),
     }
 }

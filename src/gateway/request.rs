@@ -5,7 +5,9 @@
 //! - a connection failure is retried on another instance for every method (nothing was sent),
 //!   and so is a request hyper hands back unsent (a pooled connection that had just closed);
 //!   an idempotent request without a body also when the instance failed or was silent after it
-//!   was sent; up to `proxy.max_tries` attempts; each failure counts towards passive ejection;
+//!   was sent (`retry_on` "reset", the default), or answered a status `retry_on` lists; up to
+//!   `proxy.max_tries` attempts, each retry withdrawn from the retry budget; each failure counts
+//!   towards passive ejection, each answer and failure after sending towards outlier detection;
 //! - no response head within `proxy.read_timeout_ms`: 504 (the instance counts towards passive
 //!   ejection). A gRPC request waits as long as its own `grpc-timeout` allows instead (a gRPC
 //!   stream may answer its head late), or without limit when it has none;
@@ -29,6 +31,7 @@ use tracing::debug;
 use super::body::{full, Finish, Picked, Relay, RespBody};
 use super::{grpc, ClientInfo, Gateway};
 use crate::proxy::{finish_request, Finished, InFlight, Outcome};
+use crate::routing::outlier::{self, Answer};
 use crate::routing::Service;
 use crate::upstream::pool::{ReqBody, Sender, TlsTarget};
 use crate::upstream::{protocol_for, ClientTls, Protocol};
@@ -113,13 +116,23 @@ impl Gateway {
                     .authority()
                     .cloned()
                     .or_else(|| host.as_deref().and_then(|h| h.parse().ok()));
+                let key = service.hash_key(
+                    |name| {
+                        req.headers()
+                            .get_all(name)
+                            .iter()
+                            .map(|v| v.as_bytes())
+                            .collect()
+                    },
+                    &client.ip,
+                );
                 let req = upstream_request(req, host.as_deref(), &target, client);
                 let to = Target {
                     host,
                     authority,
                     path: target,
                 };
-                self.proxy(req, to, service, facts, in_flight, upgrade)
+                self.proxy(req, to, service, facts, in_flight, upgrade, key)
                     .await
             }
         }
@@ -147,6 +160,7 @@ impl Gateway {
         own_response(facts, status, body)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn proxy(
         self: &Arc<Self>,
         req: Request<ReqBody>,
@@ -155,7 +169,9 @@ impl Gateway {
         facts: Facts,
         in_flight: InFlight,
         mut upgrade: Option<Upgrade>,
+        key: Option<u64>,
     ) -> Response<RespBody> {
+        let on = service.traffic.retry.on;
         let cfg = &self.cfg;
         let mut tried: SmallVec<[Arc<str>; 4]> = SmallVec::new();
         // a copy to send again is only worth making when there could be a second attempt
@@ -194,18 +210,19 @@ impl Gateway {
             )
         };
         loop {
-            let Some(inst) = service.select(&tried) else {
+            let Some(inst) = service.select(&tried, key) else {
                 let status = if tried.is_empty() { 503 } else { 502 };
                 let reason = format!("no usable instance left after {} tries", tried.len());
                 return fail(status, reason, tried.len(), "upstream");
             };
-            if !tried.is_empty() {
-                service.metrics().retries.inc();
-            }
             tried.push(inst.key.clone());
             let picked = Picked::new(inst.clone());
-            let can_retry =
-                |tried: &[Arc<str>]| tried.len() < cfg.max_tries && service.has_candidate(tried);
+            // tries left, a candidate left, and the retry budget allows it (counting the retry)
+            let can_retry = |tried: &[Arc<str>]| {
+                tried.len() < cfg.max_tries
+                    && service.has_candidate(tried)
+                    && crate::routing::budget::try_retry(&service)
+            };
             let protocol = protocol_for(&inst, &service.upstream, facts.grpc);
             let host_name = inst.registered_host();
             let system;
@@ -262,6 +279,15 @@ impl Gateway {
             };
             match sent {
                 Sent::Head(mut resp) => {
+                    let status = resp.status().as_u16();
+                    outlier::observe(&service, &inst, Answer::Status(status));
+                    // an answer retry_on lists: dropped (with its connection) and sent elsewhere
+                    if on.status(status) {
+                        if let Some(replay) = replay.as_ref().filter(|_| can_retry(&tried)) {
+                            pending = Some(replay.request());
+                            continue;
+                        }
+                    }
                     crate::health::passive_success(&service, &inst);
                     let first_byte = upstream_start.elapsed();
                     inst.state.observe_latency(first_byte);
@@ -302,13 +328,16 @@ impl Gateway {
                 Sent::Failed(error, unsent) => {
                     debug!(service = %service.name, instance = %inst.addr, error = %error, unsent = unsent.is_some(), "upstream request failed");
                     crate::health::passive_failure(&service, &inst, &error);
+                    if unsent.is_none() {
+                        outlier::observe(&service, &inst, Answer::Failed);
+                    }
                     match (unsent, &replay) {
                         // nothing reached the instance: safe to retry for every method
                         (Some(r), _) if can_retry(&tried) => {
                             pending = Some(*r);
                             continue;
                         }
-                        (None, Some(replay)) if can_retry(&tried) => {
+                        (None, Some(replay)) if on.reset && can_retry(&tried) => {
                             pending = Some(replay.request());
                             continue;
                         }
@@ -321,8 +350,10 @@ impl Gateway {
                 }
                 Sent::TimedOut => {
                     crate::health::passive_failure(&service, &inst, &"upstream read timed out");
+                    outlier::observe(&service, &inst, Answer::Failed);
                     // as nginx's proxy_next_upstream timeout, for what can be sent again
-                    if let Some(replay) = replay.as_ref().filter(|_| can_retry(&tried)) {
+                    if let Some(replay) = replay.as_ref().filter(|_| on.reset && can_retry(&tried))
+                    {
                         pending = Some(replay.request());
                         continue;
                     }

@@ -342,6 +342,21 @@ impl HealthChecker {
             },
             took: done.started.elapsed(),
         });
+        // a real check that passed after an outlier ejection began may end it (the snapshot is
+        // only looked at for an instance that is out)
+        if ok && spec.protocol != Protocol::None && p.instance.state.outlier.ejected() {
+            let began =
+                crate::clock::clock_ms().saturating_sub(done.started.elapsed().as_millis() as u64);
+            let service = &p.counters.service;
+            if let Some(svc) = self.table.load().service(service) {
+                crate::routing::outlier::end_on_check(
+                    service,
+                    &p.instance,
+                    &svc.traffic.outlier,
+                    began,
+                );
+            }
+        }
         // an instance the admission thread admitted was pending when its check ended
         let current = if done.admitted {
             Health::Pending

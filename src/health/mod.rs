@@ -15,6 +15,7 @@
 //!                              ──▶ InstanceState::transition (atomic)
 //! request paths (engine, gateway): connect failures, timeouts
 //!                          ──▶ passive_failure ──────────────▶ InstanceState::transition
+//! a passing real check of an instance ejected as an outlier ──▶ routing::outlier::end_on_check
 //! ```
 //!
 //! Files: `spec.rs` (what a check is: protocol, statuses, thresholds),

@@ -113,10 +113,10 @@ mod tests {
         passive_failure(&svc, &i, &"timed out");
         assert_eq!(i.state.health(), Health::Unhealthy);
         assert!(!i.usable(), "out during the cool-down");
-        assert!(svc.select(&[]).is_none());
+        assert!(svc.select(&[], None).is_none());
         std::thread::sleep(Duration::from_millis(60));
         assert!(i.usable(), "tried again after it");
-        assert!(svc.select(&[]).is_some());
+        assert!(svc.select(&[], None).is_some());
         // the trial fails: out for another cool-down
         passive_failure(&svc, &i, &"timed out");
         assert!(!i.usable());

@@ -474,7 +474,7 @@ fn absolute_form(path: &str) -> Result<Option<(&str, Cow<'_, str>)>, HeadError> 
     Ok(Some((authority, origin)))
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
     /// RFC 9110 §9.2.2.
     pub fn is_idempotent(&self) -> bool {
         matches!(
@@ -485,6 +485,14 @@ impl Request<'_> {
 
     pub fn is_head(&self) -> bool {
         self.method == "HEAD"
+    }
+
+    /// The values of every field named `name` (any case), in order.
+    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a [u8]> + 's {
+        self.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
     }
 
     /// Whether a `Via` field lists `id` as a recipient (RFC 9110 §7.6.3): the request has already

@@ -6,9 +6,13 @@
 //! instance's etcd key and therefore survives rebuilds, weight and metadata changes.
 
 mod address;
+pub mod budget;
+pub mod hash;
+pub mod outlier;
 pub mod route;
 pub mod select;
 pub mod services;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,11 +25,12 @@ use serde::Deserialize;
 use crate::clock::clock_ms;
 pub use address::HostPort;
 pub use route::{RouteMatch, Router};
-pub use select::{Policy, Selector};
+pub use select::{Eligible, Pick, Policy, Selector};
 pub use services::ServiceMap;
+pub use traffic::TrafficSettings;
 
 /// Every value [`Instance::state_label`] takes (the `state` label of the instance gauges).
-pub const INSTANCE_STATES: [&str; 4] = ["healthy", "unhealthy", "pending", "draining"];
+pub const INSTANCE_STATES: [&str; 5] = ["healthy", "unhealthy", "pending", "draining", "ejected"];
 
 /// Health of an instance, stored in an atomic inside [`InstanceState`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +81,10 @@ pub struct InstanceState {
     /// when it was last updated ([`clock_ms`](crate::clock::clock_ms)): the latency half of `p2c_ewma`'s cost.
     latency_us: AtomicU64,
     latency_at: AtomicU64,
+    /// When it last became usable ([`clock_ms`]; 0: never): the start of its slow start.
+    admitted_at: AtomicU64,
+    /// Outlier detection on its answers ([`outlier`]).
+    pub outlier: outlier::OutlierState,
 }
 
 /// How fast an old latency sample is forgotten (peak-EWMA's decay time, as linkerd's default).
@@ -102,7 +111,25 @@ impl InstanceState {
             readmit_at: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
             latency_at: AtomicU64::new(0),
+            admitted_at: AtomicU64::new(if initial == Health::Healthy {
+                clock_ms()
+            } else {
+                0
+            }),
+            outlier: outlier::OutlierState::default(),
         }
+    }
+
+    /// It became usable now (admitted, healthy again, back from an ejection): its slow start
+    /// begins.
+    pub fn mark_admitted(&self) {
+        self.admitted_at.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// When it last became usable ([`clock_ms`]; 0: never).
+    #[inline]
+    pub fn admitted_at(&self) -> u64 {
+        self.admitted_at.load(Ordering::Relaxed)
     }
 
     /// Records one request's time to its first response byte (peak-EWMA, as linkerd and Finagle:
@@ -161,14 +188,18 @@ impl InstanceState {
 
     /// Sets the health and returns the previous value.
     pub fn set_health(&self, health: Health) -> Health {
-        Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed))
+        let prev = Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed));
+        if health == Health::Healthy && prev != Health::Healthy {
+            self.mark_admitted();
+        }
+        prev
     }
 
     /// Sets the health to `new` only if it is `current`; true if it changed. Lets the health
     /// checker and the proxy's passive detection flip the same instance without a lock, and each
     /// flip be reported exactly once.
     pub fn transition(&self, current: Health, new: Health) -> bool {
-        current != new
+        let changed = current != new
             && self
                 .health
                 .compare_exchange(
@@ -177,7 +208,11 @@ impl InstanceState {
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 )
-                .is_ok()
+                .is_ok();
+        if changed && new == Health::Healthy {
+            self.mark_admitted();
+        }
+        changed
     }
 }
 
@@ -251,13 +286,13 @@ impl Instance {
         }
     }
 
-    /// Can this instance take a new request? Healthy, or (without active checks) passively
-    /// ejected and past its cool-down.
+    /// Can this instance take a new request? Healthy and not ejected as an outlier, or
+    /// (without active checks) passively ejected and past its cool-down.
     #[inline]
     pub fn usable(&self) -> bool {
         self.weight > 0
             && match self.state.health() {
-                Health::Healthy => true,
+                Health::Healthy => !self.state.outlier.ejected(),
                 Health::Unhealthy => self.state.cooled_down(),
                 Health::Pending => false,
             }
@@ -267,13 +302,22 @@ impl Instance {
         self.weight == 0
     }
 
-    /// The state operators see: "draining" (weight 0) before health, else the health.
+    /// The state operators see: "draining" (weight 0) before health, "ejected" for a healthy
+    /// instance ejected as an outlier, else the health.
     pub fn state_label(&self) -> &'static str {
-        if self.draining() {
-            "draining"
-        } else {
-            self.state.health().as_str()
+        match self.state.health() {
+            _ if self.draining() => "draining",
+            Health::Healthy if self.state.outlier.ejected() => "ejected",
+            h => h.as_str(),
         }
+    }
+}
+
+#[cfg(test)]
+impl InstanceState {
+    /// Sets when it became usable, for slow-start tests.
+    pub fn set_admitted_at(&self, ms: u64) {
+        self.admitted_at.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -321,6 +365,8 @@ pub struct ServiceSettings {
     pub passive_cooldown: Option<std::time::Duration>,
     /// Protocol and TLS towards the instances (`[services.<name>] protocol`, `.tls`).
     pub upstream: crate::upstream::UpstreamSettings,
+    /// Outlier detection, retries, slow start, panic, hashing, zones.
+    pub traffic: Arc<TrafficSettings>,
 }
 
 /// One service in one snapshot: its instances and selection state.
@@ -339,9 +385,15 @@ pub struct Service {
     pub passive_cooldown: Option<std::time::Duration>,
     /// Protocol and TLS towards the instances.
     pub upstream: crate::upstream::UpstreamSettings,
+    /// Outlier detection, retries, slow start, panic, hashing, zones.
+    pub traffic: Arc<TrafficSettings>,
+    /// Per instance (same order): in the proxy's zone (`proxy.zone`); empty without one.
+    local: Box<[bool]>,
     /// Some instance may need more than HTTP/1.1 over TCP (h2c, grpc, https, h2): the native
     /// engine hands requests for this service to the gateway ([`crate::gateway`]).
     pub gateway: bool,
+    /// The retry budget's window, resolved on the first retry (kept per name, like metrics).
+    budget: std::sync::OnceLock<Arc<budget::BudgetWindow>>,
     /// Request metric handles, resolved on the first request (not at snapshot build, which
     /// would cost every service of a large registry a few label lookups up front).
     metrics: std::sync::OnceLock<Arc<crate::metrics::ServiceMetrics>>,
@@ -357,6 +409,12 @@ impl Service {
         instances.sort_by(|a, b| a.key.cmp(&b.key));
         let selector = Selector::new(settings.policy, &instances);
         let gateway = crate::upstream::any_needs_gateway(&instances, &settings.upstream);
+        let local = match &settings.traffic.zone {
+            Some(zone) => (instances.iter())
+                .map(|i| i.metadata.get("zone").is_some_and(|z| **z == **zone))
+                .collect(),
+            None => Box::default(),
+        };
         Service {
             name,
             instances,
@@ -366,9 +424,17 @@ impl Service {
             passive_failures: settings.passive_failures,
             passive_cooldown: settings.passive_cooldown,
             upstream: settings.upstream.clone(),
+            traffic: settings.traffic.clone(),
+            local,
             gateway,
             metrics: std::sync::OnceLock::new(),
+            budget: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This service's retry budget window.
+    pub fn budget(&self) -> &budget::BudgetWindow {
+        self.budget.get_or_init(|| budget::of(&self.name))
     }
 
     /// This service's request metric handles.
@@ -378,18 +444,94 @@ impl Service {
             .get_or_init(|| crate::metrics::ServiceMetrics::of(&self.name))
     }
 
-    /// True when requests go to every non-draining instance because none is healthy
-    /// (`all_unhealthy = "fail_open"`). The scan stops at the first usable instance, and only
-    /// runs at all for fail-open services.
+    /// Which instances requests may go to now: usable ones; in panic mode (at least one usable
+    /// but fewer than `panic_threshold_percent` of the admitted non-draining ones) all of those;
+    /// with none usable and `all_unhealthy = "fail_open"`, every non-draining one. The scan
+    /// stops as soon as enough are usable (halfway through a healthy service at the default
+    /// 50 %), and does not run at all with panic off and fail-open unset.
     #[inline]
-    fn failing_open(&self) -> bool {
-        self.all_unhealthy == AllUnhealthy::FailOpen && !self.instances.iter().any(|i| i.usable())
+    pub fn eligibility(&self) -> Eligible {
+        let threshold = self.traffic.panic_threshold_percent.min(100) as usize;
+        let fail_open = self.all_unhealthy == AllUnhealthy::FailOpen;
+        if threshold == 0 && !fail_open {
+            return Eligible::Usable;
+        }
+        let enough = threshold * self.instances.len();
+        let (mut usable, mut admitted) = (0usize, 0usize);
+        for i in &self.instances {
+            if i.usable() {
+                usable += 1;
+                if threshold > 0 && usable * 100 >= enough {
+                    return Eligible::Usable;
+                }
+            }
+            if !i.draining() && i.state.health() != Health::Pending {
+                admitted += 1;
+            }
+        }
+        if usable == 0 {
+            if fail_open {
+                Eligible::FailOpen
+            } else {
+                Eligible::Usable
+            }
+        } else if usable * 100 < threshold * admitted {
+            Eligible::Panic
+        } else {
+            Eligible::Usable
+        }
     }
 
-    /// Picks an instance for a new request, skipping the ones in `exclude` (already tried).
-    pub fn select(&self, exclude: &[Arc<str>]) -> Option<Arc<Instance>> {
-        self.selector
-            .select_where(&self.instances, exclude, self.failing_open())
+    /// Zone preference holds: the proxy has a zone, and at least `zone_min_usable_percent` of
+    /// the (non-draining) instances in it, and at least one, are usable.
+    fn prefer_local(&self) -> bool {
+        if self.local.is_empty() {
+            return false;
+        }
+        let (mut usable, mut there) = (0usize, 0usize);
+        for (i, local) in self.instances.iter().zip(self.local.iter()) {
+            if *local && !i.draining() {
+                there += 1;
+                usable += i.usable() as usize;
+            }
+        }
+        usable > 0 && usable * 100 >= self.traffic.zone_min_usable_percent as usize * there
+    }
+
+    /// Picks an instance for a new request, skipping the ones in `exclude` (already tried);
+    /// `key` is the request's hash key (policy `hash`).
+    pub fn select(&self, exclude: &[Arc<str>], key: Option<u64>) -> Option<Arc<Instance>> {
+        let ramp_ms = self.traffic.slow_start.as_millis() as u64;
+        let mut pick = Pick {
+            exclude,
+            mode: self.eligibility(),
+            ramp_ms,
+            now: if ramp_ms > 0 { clock_ms() } else { 0 },
+            local: None,
+            key,
+        };
+        if pick.mode == Eligible::Usable && self.prefer_local() {
+            pick.local = Some(&self.local);
+            if let Some(i) = self.selector.select_with(&self.instances, &pick) {
+                return Some(i);
+            }
+            // every same-zone instance was tried: another zone
+            pick.local = None;
+        }
+        self.selector.select_with(&self.instances, &pick)
+    }
+
+    /// The request's key when this service balances by `hash`: `header(name)` gives a header's
+    /// values (any case of the name). None for other policies and requests without the key.
+    pub fn hash_key<'a>(
+        &self,
+        header: impl Fn(&str) -> hash::Values<'a>,
+        client_ip: &str,
+    ) -> Option<u64> {
+        match (&self.selector, &self.traffic.hash_on) {
+            (Selector::Hash(_), Some(on)) => on.key(header, client_ip),
+            _ => None,
+        }
     }
 
     /// Can a request be routed at all (a usable instance, or failing open to a non-draining one)?
@@ -399,10 +541,11 @@ impl Service {
 
     /// Is there an instance, other than those in `exclude`, that [`Service::select`] could pick?
     pub fn has_candidate(&self, exclude: &[Arc<str>]) -> bool {
-        let open = self.failing_open();
-        self.instances
-            .iter()
-            .any(|i| (if open { !i.draining() } else { i.usable() }) && !exclude.contains(&i.key))
+        let pick = Pick {
+            mode: self.eligibility(),
+            ..Pick::usable(exclude)
+        };
+        (self.instances.iter().enumerate()).any(|(idx, i)| pick.eligible(idx, i))
     }
 
     /// Instances by [`Instance::state_label`], in [`INSTANCE_STATES`] order.

@@ -2,6 +2,7 @@
 //!
 //! Every response carries `x-backend: <name>`. Paths:
 //! - `/health`: status from [`Backend::set_health`] (200 by default);
+//! - every other path, after [`Backend::set_status`] with a status: that status, counted as a hit;
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/bytes?n=N`: streams N bytes (`0123456789` repeated) in 64 KiB chunks;
 //! - `/upload`: reads the whole body, answers `{"len":..,"sum":..}` (sum of bytes mod 2^64);
@@ -40,6 +41,7 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     health: Arc<AtomicU16>,
+    answer: Arc<AtomicU16>,
     hang: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
@@ -48,6 +50,7 @@ pub struct Backend {
 struct Shared {
     name: String,
     health: Arc<AtomicU16>,
+    answer: Arc<AtomicU16>,
     hang: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
 }
@@ -74,6 +77,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         shared.hits.fetch_add(1, Ordering::Relaxed);
     }
     let builder = Response::builder().header("x-backend", shared.name.as_str());
+    let answer = shared.answer.load(Ordering::Relaxed);
+    if answer != 0 && path != "/health" {
+        let body = full(format!("{} {answer}\n", shared.name));
+        return Ok(builder.status(answer).body(body).unwrap_or_default());
+    }
     let resp = match path.as_str() {
         "/health" => {
             let status = shared.health.load(Ordering::Relaxed);
@@ -168,12 +176,14 @@ impl Backend {
             .unwrap_or_else(|e| panic!("backend {name}: binding {addr}: {e}"));
         let addr = listener.local_addr().expect("backend local addr");
         let health = Arc::new(AtomicU16::new(200));
+        let answer = Arc::new(AtomicU16::new(0));
         let hang = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicU64::new(0));
         let (stop, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             name: name.to_string(),
             health: health.clone(),
+            answer: answer.clone(),
             hang: hang.clone(),
             hits: hits.clone(),
         });
@@ -244,6 +254,7 @@ impl Backend {
             name: name.to_string(),
             addr,
             health,
+            answer,
             hang,
             hits,
             stop,
@@ -257,6 +268,11 @@ impl Backend {
     /// Status `/health` answers.
     pub fn set_health(&self, status: u16) {
         self.health.store(status, Ordering::Relaxed);
+    }
+
+    /// Every request but `/health` is answered with `status` (0: answered normally again).
+    pub fn set_status(&self, status: u16) {
+        self.answer.store(status, Ordering::Relaxed);
     }
 
     /// Connections are accepted and no request is answered (on new and open connections).

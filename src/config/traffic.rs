@@ -1,0 +1,298 @@
+//! `[traffic]`: the traffic policies of every service (balancing policy, outlier detection,
+//! retry budget and `retry_on`, slow start, panic threshold, hashing, zone preference), each key
+//! set again per service in `[services.<name>]`. Defaults are listed on [`TrafficKeys`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{in_range, invalid, millis, ConfigError};
+use crate::routing::budget::{RetryOn, RetrySettings};
+use crate::routing::hash::HashOn;
+use crate::routing::outlier::OutlierSettings;
+use crate::routing::{Policy, TrafficSettings};
+
+/// The keys `[traffic]` and `[services.<name>]` share; unset ones inherit (a service from
+/// `[traffic]`, `[traffic]` from the defaults below).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficKeys {
+    /// `round_robin` (default), `random`, `least_request`, `p2c_ewma`, `hash`.
+    pub policy: Option<Policy>,
+    /// 5xx answers in a row that eject an instance (default 5; 0: off).
+    pub outlier_consecutive_5xx: Option<u32>,
+    /// 502/503/504 answers (or failures after sending) in a row that eject (default 5; 0: off).
+    pub outlier_consecutive_gateway_errors: Option<u32>,
+    /// The first ejection's length; the n-th lasts n times as long (default 30000).
+    pub outlier_base_ejection_ms: Option<u64>,
+    /// The longest ejection (default 300000).
+    pub outlier_max_ejection_ms: Option<u64>,
+    /// Share of the non-draining instances out at once, at least one of two or more (default 50).
+    pub outlier_max_ejection_percent: Option<u32>,
+    /// Requests an instance needs in an interval for its success rate to count (default 20).
+    pub outlier_success_rate_min_requests: Option<u64>,
+    /// Points below the others' median success rate that eject (default 20; 0: off).
+    pub outlier_success_rate_gap_percent: Option<u32>,
+    /// A passing active check ends an ejection early (default true).
+    pub outlier_uneject_on_check: Option<bool>,
+    /// Retries as a share of the service's requests (default 20).
+    pub retry_budget_percent: Option<u32>,
+    /// Retries per second allowed whatever the requests (default 10).
+    pub retry_budget_min_per_sec: Option<u32>,
+    /// What is retried besides connect failures: any of "5xx", "gateway-error", "reset"
+    /// (default ["reset"]).
+    pub retry_on: Option<Vec<String>>,
+    /// A new instance's share ramps up over this long (default 0: off).
+    pub slow_start_ms: Option<u64>,
+    /// Below this share of usable instances (and one at least), all admitted ones take requests
+    /// (default 50; 0: off).
+    pub panic_threshold_percent: Option<u32>,
+    /// The `hash` policy's key: "header:<name>", "cookie:<name>" or "client_ip" (no default).
+    pub hash_on: Option<String>,
+    /// Same-zone instances are preferred while this share of them is usable (default 70).
+    pub zone_min_usable_percent: Option<u32>,
+}
+
+/// `[traffic]` as written: the shared keys plus the ones that only exist once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficSection {
+    /// How often success rates are computed and ended ejections noticed (default 10000).
+    pub outlier_interval_ms: u64,
+    pub policy: Option<Policy>,
+    pub outlier_consecutive_5xx: Option<u32>,
+    pub outlier_consecutive_gateway_errors: Option<u32>,
+    pub outlier_base_ejection_ms: Option<u64>,
+    pub outlier_max_ejection_ms: Option<u64>,
+    pub outlier_max_ejection_percent: Option<u32>,
+    pub outlier_success_rate_min_requests: Option<u64>,
+    pub outlier_success_rate_gap_percent: Option<u32>,
+    pub outlier_uneject_on_check: Option<bool>,
+    pub retry_budget_percent: Option<u32>,
+    pub retry_budget_min_per_sec: Option<u32>,
+    pub retry_on: Option<Vec<String>>,
+    pub slow_start_ms: Option<u64>,
+    pub panic_threshold_percent: Option<u32>,
+    pub hash_on: Option<String>,
+    pub zone_min_usable_percent: Option<u32>,
+}
+
+impl Default for TrafficSection {
+    fn default() -> Self {
+        TrafficSection {
+            outlier_interval_ms: 10_000,
+            policy: None,
+            outlier_consecutive_5xx: None,
+            outlier_consecutive_gateway_errors: None,
+            outlier_base_ejection_ms: None,
+            outlier_max_ejection_ms: None,
+            outlier_max_ejection_percent: None,
+            outlier_success_rate_min_requests: None,
+            outlier_success_rate_gap_percent: None,
+            outlier_uneject_on_check: None,
+            retry_budget_percent: None,
+            retry_budget_min_per_sec: None,
+            retry_on: None,
+            slow_start_ms: None,
+            panic_threshold_percent: None,
+            hash_on: None,
+            zone_min_usable_percent: None,
+        }
+    }
+}
+
+impl TrafficSection {
+    /// The shared keys.
+    pub(super) fn keys(&self) -> TrafficKeys {
+        TrafficKeys {
+            policy: self.policy,
+            outlier_consecutive_5xx: self.outlier_consecutive_5xx,
+            outlier_consecutive_gateway_errors: self.outlier_consecutive_gateway_errors,
+            outlier_base_ejection_ms: self.outlier_base_ejection_ms,
+            outlier_max_ejection_ms: self.outlier_max_ejection_ms,
+            outlier_max_ejection_percent: self.outlier_max_ejection_percent,
+            outlier_success_rate_min_requests: self.outlier_success_rate_min_requests,
+            outlier_success_rate_gap_percent: self.outlier_success_rate_gap_percent,
+            outlier_uneject_on_check: self.outlier_uneject_on_check,
+            retry_budget_percent: self.retry_budget_percent,
+            retry_budget_min_per_sec: self.retry_budget_min_per_sec,
+            retry_on: self.retry_on.clone(),
+            slow_start_ms: self.slow_start_ms,
+            panic_threshold_percent: self.panic_threshold_percent,
+            hash_on: self.hash_on.clone(),
+            zone_min_usable_percent: self.zone_min_usable_percent,
+        }
+    }
+
+    /// `outlier_interval_ms`, validated.
+    pub(super) fn interval(&self) -> Result<Duration, ConfigError> {
+        in_range(
+            "traffic.outlier_interval_ms",
+            self.outlier_interval_ms,
+            10,
+            3_600_000,
+        )?;
+        millis("traffic.outlier_interval_ms", self.outlier_interval_ms)
+    }
+}
+
+impl TrafficKeys {
+    /// `self` over `base`: each key set here wins.
+    pub(super) fn over(&self, base: &TrafficKeys) -> TrafficKeys {
+        TrafficKeys {
+            policy: self.policy.or(base.policy),
+            outlier_consecutive_5xx: self
+                .outlier_consecutive_5xx
+                .or(base.outlier_consecutive_5xx),
+            outlier_consecutive_gateway_errors: self
+                .outlier_consecutive_gateway_errors
+                .or(base.outlier_consecutive_gateway_errors),
+            outlier_base_ejection_ms: self
+                .outlier_base_ejection_ms
+                .or(base.outlier_base_ejection_ms),
+            outlier_max_ejection_ms: self
+                .outlier_max_ejection_ms
+                .or(base.outlier_max_ejection_ms),
+            outlier_max_ejection_percent: self
+                .outlier_max_ejection_percent
+                .or(base.outlier_max_ejection_percent),
+            outlier_success_rate_min_requests: self
+                .outlier_success_rate_min_requests
+                .or(base.outlier_success_rate_min_requests),
+            outlier_success_rate_gap_percent: self
+                .outlier_success_rate_gap_percent
+                .or(base.outlier_success_rate_gap_percent),
+            outlier_uneject_on_check: self
+                .outlier_uneject_on_check
+                .or(base.outlier_uneject_on_check),
+            retry_budget_percent: self.retry_budget_percent.or(base.retry_budget_percent),
+            retry_budget_min_per_sec: self
+                .retry_budget_min_per_sec
+                .or(base.retry_budget_min_per_sec),
+            retry_on: self.retry_on.clone().or_else(|| base.retry_on.clone()),
+            slow_start_ms: self.slow_start_ms.or(base.slow_start_ms),
+            panic_threshold_percent: self
+                .panic_threshold_percent
+                .or(base.panic_threshold_percent),
+            hash_on: self.hash_on.clone().or_else(|| base.hash_on.clone()),
+            zone_min_usable_percent: self
+                .zone_min_usable_percent
+                .or(base.zone_min_usable_percent),
+        }
+    }
+
+    /// Validates the keys (`section` names them in errors) into the policy and its settings.
+    pub(super) fn validate(
+        &self,
+        section: &str,
+        zone: Option<&Arc<str>>,
+    ) -> Result<(Policy, TrafficSettings), ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
+        let d = TrafficSettings::default();
+        let o = &d.outlier;
+        let percent = |k: &str, v: Option<u32>, default: u32| -> Result<u32, ConfigError> {
+            Ok(in_range(key(k), v.unwrap_or(default) as u64, 0, 100)? as u32)
+        };
+        let count = |k: &str, v: Option<u32>, default: u32| -> Result<u32, ConfigError> {
+            Ok(in_range(key(k), v.unwrap_or(default) as u64, 0, 1_000_000)? as u32)
+        };
+        let base_ms = self
+            .outlier_base_ejection_ms
+            .unwrap_or(o.base_ejection.as_millis() as u64);
+        let base = millis(&key("outlier_base_ejection_ms"), base_ms)?;
+        let max_ms = self
+            .outlier_max_ejection_ms
+            .unwrap_or(o.max_ejection.as_millis() as u64);
+        let max = millis(&key("outlier_max_ejection_ms"), max_ms)?;
+        if max < base {
+            return Err(invalid(
+                key("outlier_max_ejection_ms"),
+                format!("{max_ms} is shorter than outlier_base_ejection_ms ({base_ms})"),
+            ));
+        }
+        let outlier = OutlierSettings {
+            consecutive_5xx: count(
+                "outlier_consecutive_5xx",
+                self.outlier_consecutive_5xx,
+                o.consecutive_5xx,
+            )?,
+            consecutive_gateway_errors: count(
+                "outlier_consecutive_gateway_errors",
+                self.outlier_consecutive_gateway_errors,
+                o.consecutive_gateway_errors,
+            )?,
+            base_ejection: base,
+            max_ejection: max,
+            max_ejection_percent: percent(
+                "outlier_max_ejection_percent",
+                self.outlier_max_ejection_percent,
+                o.max_ejection_percent,
+            )?,
+            success_rate_min_requests: self
+                .outlier_success_rate_min_requests
+                .unwrap_or(o.success_rate_min_requests),
+            success_rate_gap_percent: percent(
+                "outlier_success_rate_gap_percent",
+                self.outlier_success_rate_gap_percent,
+                o.success_rate_gap_percent,
+            )?,
+            uneject_on_check: self.outlier_uneject_on_check.unwrap_or(o.uneject_on_check),
+        };
+        let on = match &self.retry_on {
+            Some(list) => RetryOn::parse(list).map_err(|m| invalid(key("retry_on"), m))?,
+            None => d.retry.on,
+        };
+        let retry = RetrySettings {
+            budget_percent: in_range(
+                key("retry_budget_percent"),
+                self.retry_budget_percent.unwrap_or(d.retry.budget_percent) as u64,
+                0,
+                1000,
+            )? as u32,
+            min_per_sec: count(
+                "retry_budget_min_per_sec",
+                self.retry_budget_min_per_sec,
+                d.retry.min_per_sec,
+            )?,
+            on,
+        };
+        let hash_on = match &self.hash_on {
+            Some(text) => Some(HashOn::parse(text).map_err(|m| invalid(key("hash_on"), m))?),
+            None => None,
+        };
+        let policy = self.policy.unwrap_or_default();
+        if policy == Policy::Hash && hash_on.is_none() {
+            return Err(invalid(
+                key("policy"),
+                "\"hash\" needs hash_on (\"header:<name>\", \"cookie:<name>\" or \"client_ip\")",
+            ));
+        }
+        let slow_start_ms = in_range(
+            key("slow_start_ms"),
+            self.slow_start_ms.unwrap_or(0),
+            0,
+            3_600_000,
+        )?;
+        Ok((
+            policy,
+            TrafficSettings {
+                outlier,
+                retry,
+                slow_start: Duration::from_millis(slow_start_ms),
+                panic_threshold_percent: percent(
+                    "panic_threshold_percent",
+                    self.panic_threshold_percent,
+                    d.panic_threshold_percent,
+                )?,
+                hash_on,
+                zone: zone.cloned(),
+                zone_min_usable_percent: percent(
+                    "zone_min_usable_percent",
+                    self.zone_min_usable_percent,
+                    d.zone_min_usable_percent,
+                )?,
+            },
+        ))
+    }
+}
