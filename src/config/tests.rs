@@ -187,3 +187,48 @@ fn overrides_win_and_prefix_gets_trailing_slash() {
     );
     assert_eq!(c.etcd.prefix, "/svc/");
 }
+
+#[test]
+fn traffic_keys_inherit_from_the_traffic_section_and_name_bad_values() {
+    use crate::routing::Policy;
+    let c = check(
+        "[proxy]\nzone = \"z1\"\n[traffic]\nslow_start_ms = 500\nretry_on = [\"5xx\"]\n\
+         [services.a]\npolicy = \"hash\"\nhash_on = \"cookie:sid\"\noutlier_max_ejection_percent = 30\n",
+    )
+    .unwrap();
+    let a = c.service_settings("a");
+    assert_eq!(a.policy, Policy::Hash);
+    assert_eq!(
+        a.traffic.slow_start,
+        Duration::from_millis(500),
+        "inherited"
+    );
+    assert!(a.traffic.retry.on.status_5xx && !a.traffic.retry.on.reset);
+    assert_eq!(a.traffic.outlier.max_ejection_percent, 30);
+    assert_eq!(a.traffic.zone.as_deref(), Some("z1"));
+    let other = c.service_settings("b");
+    assert_eq!(other.policy, Policy::RoundRobin);
+    assert_eq!(other.traffic.slow_start, Duration::from_millis(500));
+    assert_eq!(other.traffic.outlier.max_ejection_percent, 50);
+    assert_eq!(c.outlier_interval, Duration::from_secs(10));
+    for (text, needle) in [
+        ("[services.a]\npolicy = \"hash\"", "services.a.policy"),
+        ("[traffic]\nretry_on = [\"timeout\"]", "\"timeout\""),
+        (
+            "[traffic]\npanic_threshold_percent = 101",
+            "traffic.panic_threshold_percent",
+        ),
+        (
+            "[traffic]\noutlier_max_ejection_ms = 10",
+            "traffic.outlier_max_ejection_ms",
+        ),
+        ("[services.a]\nhash_on = \"query:x\"", "services.a.hash_on"),
+        (
+            "[traffic]\noutlier_interval_ms = 0",
+            "traffic.outlier_interval_ms",
+        ),
+    ] {
+        let err = check(text).expect_err(text).to_string();
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+}
