@@ -2,6 +2,7 @@
 //! small ring for the status page and `/api/events`. Recording takes a short lock; it happens on
 //! state changes and failures only, never on the successful request path.
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{LazyLock, Mutex};
 use std::time::SystemTime;
@@ -26,24 +27,20 @@ pub struct RecentEvents {
 impl RecentEvents {
     pub fn record(&self, kind: &'static str, message: impl Into<String>) {
         let at_ms = crate::clock::unix_ms(SystemTime::now());
-        if let Ok(mut ring) = self.ring.lock() {
-            if ring.len() == CAPACITY {
-                ring.pop_front();
-            }
-            ring.push_back(RecentEvent {
-                at_ms,
-                kind,
-                message: message.into(),
-            });
+        let mut ring = lock(&self.ring);
+        if ring.len() == CAPACITY {
+            ring.pop_front();
         }
+        ring.push_back(RecentEvent {
+            at_ms,
+            kind,
+            message: message.into(),
+        });
     }
 
     /// Newest first.
     pub fn snapshot(&self) -> Vec<RecentEvent> {
-        self.ring
-            .lock()
-            .map(|r| r.iter().rev().cloned().collect())
-            .unwrap_or_default()
+        lock(&self.ring).iter().rev().cloned().collect()
     }
 }
 

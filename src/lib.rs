@@ -78,5 +78,6 @@ pub mod register;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod sync;
 pub mod tls;
 pub mod upstream;

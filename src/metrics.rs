@@ -31,6 +31,8 @@ use prometheus::{
     register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntGauge, IntGaugeVec,
 };
 
+use crate::sync::lock;
+
 /// Label used for requests that matched no known service.
 pub const UNKNOWN_SERVICE: &str = "(unknown)";
 
@@ -264,7 +266,7 @@ impl<T> PerService<T> {
     }
 
     fn get_or_make(&self, name: &Arc<str>, make: impl FnOnce() -> T) -> Arc<T> {
-        let mut all = self.0.lock().unwrap();
+        let mut all = lock(&self.0);
         all.entry(name.clone())
             .or_insert_with(|| Arc::new(make()))
             .clone()
@@ -272,7 +274,7 @@ impl<T> PerService<T> {
 
     /// Every entry, by name.
     fn sorted(&self) -> Vec<(Arc<str>, Arc<T>)> {
-        let mut all: Vec<_> = (self.0.lock().unwrap().iter())
+        let mut all: Vec<_> = (lock(&self.0).iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         all.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -49,7 +49,7 @@ impl RunOnce {
 #[async_trait]
 impl BackgroundService for RunOnce {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let task = self.task.lock().ok().and_then(|mut g| g.take());
+        let task = crate::sync::lock(&self.task).take();
         match task {
             Some(run) => run(shutdown).await,
             None => error!(service = self.name, "background service started twice"),

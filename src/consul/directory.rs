@@ -105,7 +105,7 @@ impl Default for Directory {
 impl Directory {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // a panic while holding it leaves consistent maps: every write is one insert or remove
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     /// Applies the difference between two snapshots.

@@ -139,7 +139,7 @@ impl Rendered {
         index: u64,
         make: impl FnOnce() -> Bytes,
     ) -> Bytes {
-        let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = || crate::sync::lock(&self.0);
         if let Some((i, b)) = lock().get(&key) {
             if *i == index {
                 return b.clone();

@@ -24,6 +24,7 @@ use prometheus::IntGauge;
 use tokio::runtime::Handle;
 
 use crate::metrics::METRICS;
+use crate::sync::lock;
 
 /// One proxy thread: its runtime and its open client connections.
 pub struct Worker {
@@ -76,7 +77,7 @@ impl Workers {
             match &*l {
                 Some((table, w)) if *table == me => w.clone(),
                 _ => {
-                    let mut all = self.all.lock().unwrap();
+                    let mut all = lock(&self.all);
                     let w = Arc::new(Worker {
                         handle: Handle::current(),
                         conns: AtomicUsize::new(0),
@@ -98,7 +99,7 @@ impl Workers {
     pub fn place(&self, here: Arc<Worker>, max: usize) -> Option<(Arc<Worker>, Serving)> {
         let mut best = here;
         let mut open = 0;
-        for w in self.all.lock().unwrap().iter() {
+        for w in lock(&self.all).iter() {
             let n = w.connections();
             open += n;
             if n < best.connections() {
@@ -115,12 +116,7 @@ impl Workers {
 
     /// Open client connections per known thread, in the order the threads joined.
     pub fn connections(&self) -> Vec<usize> {
-        self.all
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|w| w.connections())
-            .collect()
+        lock(&self.all).iter().map(|w| w.connections()).collect()
     }
 }
 

@@ -278,10 +278,9 @@ impl HealthChecker {
                     (result, conn.filter(Conn::portable), admitted)
                 });
                 Either::Left(async move {
-                    let (result, conn, admitted) = task.await.unwrap_or_else(|e| {
-                        let e = std::io::Error::other(format!("first check task ended: {e}"));
-                        (Err(ProbeError::Io(e)), None, false)
-                    });
+                    let (result, conn, admitted) = task
+                        .await
+                        .unwrap_or_else(|e| (Err(ProbeError::TaskEnded(e)), None, false));
                     (result, conn, admitted)
                 })
             }

@@ -56,6 +56,9 @@ pub enum ProbeError {
     Grpc(String),
     #[error("grpc health status is {0}")]
     NotServing(&'static str),
+    /// The admission thread's task running a first check ended without a result.
+    #[error("first check task ended: {0}")]
+    TaskEnded(#[from] tokio::task::JoinError),
 }
 
 impl ProbeError {

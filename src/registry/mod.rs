@@ -47,6 +47,7 @@ use crate::config::EtcdConfig;
 use crate::events::RECENT;
 use crate::metrics::METRICS;
 use crate::routing::{Health, ServiceSettings, SharedTable};
+use crate::sync::lock;
 
 /// Keys per page when listing the prefix; a page larger than [`MAX_MESSAGE_BYTES`] (big values)
 /// is asked again with a quarter of the keys, down to one.
@@ -133,24 +134,21 @@ impl RegistryStatus {
         self.revision.load(Ordering::Relaxed)
     }
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|g| g.clone())
+        lock(&self.last_error).clone()
     }
     pub fn last_update(&self) -> Option<SystemTime> {
-        self.last_update.lock().ok().and_then(|g| *g)
+        *lock(&self.last_update)
     }
     pub fn invalid_entries(&self) -> Vec<(String, String)> {
-        self.invalid.lock().map(|g| g.clone()).unwrap_or_default()
+        lock(&self.invalid).clone()
     }
     /// Registered DNS names that do not resolve now (sorted by name).
     pub fn failing_names(&self) -> Vec<FailingName> {
-        self.dns_failing
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_default()
+        lock(&self.dns_failing).clone()
     }
     /// Since when the routed view may lag etcd: the watch broke (or was never confirmed) then.
     pub fn stale_since(&self) -> Option<SystemTime> {
-        self.stale_since.lock().ok().and_then(|g| *g)
+        *lock(&self.stale_since)
     }
 
     /// `stale since 2026-12-03T06:05:57Z (12 s ago): <last error>` while the watch is not
@@ -171,9 +169,7 @@ impl RegistryStatus {
 
     /// The watch stopped delivering: keep the first time it did.
     fn set_stale(&self) {
-        if let Ok(mut g) = self.stale_since.lock() {
-            g.get_or_insert_with(SystemTime::now);
-        }
+        lock(&self.stale_since).get_or_insert_with(SystemTime::now);
     }
 
     fn set_connected(&self, v: bool) {
@@ -181,9 +177,7 @@ impl RegistryStatus {
         METRICS.registry_connected.set(v as i64);
     }
     fn set_error(&self, e: Option<String>) {
-        if let Ok(mut g) = self.last_error.lock() {
-            *g = e;
-        }
+        *lock(&self.last_error) = e;
     }
 }
 
@@ -460,24 +454,13 @@ impl Registry {
             .map(|(k, e)| (k.to_string(), e.reason.clone()))
             .collect();
         METRICS.registry_invalid_current.set(invalid.len() as i64);
-        if let Ok(mut g) = self.status.invalid.lock() {
-            *g = invalid;
-        }
-        let failing = self.catalog.failing_names();
-        METRICS
-            .registry_dns_names
-            .set(self.catalog.name_count() as i64);
-        METRICS.registry_dns_failing.set(failing.len() as i64);
-        if let Ok(mut g) = self.status.dns_failing.lock() {
-            *g = failing;
-        }
+        *lock(&self.status.invalid) = invalid;
+        self.publish_names();
         let now = SystemTime::now();
         METRICS
             .registry_last_update
             .set((crate::clock::unix_ms(now) / 1000) as i64);
-        if let Ok(mut g) = self.status.last_update.lock() {
-            *g = Some(now);
-        }
+        *lock(&self.status.last_update) = Some(now);
         self.status.revision.store(revision, Ordering::Relaxed);
         debug!(
             revision,
@@ -498,9 +481,7 @@ impl Registry {
             .registry_dns_names
             .set(self.catalog.name_count() as i64);
         METRICS.registry_dns_failing.set(failing.len() as i64);
-        if let Ok(mut g) = self.status.dns_failing.lock() {
-            *g = failing;
-        }
+        *lock(&self.status.dns_failing) = failing;
     }
 
     /// Lists the whole prefix at one revision, in pages (a single response for 100,000 keys would
@@ -586,9 +567,7 @@ impl Registry {
         }
         self.status.set_connected(true);
         self.status.set_error(None);
-        if let Ok(mut g) = self.status.stale_since.lock() {
-            *g = None;
-        }
+        *lock(&self.status.stale_since) = None;
         // kept through re-lists (resync, compaction): cleared only when the watch breaks
         self.delivering_since.get_or_insert_with(Instant::now);
     }

@@ -17,6 +17,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use super::Service;
 use crate::clock::clock_ms;
 use crate::metrics::{Counter, ServiceMetrics};
+use crate::sync::lock;
 
 /// What, besides a connect failure, is tried again on another instance (`retry_on`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +103,7 @@ static WINDOWS: LazyLock<Mutex<HashMap<Arc<str>, Arc<BudgetWindow>>>> =
 
 /// The budget window of `service`, made on first use.
 pub fn of(service: &Arc<str>) -> Arc<BudgetWindow> {
-    let mut all = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all = lock(&WINDOWS);
     all.entry(service.clone()).or_default().clone()
 }
 
@@ -123,7 +124,7 @@ impl BudgetWindow {
     /// Withdraws one retry if the budget allows it: `requests` is the service's total so far,
     /// `retries` its retry counter, which counts the retry (under the lock) when it is allowed.
     fn withdraw(&self, s: &RetrySettings, requests: u64, retries: &Counter, now: u64) -> bool {
-        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = lock(&self.0);
         let retried = retries.get();
         let age = now.saturating_sub(w.start_ms);
         if age >= 1000 {

@@ -23,6 +23,7 @@ use arc_swap::ArcSwap;
 use serde::Deserialize;
 
 use crate::clock::clock_ms;
+use crate::sync::lock;
 pub use address::HostPort;
 pub use route::{RouteMatch, Router};
 pub use select::{Eligible, Pick, Policy, Selector};
@@ -173,13 +174,11 @@ impl InstanceState {
     }
 
     pub fn record_check(&self, record: CheckRecord) {
-        if let Ok(mut g) = self.last_check.lock() {
-            *g = Some(record);
-        }
+        *lock(&self.last_check) = Some(record);
     }
 
     pub fn last_check(&self) -> Option<CheckRecord> {
-        self.last_check.lock().ok().and_then(|g| g.clone())
+        lock(&self.last_check).clone()
     }
 
     pub fn health(&self) -> Health {

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use super::{Instance, RoutingTable, Service};
 use crate::clock::clock_ms;
+use crate::sync::lock;
 
 /// Why an instance was ejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +151,7 @@ impl OutlierState {
         if !self.ejected() {
             return None;
         }
-        self.detail.lock().ok().and_then(|g| g.clone())
+        lock(&self.detail).clone()
     }
 }
 
@@ -249,15 +250,13 @@ fn eject(svc: &Service, inst: &Instance, reason: Reason, detail: String, now: u6
     o.times.store(times, Relaxed);
     o.consecutive_5xx.store(0, Relaxed);
     o.consecutive_gateway.store(0, Relaxed);
-    if let Ok(mut g) = o.detail.lock() {
-        *g = Some(Ejection {
-            reason,
-            detail: detail.clone(),
-            since_ms: now,
-            until_ms: until,
-            times,
-        });
-    }
+    *lock(&o.detail) = Some(Ejection {
+        reason,
+        detail: detail.clone(),
+        since_ms: now,
+        until_ms: until,
+        times,
+    });
     svc.metrics().ejections[reason.index()].inc();
     warn!(service = %svc.name, instance = %inst.key, reason = reason.as_str(), detail = %detail,
         ejection_ms = length, times, "instance ejected: outlier");
@@ -281,11 +280,7 @@ pub fn end_on_check(service: &str, inst: &Instance, settings: &OutlierSettings, 
     if !settings.uneject_on_check || until == 0 || started >= until {
         return;
     }
-    let since = o
-        .detail
-        .lock()
-        .ok()
-        .and_then(|g| g.as_ref().map(|e| e.since_ms));
+    let since = lock(&o.detail).as_ref().map(|e| e.since_ms);
     if since.is_none_or(|s| started <= s) {
         return; // the check began before the ejection: it says nothing new
     }

@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use super::hash::Ring;
 use super::{Health, Instance};
+use crate::sync::lock;
 
 /// A service's load-balancing policy (config key `policy`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -152,9 +153,7 @@ impl Selector {
     ) -> Option<Arc<Instance>> {
         match self {
             Selector::RoundRobin(current) => {
-                // A poisoned lock only means another request panicked mid-update; the weights
-                // are still integers, so keep going with them.
-                let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+                let mut current = lock(current);
                 let mut total: i64 = 0;
                 let mut best: Option<usize> = None;
                 for (idx, inst) in instances.iter().enumerate() {

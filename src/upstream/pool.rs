@@ -29,6 +29,7 @@ use tracing::debug;
 use super::connect::{connect, ConnectError};
 use super::{ClientTls, Protocol};
 use crate::clock::clock_ms;
+use crate::sync::lock;
 
 /// Every this many requests, the pool drops closed and idle connections ([`Pool::sweep`]).
 const SWEEP_EVERY: u32 = 1024;
@@ -159,32 +160,26 @@ impl Pool {
                 return Ok(s);
             }
             if protocol == Protocol::H2c || protocol == Protocol::Grpc {
-                let gate = self
-                    .opening
-                    .lock()
-                    .map(|mut m| m.entry(key.clone()).or_default().clone())
-                    .ok();
-                if let Some(gate) = gate {
-                    let mut last_failure = gate.lock().await;
-                    // opened by the stream we waited for
-                    if let Some(s) = self.take_h2(&key) {
-                        return Ok(s);
-                    }
-                    if let Some((at, error)) = &*last_failure {
-                        if at.elapsed() < self.cfg.connect_timeout {
-                            return Err(ConnectError::Recent {
-                                addr,
-                                error: error.clone(),
-                            });
-                        }
-                    }
-                    let opened = self.open(key, protocol, tls).await;
-                    *last_failure = opened
-                        .as_ref()
-                        .err()
-                        .map(|e| (Instant::now(), e.to_string()));
-                    return opened;
+                let gate = lock(&self.opening).entry(key.clone()).or_default().clone();
+                let mut last_failure = gate.lock().await;
+                // opened by the stream we waited for
+                if let Some(s) = self.take_h2(&key) {
+                    return Ok(s);
                 }
+                if let Some((at, error)) = &*last_failure {
+                    if at.elapsed() < self.cfg.connect_timeout {
+                        return Err(ConnectError::Recent {
+                            addr,
+                            error: error.clone(),
+                        });
+                    }
+                }
+                let opened = self.open(key, protocol, tls).await;
+                *last_failure = opened
+                    .as_ref()
+                    .err()
+                    .map(|e| (Instant::now(), e.to_string()));
+                return opened;
             }
         }
         // an h2 instance may have answered ALPN with http/1.1: its connections are HTTP/1.1 ones
@@ -202,53 +197,42 @@ impl Pool {
     pub fn sweep(&self) {
         let idle_ms = self.cfg.idle_timeout.as_millis() as u64;
         let now = clock_ms();
-        if let Ok(mut map) = self.h2.lock() {
-            map.retain(|_, list| {
-                list.retain(|c| {
-                    !c.send.is_closed()
-                        && (c.streams.now.load(Ordering::Relaxed) > 0
-                            || now.saturating_sub(c.streams.released_at.load(Ordering::Relaxed))
-                                < idle_ms)
-                });
-                !list.is_empty()
+        lock(&self.h2).retain(|_, list| {
+            list.retain(|c| {
+                !c.send.is_closed()
+                    && (c.streams.now.load(Ordering::Relaxed) > 0
+                        || now.saturating_sub(c.streams.released_at.load(Ordering::Relaxed))
+                            < idle_ms)
             });
-        }
-        if let Ok(mut map) = self.h1.lock() {
-            let idle = self.cfg.idle_timeout;
-            map.retain(|_, list| {
-                list.retain(|c| {
-                    !c.send.is_closed() && (c.since.elapsed() < idle || !c.send.is_ready())
-                });
-                !list.is_empty()
+            !list.is_empty()
+        });
+        let idle = self.cfg.idle_timeout;
+        lock(&self.h1).retain(|_, list| {
+            list.retain(|c| {
+                !c.send.is_closed() && (c.since.elapsed() < idle || !c.send.is_ready())
             });
-        }
-        if let Ok(mut map) = self.opening.lock() {
-            // gates nobody waits at and that remember no recent failure go
-            let recent = |f: &Option<(Instant, String)>| {
-                f.as_ref()
-                    .is_some_and(|(at, _)| at.elapsed() < self.cfg.connect_timeout)
-            };
-            map.retain(|_, g| {
-                Arc::strong_count(g) > 1 || g.try_lock().map_or(true, |f| recent(&f))
-            });
-        }
+            !list.is_empty()
+        });
+        // gates nobody waits at and that remember no recent failure go
+        let recent = |f: &Option<(Instant, String)>| {
+            f.as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < self.cfg.connect_timeout)
+        };
+        lock(&self.opening)
+            .retain(|_, g| Arc::strong_count(g) > 1 || g.try_lock().map_or(true, |f| recent(&f)));
     }
 
     /// Connections held (HTTP/1.1, HTTP/2), for tests.
     pub fn held(&self) -> (usize, usize) {
         let count = |n: usize, l: usize| n + l;
         (
-            self.h1
-                .lock()
-                .map_or(0, |m| m.values().map(Vec::len).fold(0, count)),
-            self.h2
-                .lock()
-                .map_or(0, |m| m.values().map(Vec::len).fold(0, count)),
+            lock(&self.h1).values().map(Vec::len).fold(0, count),
+            lock(&self.h2).values().map(Vec::len).fold(0, count),
         )
     }
 
     fn take_h2(&self, key: &Key) -> Option<Sender> {
-        let mut map = self.h2.lock().ok()?;
+        let mut map = lock(&self.h2);
         let list = map.get_mut(key)?;
         list.retain(|c| !c.send.is_closed());
         // (an instance allowing fewer streams makes hyper queue the rest on the connection)
@@ -270,7 +254,7 @@ impl Pool {
     }
 
     fn take_h1(&self, key: &Key) -> Option<Sender> {
-        let mut map = self.h1.lock().ok()?;
+        let mut map = lock(&self.h1);
         let list = map.get_mut(key)?;
         let idle = self.cfg.idle_timeout;
         list.retain(|c| !c.send.is_closed() && (c.since.elapsed() < idle || !c.send.is_ready()));
@@ -285,14 +269,13 @@ impl Pool {
         if send.is_closed() {
             return;
         }
-        if let Ok(mut map) = self.h1.lock() {
-            let list = map.entry(key.0).or_default();
-            if list.len() < self.cfg.max_idle_per_instance {
-                list.push(H1 {
-                    send,
-                    since: Instant::now(),
-                });
-            }
+        let mut map = lock(&self.h1);
+        let list = map.entry(key.0).or_default();
+        if list.len() < self.cfg.max_idle_per_instance {
+            list.push(H1 {
+                send,
+                since: Instant::now(),
+            });
         }
     }
 
@@ -346,12 +329,10 @@ impl Pool {
                 now: AtomicUsize::new(1),
                 released_at: AtomicU64::new(clock_ms()),
             });
-            if let Ok(mut map) = self.h2.lock() {
-                map.entry(key).or_default().push(H2 {
-                    send: send.clone(),
-                    streams: streams.clone(),
-                });
-            }
+            lock(&self.h2).entry(key).or_default().push(H2 {
+                send: send.clone(),
+                streams: streams.clone(),
+            });
             Ok(Sender::Http2(send, StreamSlot(streams)))
         } else {
             let (send, conn) = http1::Builder::new()
