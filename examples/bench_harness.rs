@@ -795,7 +795,7 @@ fn failover(a: FailoverArgs) -> Result<()> {
                 };
                 out.push(Sample {
                     start,
-                    dur: t0.elapsed() - start,
+                    dur: t0.elapsed().saturating_sub(start),
                     outcome,
                 });
             }
@@ -903,7 +903,7 @@ fn failover(a: FailoverArgs) -> Result<()> {
         .collect();
     let last_affected_ms = affected
         .iter()
-        .map(|s| (s.start - event).as_secs_f64() * 1e3)
+        .map(|s| s.start.saturating_sub(event).as_secs_f64() * 1e3)
         .fold(f64::NAN, f64::max);
     // proxy view: the last time the victim's pick counter went up, and when it turned unhealthy
     let admin = admin_samples
@@ -919,7 +919,7 @@ fn failover(a: FailoverArgs) -> Result<()> {
     }
     for s in admin.iter().filter(|s| s.at > event) {
         if s.health != "healthy" {
-            unhealthy_ms = (s.at - event).as_secs_f64() * 1e3;
+            unhealthy_ms = s.at.saturating_sub(event).as_secs_f64() * 1e3;
             break;
         }
     }

@@ -17,17 +17,39 @@ pub fn is_local_shortage(e: &std::io::Error) -> bool {
     )
 }
 
-/// Raises the soft open-file limit to the hard limit; returns the limit now in force.
-pub fn raise_open_files() -> u64 {
+/// The open-file limits (soft, hard) of this process.
+#[allow(unsafe_code)] // getrlimit(2)
+fn open_files() -> std::io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we pass, which lives for the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "could not read the open-file limit");
-        return 1024;
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(lim)
+}
+
+/// Open files this process may have now (the soft limit); 1024 if unknown.
+pub fn open_file_limit() -> usize {
+    match open_files() {
+        Ok(lim) if lim.rlim_cur == libc::RLIM_INFINITY => usize::MAX,
+        Ok(lim) => usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX),
+        Err(_) => 1024,
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the limit now in force.
+#[allow(unsafe_code)] // setrlimit(2)
+pub fn raise_open_files() -> u64 {
+    let mut lim = match open_files() {
+        Ok(lim) => lim,
+        Err(e) => {
+            warn!(error = %e, "could not read the open-file limit");
+            return 1024;
+        }
+    };
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
             rlim_cur: lim.rlim_max,

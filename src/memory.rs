@@ -22,6 +22,7 @@ pub const LARGE_BODY: usize = 1 << 20;
 
 /// Returns memory this thread freed (and freed memory waiting in mimalloc's arenas) to the
 /// system. Costs a walk over the thread's pages: for after a burst, not per request.
+#[allow(unsafe_code)] // a call into mimalloc
 pub fn release() {
     // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
     unsafe { mi_collect(true) }

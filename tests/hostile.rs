@@ -72,13 +72,13 @@ impl Client {
     async fn more(&mut self) -> bool {
         let mut chunk = [0u8; 16 * 1024];
         match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(0) | Err(_)) => false,
             Ok(Ok(n)) => {
                 self.buf.extend_from_slice(&chunk[..n]);
                 true
             }
-            Err(_) => panic!(
-                "no answer within 10 s; have {:?}",
+            Err(elapsed) => panic!(
+                "no answer within 10 s ({elapsed}); have {:?}",
                 String::from_utf8_lossy(&self.buf)
             ),
         }

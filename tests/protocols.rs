@@ -860,9 +860,11 @@ async fn a_continuation_flood_ends_the_connection_with_goaway() {
     let mut buf = [0u8; 16 * 1024];
     loop {
         match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(0) | Err(_)) => break,
             Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => panic!("the connection stayed open through a CONTINUATION flood"),
+            Err(elapsed) => {
+                panic!("the connection stayed open through a CONTINUATION flood ({elapsed})")
+            }
         }
     }
     // find GOAWAY among the frames the proxy sent

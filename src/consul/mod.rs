@@ -111,6 +111,7 @@ pub fn bind(cfg: &ConsulConfig) -> Result<std::net::TcpListener, BindError> {
 }
 
 /// This host's name: the node name answers carry (a Consul agent's default too).
+#[allow(unsafe_code)] // gethostname(2)
 fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.

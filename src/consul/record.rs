@@ -56,6 +56,7 @@ pub struct StoredCheck {
     pub failures_before_critical: u32,
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }

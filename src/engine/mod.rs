@@ -159,6 +159,7 @@ impl Engine {
 }
 
 /// A duplicate of the client socket behind pingora's stream, not yet registered with any runtime.
+#[allow(unsafe_code)] // a descriptor borrowed from pingora's stream
 fn take_socket(io: &Stream) -> io::Result<std::net::TcpStream> {
     use std::os::fd::BorrowedFd;
     // SAFETY: the proxy listener is TCP (`proxy.listen` is a socket address), so pingora's stream

@@ -222,6 +222,7 @@ thread_local! {
 
 /// Milliseconds on the coarse monotonic clock (updated every scheduler tick; a read of the vDSO's
 /// data page, no TSC read).
+#[allow(unsafe_code)] // clock_gettime(2)
 pub fn now_ms() -> u64 {
     #[cfg(target_os = "linux")]
     {

@@ -25,23 +25,6 @@ use crate::routing::{Health, Instance, RoutingTable, SharedTable};
 /// turns it looks at the registry again, so admission does not wait for a backlog.
 const BATCH: usize = 256;
 
-/// Open files this process may have (soft `RLIMIT_NOFILE`); 1024 if unknown.
-fn open_file_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct we pass.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    if ok && limit.rlim_cur != libc::RLIM_INFINITY {
-        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
-    } else if ok {
-        usize::MAX
-    } else {
-        1024
-    }
-}
-
 /// Kept-alive check connections at most: `health.max_idle_connections`, or half the open-file
 /// limit when unset (the other half is for clients, upstreams and etcd).
 pub fn idle_connection_cap(config: &HealthConfig) -> usize {
@@ -50,7 +33,7 @@ pub fn idle_connection_cap(config: &HealthConfig) -> usize {
     }
     config
         .max_idle_connections
-        .unwrap_or_else(|| open_file_limit() / 2)
+        .unwrap_or_else(|| crate::limits::open_file_limit() / 2)
 }
 
 /// One registered instance in the schedule: at most 96 bytes (a unit test checks), plus a slot

@@ -283,9 +283,8 @@ async fn drain(stream: &mut TcpStream, framing: Framing) -> bool {
         }
         Framing::Chunked(already) => {
             let mut body = ChunkedBody::default();
-            let mut done = match body.feed(&already) {
-                Ok(done) => done,
-                Err(()) => return false,
+            let Ok(mut done) = body.feed(&already) else {
+                return false;
             };
             while !done {
                 match stream.read(&mut scratch).await {

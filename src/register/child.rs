@@ -21,6 +21,7 @@ pub struct Wrapped {
 
 impl Wrapped {
     /// Starts `command[0]` with the rest as arguments.
+    #[allow(unsafe_code)] // prctl(2) between fork and exec
     pub fn spawn(command: &[String]) -> Result<Wrapped, RegisterError> {
         let shown = command.join(" ");
         let Some((program, args)) = command.split_first() else {
@@ -59,6 +60,7 @@ impl Wrapped {
     }
 
     /// Sends `signal` ("TERM", "INT") to the child.
+    #[allow(unsafe_code)] // kill(2)
     pub fn forward(&mut self, signal: &str) {
         let Some(pid) = self.pid else { return };
         if matches!(self.child.try_wait(), Ok(Some(_))) {

@@ -190,7 +190,7 @@ impl Catalog {
             }
         };
         let mut services = current.services.clone();
-        for name in self.pinned.iter() {
+        for name in &self.pinned {
             if !services.contains_key(name) {
                 touched.insert(name.clone());
             }

@@ -270,7 +270,7 @@ impl Names {
 
     /// Asks the resolver again for every name in use (the refresh timer).
     pub fn refresh(&mut self) {
-        for (host, state) in self.names.iter_mut() {
+        for (host, state) in &mut self.names {
             if !state.in_flight {
                 state.in_flight = self.requests.send(host);
             }

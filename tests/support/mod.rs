@@ -412,6 +412,7 @@ impl ProxyBuilder {
             use std::os::unix::process::CommandExt;
             // SAFETY: between fork and exec the closure only calls setrlimit, which is
             // async-signal-safe, and allocates nothing.
+            #[allow(unsafe_code)]
             unsafe {
                 command.pre_exec(move || {
                     let lim = libc::rlimit {
