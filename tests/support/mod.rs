@@ -27,12 +27,71 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use backend::Backend;
 
-/// A port that was free a moment ago.
+/// Ports [`free_port`] handed out in this process.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A port that was free a moment ago and that this process never handed out before (two
+/// servers a test starts never get the same one). Another process can still take it before the
+/// server binds it: [`ProxyBuilder::start`] checks that its listeners are alone on their ports
+/// and starts again on other ports when they are not.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port on 127.0.0.1")
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding an ephemeral port on 127.0.0.1");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Why `port` is not `pid`'s alone: a listening socket on it that `pid` does not hold (another
+/// process got the port first: pingora then keeps retrying its bind while the test would talk to
+/// the other process; or, both with `SO_REUSEPORT`, they share it and split the traffic), or no
+/// listener of `pid` on it at all. `None`: only `pid` listens there.
+fn port_not_owned(pid: u32, port: u16) -> Option<String> {
+    let own: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            l.parse().ok()
+        })
+        .collect();
+    let listening = listening_inodes(port);
+    let foreign = listening.iter().filter(|i| !own.contains(i)).count();
+    if foreign > 0 {
+        return Some(format!(
+            "{foreign} listener(s) of another process on port {port}"
+        ));
+    }
+    if listening.is_empty() {
+        return Some(format!("no listener of pid {pid} on port {port}"));
+    }
+    None
+}
+
+/// Inodes of the sockets listening on `port` (IPv4 and IPv6), from `/proc/net/tcp*`.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = f.get(1).and_then(|a| a.rsplit(':').next());
+            let local = local.and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local == Some(port) && f.get(3) == Some(&LISTEN) {
+                out.extend(f.get(9).and_then(|i| i.parse::<u64>().ok()));
+            }
+        }
+    }
+    out
 }
 
 /// Polls `check` until it returns `Ok`, or panics after `patience` with the last error.
@@ -349,7 +408,25 @@ impl ProxyBuilder {
         self
     }
 
+    /// Starts the process and waits for it to be ready (or only alive, see
+    /// [`Self::no_wait_ready`]); on a port another process took meanwhile, starts again on
+    /// fresh ones.
     pub async fn start(self) -> Proxy {
+        let mut conflicts = Vec::new();
+        for _ in 0..5 {
+            match self.start_once().await {
+                Ok(p) => return p,
+                Err(conflict) => {
+                    eprintln!("switchyard starts again on other ports: {conflict}");
+                    conflicts.push(conflict);
+                }
+            }
+        }
+        panic!("switchyard could not get ports of its own: {conflicts:?}");
+    }
+
+    /// One start on fresh ports; `Err` when one of them turned out not to be its own.
+    async fn start_once(&self) -> Result<Proxy, String> {
         let dir = tempfile::tempdir().expect("temp dir for proxy");
         let port = free_port();
         let admin_port = free_port();
@@ -359,7 +436,7 @@ impl ProxyBuilder {
             .map(|e| format!("{e:?}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let prefix = self.prefix.unwrap_or_else(|| "/services/".into());
+        let prefix = self.prefix.clone().unwrap_or_else(|| "/services/".into());
         let mut text = self.extra.clone();
         if !text.contains("[proxy]") {
             text.push_str("\n[proxy]\nconnect_timeout_ms = 500\nread_timeout_ms = 2000\n");
@@ -374,11 +451,7 @@ impl ProxyBuilder {
         // never Consul's default 8500: tests run many proxies at once
         let mut consul_port = 0;
         if !text.contains("[consul]") {
-            // a port just released can come back at once: not the proxy's or the admin's
             consul_port = free_port();
-            while consul_port == port || consul_port == admin_port {
-                consul_port = free_port();
-            }
             text.push_str(&format!(
                 "\n[consul]\nlisten = \"127.0.0.1:{consul_port}\"\n"
             ));
@@ -463,10 +536,11 @@ impl ProxyBuilder {
                 }
             }
             if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "switchyard exited with {status} at start; log:\n{}",
-                    p.log()
-                );
+                let log = p.log();
+                if log.contains("Address already in use") {
+                    return Err(format!("exited with {status}: a port was taken"));
+                }
+                panic!("switchyard exited with {status} at start; log:\n{log}");
             }
             if started.elapsed() > Duration::from_secs(20) {
                 panic!(
@@ -491,7 +565,15 @@ impl ProxyBuilder {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        p
+        let pid = p.pid().expect("the process just started");
+        let ports = [p.port, p.admin_port, p.consul_port];
+        if let Some(why) =
+            (ports.into_iter().filter(|port| *port != 0)).find_map(|port| port_not_owned(pid, port))
+        {
+            // dropping `p` stops the process
+            return Err(why);
+        }
+        Ok(p)
     }
 }
 
