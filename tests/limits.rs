@@ -312,7 +312,7 @@ async fn running_out_of_open_files_blames_no_instance_and_serves_again_after() {
     )
     .await;
     let m = proxy.metrics().await;
-    let series = |name: &str| support::metric_value(&m, name).unwrap_or(0.0);
+    let series = |name: &str| support::counter_value(&m, name);
     assert!(
         series("switchyard_proxy_local_errors_total") > 0.0,
         "the shortage must have hit connections to instances ({statuses:?}): {m}"

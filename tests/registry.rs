@@ -53,7 +53,7 @@ async fn wait_keys(proxy: &Proxy, service: &str, want: &[&str]) {
 async fn wait_metric_at_least(proxy: &Proxy, name: &str, n: f64) {
     eventually(PATIENCE, &format!("{name} >= {n}"), || async {
         let m = proxy.metrics().await;
-        let v = metric_value(&m, name).unwrap_or(0.0);
+        let v = support::counter_value(&m, name);
         (v >= n).then_some(()).ok_or(format!("{name} = {v}"))
     })
     .await;
@@ -123,12 +123,12 @@ async fn etcd_restarted_changes_made_meanwhile_are_applied() {
     wait_connected(&proxy, true).await;
     let m = proxy.metrics().await;
     assert!(
-        metric_value(&m, "switchyard_registry_reconnects_total").unwrap_or(0.0) >= 1.0,
+        support::counter_value(&m, "switchyard_registry_reconnects_total") >= 1.0,
         "{m}"
     );
     // every new watch follows a list: the reconnect listed again
     assert!(
-        metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0) >= 2.0,
+        support::counter_value(&m, "switchyard_registry_relists_total") >= 2.0,
         "{m}"
     );
     let (status, body) = proxy.get_service("s", "/").await;
@@ -192,7 +192,7 @@ async fn compaction_past_the_watch_revision_relists_to_the_exact_state() {
     assert_eq!(w, Some(serde_json::json!(7)));
     let m = proxy.metrics().await;
     assert!(
-        metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0) >= 2.0,
+        support::counter_value(&m, "switchyard_registry_relists_total") >= 2.0,
         "compaction must cause a re-list: {m}"
     );
 }
@@ -732,7 +732,7 @@ async fn behind_a_relay() -> (EtcdServer, Relay, Proxy) {
 }
 
 async fn metric(proxy: &Proxy, name: &str) -> f64 {
-    metric_value(&proxy.metrics().await, name).unwrap_or(0.0)
+    support::counter_value(&proxy.metrics().await, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,7 +780,7 @@ async fn a_dropped_etcd_connection_relists_and_converges_to_etcds_view() {
         "one lost connection, one reconnect: {m}"
     );
     assert!(
-        metric_value(&m, "switchyard_registry_relists_total").unwrap_or(0.0) > relists,
+        support::counter_value(&m, "switchyard_registry_relists_total") > relists,
         "the reconnect must list again (was {relists}): {m}"
     );
     // and the new watch delivers

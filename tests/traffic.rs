@@ -68,7 +68,7 @@ async fn send(
 }
 
 async fn metric(proxy: &Proxy, series: &str) -> f64 {
-    metric_value(&proxy.metrics().await, series).unwrap_or(0.0)
+    support::counter_value(&proxy.metrics().await, series)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -729,6 +729,27 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The value of `series` in the exposition `text`; 0 when the sample is absent but its family is
+/// exported (switchyard writes no per-service counter that is still 0). Panics when the family
+/// itself is missing: a misspelled or removed metric fails the test instead of reading 0 on both
+/// sides of a comparison.
+pub fn counter_value(text: &str, series: &str) -> f64 {
+    if let Some(v) = metric_value(text, series) {
+        return v;
+    }
+    let name = series.split('{').next().unwrap_or(series);
+    let family = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+        .unwrap_or(name);
+    assert!(
+        text.contains(&format!("# TYPE {family} ")),
+        "metric family {family} is not exported at all (reading {series}):\n{text}"
+    );
+    0.0
+}
+
 pub fn temp_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("writing temp file");
