@@ -2,7 +2,7 @@
 //!
 //! pingora still runs the process: listeners, threads, signals, graceful shutdown, the admin
 //! service and the background tasks. What this module replaces is pingora-proxy's per-request
-//! path, which measured at about 0.55× nginx on one core (BENCHMARKS.md): a pingora
+//! path, which measured at about 0.55× nginx's requests per second on one core: a pingora
 //! [`ServerApp`] that owns each client connection and proxies its requests itself.
 //!
 //! Per request, on one connection task, with no allocation in the common case:

@@ -2,7 +2,7 @@
 //!
 //! pingora's accept loop runs on one thread of the proxy's no-steal runtime (one single-threaded
 //! tokio runtime per thread) and spawns each accepted connection on a *random* thread. Two costs
-//! follow, both measured (BENCHMARKS.md, "Unpinned: connection placement"):
+//! follow, both measured:
 //!
 //! - the accepted socket stays registered with the accepting thread's epoll, so every read or
 //!   write readiness of a connection served elsewhere wakes the accepting thread first, which
