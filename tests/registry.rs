@@ -260,6 +260,8 @@ async fn several_endpoints_are_accepted_and_a_dead_one_is_tolerated() {
     let b = Backend::start("b").await;
     etcd.put("/services/m/1", b.addr_string()).await;
     wait_keys(&proxy, "m", &["/services/m/1"]).await;
+    // listed is not yet admitted: the first health check decides
+    proxy.wait_usable("m", 1).await;
     let (status, body) = proxy.get_service("m", "/").await;
     assert_eq!(status, 200, "{body}");
 }
