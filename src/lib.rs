@@ -60,24 +60,24 @@
 //! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
 //! - [`server`]: wiring of all of the above into one pingora server.
 
-pub mod admin;
+mod admin;
 pub mod cli;
-pub mod clock;
+mod clock;
 pub mod config;
-pub mod consul;
-pub mod engine;
-pub mod events;
-pub mod gateway;
-pub mod health;
+mod consul;
+mod engine;
+mod events;
+mod gateway;
+mod health;
 pub mod http1;
-pub mod limits;
-pub mod memory;
-pub mod metrics;
-pub mod proxy;
+mod limits;
+mod memory;
+mod metrics;
+mod proxy;
 pub mod register;
 pub mod registry;
 pub mod routing;
 pub mod server;
-pub mod sync;
-pub mod tls;
-pub mod upstream;
+mod sync;
+mod tls;
+mod upstream;

@@ -105,6 +105,7 @@ fn sweep(p: &mut ThreadPool, idle_timeout: Duration) {
 }
 
 /// Idle connections held by the calling thread (for tests).
+#[cfg(test)]
 pub fn idle_here() -> usize {
     POOL.with(|p| p.borrow().count)
 }

@@ -115,6 +115,7 @@ impl Workers {
     }
 
     /// Open client connections per known thread, in the order the threads joined.
+    #[cfg(test)]
     pub fn connections(&self) -> Vec<usize> {
         lock(&self.all).iter().map(|w| w.connections()).collect()
     }

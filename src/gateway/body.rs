@@ -60,7 +60,11 @@ pub struct Finish {
     /// Method and path, when the access log is on.
     pub log: Option<(String, String)>,
     pub error: Option<&'static str>,
+    /// Held, not read: dropped with the `Finish`, they give back the HTTP/2 stream slot and the
+    /// instance's in-flight count when the response ends.
+    #[allow(dead_code)]
     pub slot: Option<StreamSlot>,
+    #[allow(dead_code)]
     pub in_flight: Option<InFlight>,
 }
 

@@ -125,17 +125,20 @@ impl HealthChecker {
 
     /// First checks run on the scheduler's own task, queued with the steady checks' I/O, instead
     /// of on the admission thread (for tests on paused time, which another thread does not see).
+    #[cfg(test)]
     pub fn first_checks_in_task(mut self) -> Self {
         self.admission_thread = false;
         self
     }
 
     /// Instance keys currently probed.
+    #[cfg(test)]
     pub fn probed(&self) -> usize {
         self.schedule.len()
     }
 
     /// Checks running right now.
+    #[cfg(test)]
     pub fn running(&self) -> usize {
         self.running.len()
     }

@@ -47,11 +47,9 @@ mod spec;
 mod target;
 mod transition;
 
-pub use checker::{idle_connection_cap, HealthChecker};
+pub use checker::HealthChecker;
 pub use passive::{passive_failure, passive_success};
-pub use probe::{
-    Conn, GrpcHealthCheck, HealthCheck, HttpHealthCheck, NoHealthCheck, ProbeError, TcpHealthCheck,
-};
+pub use probe::{Conn, ProbeError};
 pub use spec::{CheckSpec, HealthConfig, Protocol, StatusSet, TlsSettings};
 pub use target::Target;
 pub use transition::{report_transition, subscribe_transitions, Tracker};

@@ -1,8 +1,8 @@
 //! Probes: one check of one instance, named for their mechanism.
 //!
-//! - [`HttpHealthCheck`]: `GET <path>` over HTTP/1.1; healthy when the status is in the expected
+//! - HTTP: `GET <path>` over HTTP/1.1; healthy when the status is in the expected
 //!   set (default 200-299). The verdict comes from the status line alone: a probe must not depend
-//!   on how large or slow the body is. The scheduler's [`check`] keeps the connection for the
+//!   on how large or slow the body is. [`check`] keeps the connection for the
 //!   next check (`health.reuse_connection`) when the response allows it: HTTP/1.1, no
 //!   `Connection: close`, a body framed by `Content-Length` or chunked and at most
 //!   [`MAX_DRAIN`] bytes, drained within the check's timeout. Any error, timeout or other response
@@ -12,7 +12,7 @@
 //! - [`TcpHealthCheck`]: healthy when a TCP connection opens.
 //! - [`GrpcHealthCheck`]: `grpc.health.v1.Health/Check`; healthy on `SERVING`. The channel is kept
 //!   between checks (tonic reconnects it), so a check is one HTTP/2 request, not a handshake.
-//! - [`NoHealthCheck`]: always healthy (protocol `none`): admits without probing.
+//! - `none`: always healthy: admits without probing.
 //!
 //! The [`HealthCheck`] implementations do not bound their own time; [`check`], which the
 //! scheduler runs, bounds everything by the target's timeout, so a target that accepts and never
@@ -98,17 +98,6 @@ impl HealthCheck for TcpHealthCheck {
                 source,
             })
     }
-}
-
-/// `GET path` with `Host: host` on a fresh connection (`Connection: close`); healthy when the
-/// status is in `expected`. The scheduler uses [`check`], which can keep the connection.
-#[derive(Debug, Clone)]
-pub struct HttpHealthCheck {
-    pub addr: SocketAddr,
-    /// Host header: the instance's registered `host:port`.
-    pub host: String,
-    pub path: String,
-    pub expected: StatusSet,
 }
 
 /// Longest response head (status line and headers) read; a longer one still gives a verdict from
@@ -331,25 +320,6 @@ impl ChunkedBody {
     }
 }
 
-#[async_trait]
-impl HealthCheck for HttpHealthCheck {
-    async fn check(&self) -> Result<(), ProbeError> {
-        let mut stream =
-            TcpStream::connect(self.addr)
-                .await
-                .map_err(|source| ProbeError::Connect {
-                    addr: self.addr,
-                    source,
-                })?;
-        let _ = stream.set_nodelay(true);
-        let request = http_request(&self.path, &self.host, false);
-        match exchange(&mut stream, request.as_bytes(), &self.expected, false).await {
-            Ok(head) => head.verdict,
-            Err(Failure::Stale(e) | Failure::Failed(e)) => Err(e),
-        }
-    }
-}
-
 /// What a target keeps between two checks (an `Option<Conn>` is 16 bytes).
 pub enum Conn {
     /// An idle HTTP/1.1 connection, parked outside any reactor: a check registers it with the
@@ -559,17 +529,6 @@ impl HealthCheck for GrpcHealthCheck {
     }
 }
 
-/// Protocol `none`: no probe, always healthy.
-#[derive(Debug, Clone, Copy)]
-pub struct NoHealthCheck;
-
-#[async_trait]
-impl HealthCheck for NoHealthCheck {
-    async fn check(&self) -> Result<(), ProbeError> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -593,13 +552,17 @@ pub(crate) mod tests {
         addr
     }
 
-    fn http(addr: SocketAddr, expected: &str) -> HttpHealthCheck {
-        HttpHealthCheck {
+    /// One HTTP check of `addr` on a fresh connection, healthy on `expected`.
+    async fn http(addr: SocketAddr, expected: &str) -> Result<(), ProbeError> {
+        let mut spec = crate::health::fixtures::spec();
+        spec.protocol = Protocol::Http;
+        spec.expected = StatusSet::parse(expected).unwrap();
+        let target = Target {
+            spec: Arc::new(spec),
             addr,
-            host: addr.to_string(),
-            path: "/health".into(),
-            expected: StatusSet::parse(expected).unwrap(),
-        }
+            host: None,
+        };
+        check(&target, None, false).await.0
     }
 
     #[test]
@@ -629,12 +592,12 @@ pub(crate) mod tests {
         let ok = serve("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
         let sick = serve("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         let garbage = serve("hello\n").await;
-        assert!(http(ok, "200-299").check().await.is_ok());
-        let e = http(sick, "200-299").check().await.unwrap_err();
+        assert!(http(ok, "200-299").await.is_ok());
+        let e = http(sick, "200-299").await.unwrap_err();
         assert!(matches!(e, ProbeError::Status(503)), "{e}");
-        assert!(http(sick, "200,503").check().await.is_ok());
+        assert!(http(sick, "200,503").await.is_ok());
         assert!(matches!(
-            http(garbage, "200").check().await,
+            http(garbage, "200").await,
             Err(ProbeError::Malformed(_))
         ));
     }
@@ -648,7 +611,7 @@ pub(crate) mod tests {
         let e = TcpHealthCheck { addr }.check().await.unwrap_err();
         assert!(e.to_string().contains(&addr.to_string()), "{e}");
         assert!(matches!(
-            http(addr, "200").check().await,
+            http(addr, "200").await,
             Err(ProbeError::Connect { .. })
         ));
     }

@@ -20,10 +20,10 @@
 //! - [`child`]: the wrapped command (`register ... -- CMD ARGS...`): spawn, signals, exit code.
 //! - [`services`]: `switchyard services` (table, `--json`, `--watch`).
 
-pub mod check;
-pub mod child;
-pub mod registrar;
-pub mod services;
+pub(crate) mod check;
+pub(crate) mod child;
+pub(crate) mod registrar;
+pub(crate) mod services;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;

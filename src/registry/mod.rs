@@ -26,9 +26,9 @@
 //! "created" reply alone proves nothing) makes the backoff grow.
 
 pub mod catalog;
-pub mod codec;
+pub(crate) mod codec;
 pub mod dns;
-pub mod own;
+pub(crate) mod own;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -66,7 +66,7 @@ impl RetryOn {
 
     /// Is an answer with this status tried again?
     #[inline]
-    pub fn status(&self, status: u16) -> bool {
+    pub fn status(self, status: u16) -> bool {
         (self.status_5xx && (500..=599).contains(&status))
             || (self.gateway_error && matches!(status, 502..=504))
     }

@@ -6,13 +6,13 @@
 //! instance's etcd key and therefore survives rebuilds, weight and metadata changes.
 
 mod address;
-pub mod budget;
-pub mod hash;
-pub mod outlier;
-pub mod route;
-pub mod select;
-pub mod services;
-pub mod traffic;
+pub(crate) mod budget;
+pub(crate) mod hash;
+pub(crate) mod outlier;
+pub(crate) mod route;
+pub(crate) mod select;
+pub(crate) mod services;
+pub(crate) mod traffic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -223,6 +223,7 @@ impl Pool {
     }
 
     /// Connections held (HTTP/1.1, HTTP/2), for tests.
+    #[cfg(test)]
     pub fn held(&self) -> (usize, usize) {
         let count = |n: usize, l: usize| n + l;
         (
