@@ -316,6 +316,20 @@ async fn slow_service() -> (EtcdServer, Backend, Proxy) {
     (etcd, b, proxy)
 }
 
+/// Waits until the instance has received `n` requests (the routing check made by
+/// [`slow_service`] is the first): the request just started is in flight there.
+async fn reached(b: &Backend, n: u64) {
+    eventually(
+        PATIENCE,
+        "the slow request to reach the instance",
+        || async {
+            let hits = b.hits();
+            (hits >= n).then_some(()).ok_or(format!("{hits} requests"))
+        },
+    )
+    .await;
+}
+
 /// The body of a request started by [`slow_request`], which must have been answered 200.
 async fn finished(in_flight: tokio::task::JoinHandle<(u16, String)>, proxy: &Proxy) -> String {
     let (code, body) = in_flight.await.unwrap();
@@ -342,9 +356,9 @@ fn slow_request(proxy: &Proxy, ms: u64) -> tokio::task::JoinHandle<(u16, String)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_request_finish_then_exits_zero() {
-    let (_etcd, _b, mut proxy) = slow_service().await;
+    let (_etcd, b, mut proxy) = slow_service().await;
     let in_flight = slow_request(&proxy, 2000);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    reached(&b, 2).await;
     let started = Instant::now();
     let status = tokio::task::spawn_blocking(move || {
         let s = proxy.terminate(Duration::from_secs(20));
@@ -392,7 +406,7 @@ async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_keep_alive_connections_while_a_request_finishes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_etcd, _b, mut proxy) = slow_service().await;
+    let (_etcd, b, mut proxy) = slow_service().await;
     // a keep-alive connection that has been answered once and then sits idle
     let addr = proxy.url("").trim_start_matches("http://").to_string();
     let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -403,7 +417,7 @@ async fn sigterm_closes_idle_keep_alive_connections_while_a_request_finishes() {
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     // and a request still in flight when the signal comes
     let in_flight = slow_request(&proxy, 3000);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reached(&b, 3).await;
     let pid = proxy.pid().expect("proxy running").to_string();
     let signalled = Instant::now();
     let sent = std::process::Command::new("kill")
