@@ -6,59 +6,100 @@
 //! # Architecture
 //!
 //! ```text
-//!  services ──put key + lease──▶ etcd ◀──list R, watch R+1 (prefix)── registry (one task)
-//!                                                                       │ Update::{Reset, Batch, Resolved}
+//!  services ──put key + lease──▶ etcd ◀──list R, watch R+1 (prefix)── registry (one task; DNS names
+//!  (or the Consul API, which writes                                     │  resolved beside it)
+//!   ordinary registrations)                                             │ Update::{Reset, Batch, Resolved}
 //!                                                                       ▼
 //!                                                    catalog: services → instances (owned by that task)
-//!                                                                       │ build
+//!                                                                       │ build; one store per change
 //!                                                                       ▼
-//!  client ──HTTP/1.1──▶ engine ──load()──▶ ArcSwap<RoutingTable>  (immutable snapshot, one store per change)
-//!         ──h2c──────▶ engine ─▶ gateway ─┤ route: request → service name    │
-//!         ──TLS──────▶ tls ────▶ gateway ─┤ select: service → instance ◀─────┘  Arc<Instance> { addr, weight, meta, state }
-//!                                          ▼                                                  ▲
-//!              upstream instance: HTTP/1.1 (engine, gateway), h2c/grpc/https/h2 (gateway)      │
-//!                                                        health checker ──────────────────────┘ flips InstanceState health
+//!  client ──HTTP/1.1──▶ engine ──load()──▶ ArcSwap<RoutingTable> ──generation──▶ health checker
+//!         ──h2c──────▶ engine ─▶ gateway   (immutable snapshot)       (watch)     probes every instance,
+//!         ──TLS──────▶ tls ─┬─▶ engine     route: request → service               flips InstanceState
+//!                           └─▶ gateway    select: service → Arc<Instance>                  │
+//!                              (ALPN h2)   { addr, weight, meta, state } ◀──────────────────┘
+//!                 │  both request paths: failures and answers ──▶ passive detection
+//!                 │  (health::passive, routing::outlier) ──▶ InstanceState (atomics)
+//!                 ▼
+//!  upstream instance: HTTP/1.1 (engine, its own pool), h2c/grpc/https/h2 (gateway, upstream pool)
+//!
+//!  admin (/metrics, /api, status page) and the Consul API read the snapshot; nothing points back.
 //! ```
+//!
+//! Dependencies point one way: registry → routing ← request paths (engine, gateway, proxy,
+//! upstream); health → routing; admin reads. `tests/layers.rs` fails on an import against that
+//! direction, and on a file under `src/` that the layout below does not name.
 //!
 //! # Layout
 //!
-//! - [`config`]: TOML file → `FileConfig` → validated [`config::Config`]; the embedded default.
-//! - [`cli`]: clap definitions of `serve`, `check-config`, `register`, `services`.
-//! - [`registry`]: etcd list + watch loop, the [`registry::Catalog`], the value codecs, DNS
-//!   names resolved off the registry task (`registry::dns`) and the refused own addresses
-//!   (`registry::own`).
-//! - [`routing`]: the [`routing::RoutingTable`] snapshot (its [`routing::ServiceMap`] is shared
-//!   between snapshots in copy-on-write shards), route matching and selection policies, and the
-//!   traffic policies both request paths share: outlier detection on answers (`routing::outlier`,
-//!   with its sweeper task), the retry budget (`routing::budget`), consistent hashing
-//!   (`routing::hash`), and their settings (`routing::traffic`: slow start, panic, zones).
-//! - [`health`]: active probes (HTTP, HTTPS, TCP, gRPC), passive detection, the probe scheduler and the
-//!   thread that runs new instances' first checks.
-//! - [`http1`]: HTTP/1.x messages (heads, the chunked coding, bodies re-framed by the proxy) and
-//!   the rules that keep every message readable one way only; used by the engine, the HTTP
-//!   health probe and the registrar's check. `http1::verify` is the oracle of the property tests
-//!   and the fuzz targets (`fuzz/`).
-//! - [`engine`]: the HTTP/1.1 request path: a pingora `ServerApp` that parses, routes and relays
-//!   requests itself (`request`, `exchange`, `relay`), with a per-thread upstream connection pool
-//!   and a timer wheel. It hands a connection to the gateway when it starts with the HTTP/2
-//!   preface, or when a request is for a service whose instances speak something else than
-//!   HTTP/1.1.
-//! - [`gateway`]: the hyper-based request path: HTTP/2 clients (h2c and over TLS), HTTP/1.1 over
-//!   TLS, and requests to h2c/grpc/https/h2 instances; gRPC-aware own answers; HTTP/2 limits.
-//! - [`upstream`]: the protocol of an instance (registration metadata `protocol`), TLS towards
-//!   instances, and the gateway's pooled HTTP/1.1 and multiplexed HTTP/2 connections.
-//! - [`tls`]: TLS termination: certificates by SNI, reload on SIGHUP, the TLS listener.
-//! - [`proxy`]: what every request path shares (routing decision, in-flight count, request metrics,
-//!   access log).
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/api/services`, the status page.
-//! - [`metrics`]: every Prometheus metric family.
-//! - [`events`]: a small ring of recent notable events for the status page.
-//! - [`limits`]: the open-file limit, raised at start, and the client connections it carries.
-//! - [`memory`]: giving freed memory back to the system after a burst (initial list, big scrape).
-//! - [`consul`]: the Consul-compatible agent API (register, TTL checks, health and catalog
-//!   reads, blocking queries), kept in etcd as ordinary registrations.
-//! - [`register`]: the registrar side (`switchyard register`, `switchyard services`).
-//! - [`server`]: wiring of all of the above into one pingora server.
+//! - `main.rs`: the thin binary: command line, tracing, config, build, run.
+//! - `cli.rs`: clap definitions of `serve`, `check-config`, `register`, `services`.
+//! - `server.rs`: wiring of everything below into one pingora server, and the drain on shutdown.
+//! - [`config`]: file → `FileConfig` → validated [`config::Config`]: `config/mod.rs` (the
+//!   pipeline, errors, the embedded default) and one file per section: `config/proxy.rs`,
+//!   `config/admin.rs` (with `[consul]`), `config/etcd.rs`, `config/routing.rs`,
+//!   `config/health.rs`, `config/traffic.rs`, `config/services.rs` (with `[upstream_tls]`),
+//!   `config/tls.rs`, `config/http2.rs`, `config/log.rs`; `config/tests.rs`.
+//! - [`registry`]: `registry/mod.rs` (the task: etcd list + watch, re-lists, backoff, status),
+//!   `registry/catalog.rs` (every registration by key, and the snapshot builder),
+//!   `registry/codec.rs` (keys and the three value formats), `registry/dns.rs` (registered names
+//!   resolved off the registry task), `registry/own.rs` (switchyard's own addresses, refused).
+//! - [`routing`]: `routing/mod.rs` (the [`routing::RoutingTable`] snapshot, `Instance`,
+//!   `InstanceState`, `Service`), `routing/address.rs` (`HostPort`, an address as registered),
+//!   `routing/services.rs` (the service map, shared between snapshots in copy-on-write shards),
+//!   `routing/route.rs` (request → service), `routing/select.rs` (balancing policies),
+//!   `routing/hash.rs` (consistent hashing), `routing/traffic.rs` (a service's traffic policy
+//!   settings), `routing/outlier.rs` (outlier detection on answers, and its sweeper task),
+//!   `routing/budget.rs` (the retry budget).
+//! - `health/`: `health/mod.rs` (the picture), `health/spec.rs` (what a check is),
+//!   `health/target.rs` (one instance's check, metadata overrides applied), `health/checker.rs`
+//!   (the scheduler task, woken by registry generations), `health/schedule.rs` (its queues),
+//!   `health/admission.rs` (first checks on a thread of their own), `health/probe.rs` and
+//!   `health/https.rs` (one check per protocol), `health/transition.rs` (thresholds, reporting a
+//!   flip), `health/passive.rs` (detection from both request paths); `health/fixtures.rs` (unit
+//!   test fixtures).
+//! - [`http1`]: HTTP/1.x messages and the rules that keep every message readable one way only,
+//!   shared by the engine, the HTTP health probe and the registrar's check: `http1/mod.rs` (the
+//!   policy, one rule per RFC section), `http1/head.rs`,
+//!   `http1/chunked.rs`, `http1/body.rs`; `http1/verify.rs` (the oracle of the property tests and
+//!   the fuzz targets), `http1/tests.rs`.
+//! - `engine/`: the native HTTP/1.1 request path, one step per file: `engine/mod.rs` (the
+//!   connection loop), `engine/client.rs` (the client side: TCP or TLS), `engine/request.rs`
+//!   (head, routing, our own answers), `engine/exchange.rs` (instances, retries, the request
+//!   body), `engine/relay.rs` (the response), `engine/pool.rs` (per-thread upstream keep-alive),
+//!   `engine/timer.rs` (per-thread timer wheel), `engine/threads.rs` (which thread serves a
+//!   connection). It hands a connection to the gateway on the HTTP/2 preface, or for a service
+//!   whose instances speak something else than HTTP/1.1.
+//! - `gateway/`: the hyper-based request path (HTTP/2 clients, requests to h2c/grpc/https/h2
+//!   instances): `gateway/mod.rs` (connections, HTTP/2 limits), `gateway/request.rs` (one
+//!   request), `gateway/body.rs` (the response body and what is recorded when it ends),
+//!   `gateway/grpc.rs` (gRPC deadlines and own answers).
+//! - `upstream/`: talking to an instance: `upstream/mod.rs` (its protocol), `upstream/connect.rs`
+//!   (TCP, then TLS), `upstream/tls.rs` (TLS towards instances), `upstream/pool.rs` (the
+//!   gateway's pooled connections).
+//! - `proxy.rs`: what every request path shares: the routing decision, in-flight counts,
+//!   `finish_request` (metrics and access log).
+//! - `tls.rs`: TLS termination: certificates by SNI, reload on SIGHUP, the TLS listener.
+//! - `admin/`: `admin/mod.rs` (`/metrics`, `/healthz`, `/readyz`, `/api/...`), `admin/page.rs`
+//!   (the status page).
+//! - `consul/`: the Consul-compatible agent API, kept in etcd as ordinary registrations:
+//!   `consul/mod.rs`, `consul/http.rs` (listener, token, headers), `consul/routes.rs`
+//!   (endpoints), `consul/query.rs` and `consul/decode.rs` (reading requests),
+//!   `consul/agent.rs` (writes), `consul/store.rs` (etcd side), `consul/record.rs` (a
+//!   registration as kept in etcd), `consul/directory.rs` (what the API knows beyond the
+//!   snapshot), `consul/view.rs` (reads).
+//! - [`register`]: the registrar side: `register/mod.rs`, `register/registrar.rs` (the lease
+//!   loop), `register/check.rs` (its gates), `register/child.rs` (a wrapped command),
+//!   `register/services.rs` (`switchyard services`).
+//! - `metrics.rs`: every Prometheus metric family (a leaf: admin hands it the snapshot's counts).
+//! - `events.rs`: a small ring of recent notable events for the status page.
+//! - `limits.rs`: the open-file limit, raised at start, and the client connections it carries.
+//! - `memory.rs`: giving freed memory back to the system after a burst.
+//! - `clock.rs`: wall and monotonic milliseconds; `sync.rs`: the one way to take a mutex.
+
+// The docs are for switchyard's developers (`cargo doc --document-private-items`): links into
+// crate-private modules are meant.
+#![allow(rustdoc::private_intra_doc_links)]
 
 mod admin;
 pub mod cli;

@@ -244,6 +244,42 @@ fn join_use_groups(text: &str) -> Vec<(usize, String)> {
     out
 }
 
+/// Every file under `src/`, relative to it (`routing/outlier.rs`).
+fn source_files() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![src()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path.strip_prefix(src()).unwrap();
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_layout_in_lib_rs_names_every_file() {
+    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    let layout = lib
+        .split("# Layout")
+        .nth(1)
+        .expect("src/lib.rs has a # Layout section");
+    let missing: Vec<String> = source_files()
+        .into_iter()
+        .filter(|f| f != "lib.rs" && !layout.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "src/lib.rs's # Layout does not name these files (as `dir/file.rs`): {missing:?}"
+    );
+}
+
 #[test]
 fn the_import_reader_sees_every_form() {
     let names = |l: &str| imported(l).into_iter().collect::<Vec<_>>();
