@@ -381,21 +381,26 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn readyz_waits_until_the_proxy_listener_accepts() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = closed.local_addr().unwrap().port();
-        drop(closed);
-        let app = AdminApp {
+    /// An admin app over an empty snapshot, waiting for `proxy` when given.
+    fn app(proxy: Option<ProxyListener>) -> AdminApp {
+        AdminApp {
             table: crate::routing::new_shared_table(),
             status: Default::default(),
             started: Instant::now(),
             etcd_endpoints: vec![],
             prefix: "/s/".into(),
-            proxy: Some(ProxyListener::new(
-                format!("0.0.0.0:{port}").parse().unwrap(),
-            )),
-        };
+            proxy,
+        }
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_until_the_proxy_listener_accepts() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let app = app(Some(ProxyListener::new(
+            format!("0.0.0.0:{port}").parse().unwrap(),
+        )));
         let readyz = |app: &AdminApp| {
             let r = app.route("/readyz", None);
             (
@@ -430,14 +435,7 @@ mod tests {
         let mut table = RoutingTable::default();
         let svc = Service::new("g-svc".into(), instances, 0, &ServiceSettings::default());
         table.services.insert("g-svc".into(), Arc::new(svc));
-        let app = AdminApp {
-            table: crate::routing::new_shared_table(),
-            status: Default::default(),
-            started: Instant::now(),
-            etcd_endpoints: vec![],
-            prefix: "/s/".into(),
-            proxy: None,
-        };
+        let app = app(None);
         app.table.store(Arc::new(table));
         let text = String::from_utf8(app.metrics_text()).unwrap();
         for line in [
