@@ -6,7 +6,7 @@
 #
 # Scenarios (all by default, or name some): etcd-killed etcd-stopped compaction etcd-wiped
 # big-catch-up own-address hung-instance slow-clients storm storm-unbounded dns-failure.
-# The whole run takes about 4 minutes; each scenario is bounded at 120 s. Exit status 1 when a
+# The whole run takes about 2.5 minutes; each scenario is bounded at 120 s. Exit status 1 when a
 # scenario fails. Not part of scripts/test.sh: an operator's check of a build.
 #
 # Needs: etcd (etcd-server), nginx, wrk, python3, prlimit and unshare (util-linux), root for the
