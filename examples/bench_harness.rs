@@ -7,6 +7,9 @@
 //! - `failover`: keeps a closed-loop load on the proxy, sends a signal (KILL or STOP) to one
 //!   backend, and reports failed requests, latency and how long the victim still got traffic.
 //! - `scale-probe`: starts switchyard, measures time to `/readyz` and resident memory.
+//! - `open-loop`: a latency-correct load at a fixed rate (each request's latency counts from when
+//!   it was due, so a stall is not hidden by the client waiting: no coordinated omission), with
+//!   p50/p99/p99.9, errors and which backend answered.
 //!
 //! The HTTP client is a deliberately small blocking HTTP/1.1 keep-alive client on std sockets, so
 //! that polling intervals of a fraction of a millisecond are possible and its own cost is tiny.
@@ -32,6 +35,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A fixed-rate GET load; prints one TSV line: label, requests, errors, p50, p99, p99.9 and
+    /// max in ms, then `name=count` for every answering backend (from a `hello from <name>` body).
+    OpenLoop {
+        /// host:port of the proxy.
+        #[arg(long)]
+        proxy: String,
+        /// Host header.
+        #[arg(long, default_value = "bench")]
+        host: String,
+        /// Requests per second.
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        duration_ms: u64,
+        /// Client threads, each with one keep-alive connection (enough to never run out).
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
     /// Put `services * per_service` registrations `<prefix><service_prefix>-<s>/<i>` = addr.
     BulkLoad {
         #[arg(long)]
@@ -143,6 +168,23 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::OpenLoop {
+            proxy,
+            host,
+            rate,
+            duration_ms,
+            conns,
+            timeout_ms,
+            label,
+        } => open_loop(
+            resolve(&proxy)?,
+            &host,
+            rate.clamp(1, 200_000),
+            Duration::from_millis(duration_ms.clamp(1, 600_000)),
+            conns.clamp(1, 1024),
+            Duration::from_millis(timeout_ms),
+            &label,
+        ),
         Cmd::BulkLoad {
             etcd,
             prefix,
@@ -437,6 +479,94 @@ fn summary_ms(xs: &mut [f64]) -> String {
             xs.iter().sum::<f64>() / xs.len() as f64
         }
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// open-loop
+
+/// Request `i` is due at `start + i / rate`; `conns` threads take the next due request, wait
+/// until it is due, send it, and count its latency from when it was due (a request that waited
+/// for a free thread counts the wait).
+fn open_loop(
+    proxy: SocketAddr,
+    host: &str,
+    rate: u64,
+    duration: Duration,
+    conns: usize,
+    timeout: Duration,
+    label: &str,
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicU64;
+    let total = rate * duration.as_millis() as u64 / 1000;
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(50);
+    let period_ns = 1_000_000_000 / rate;
+    let mut workers = Vec::new();
+    for _ in 0..conns {
+        let (next, host) = (next.clone(), host.to_string());
+        workers.push(std::thread::spawn(move || {
+            let mut conn = HttpConn::new(proxy, timeout);
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut by: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let due = start + Duration::from_nanos(i * period_ns);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                match conn.get(&host, "/") {
+                    Ok(r) => {
+                        lat.push(due.elapsed().as_secs_f64() * 1000.0);
+                        if !(200..300).contains(&r.status) {
+                            errors += 1;
+                        }
+                        let body = String::from_utf8_lossy(&r.body);
+                        let name = body
+                            .trim()
+                            .strip_prefix("hello from ")
+                            .unwrap_or(if r.status >= 500 { "error" } else { "?" })
+                            .to_string();
+                        *by.entry(name).or_default() += 1;
+                    }
+                    Err(_) => {
+                        lat.push(due.elapsed().as_secs_f64() * 1000.0);
+                        errors += 1;
+                        *by.entry("failed".into()).or_default() += 1;
+                    }
+                }
+            }
+            (lat, errors, by)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for w in workers {
+        let (l, e, b) = w.join().map_err(|_| anyhow!("a client thread panicked"))?;
+        lat.extend(l);
+        errors += e;
+        for (k, v) in b {
+            *by.entry(k).or_default() += v;
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let shares: Vec<String> = by.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{label}\t{}\t{errors}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{}",
+        lat.len(),
+        percentile(&lat, 50.0),
+        percentile(&lat, 99.0),
+        percentile(&lat, 99.9),
+        lat.last().copied().unwrap_or(f64::NAN),
+        shares.join(",")
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

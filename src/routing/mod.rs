@@ -155,6 +155,16 @@ impl InstanceState {
         self.latency_us.load(Ordering::Relaxed)
     }
 
+    /// The estimate as of `now` ([`clock_ms`]): decayed towards 0 with the time since its last
+    /// sample (as linkerd's peak-EWMA), so an instance that was slow once and got no request since
+    /// is tried again in time instead of never (a slow instance's estimate of 50 ms costs as much
+    /// as a 1 ms one after about 40 s without samples).
+    pub fn latency_us_at(&self, now: u64) -> f64 {
+        let estimate = self.latency_us.load(Ordering::Relaxed) as f64;
+        let idle = now.saturating_sub(self.latency_at.load(Ordering::Relaxed)) as f64;
+        estimate * (-idle / LATENCY_DECAY_MS).exp()
+    }
+
     /// Ejected passively and its cool-down is over: requests may try it again.
     #[inline]
     pub fn cooled_down(&self) -> bool {

@@ -175,10 +175,13 @@ impl Selector {
             Selector::LeastRequest => two_choices(instances, pick, |i| {
                 i.state.inflight.load(Ordering::Relaxed) as f64
             }),
-            Selector::P2cEwma => two_choices(instances, pick, |i| {
-                let inflight = i.state.inflight.load(Ordering::Relaxed) as f64;
-                i.state.latency_us() as f64 * (inflight + 1.0)
-            }),
+            Selector::P2cEwma => {
+                let now = crate::clock::clock_ms();
+                two_choices(instances, pick, |i| {
+                    let inflight = i.state.inflight.load(Ordering::Relaxed) as f64;
+                    i.state.latency_us_at(now) * (inflight + 1.0)
+                })
+            }
             Selector::Hash(ring) => {
                 let Some(key) = pick.key else {
                     return weighted_random(instances, pick);
@@ -228,8 +231,10 @@ fn weighted_random(instances: &[Arc<Instance>], pick: &Pick<'_>) -> Option<Arc<I
     None
 }
 
-/// Power of two choices: two eligible instances at random, the one with the lower `load` per
-/// unit of (slow-start scaled) weight.
+/// Power of two choices: two distinct eligible instances at random, the one with the lower `load`
+/// per unit of (slow-start scaled) weight. Distinct: drawn with replacement, the worst of n
+/// instances would win whenever it is drawn twice, 1/n² of the requests (11 % of them to a slow
+/// one of three), whatever its cost.
 fn two_choices(
     instances: &[Arc<Instance>],
     pick: &Pick<'_>,
@@ -244,29 +249,20 @@ fn two_choices(
         1 => Some(candidates[0].clone()),
         n => {
             let mut rng = rand::thread_rng();
-            // with slow start on, the two are drawn by (ramped) weight: drawn uniformly, an
-            // instance just admitted would still win whenever it is both choices (1/n² of them)
-            let weights: Vec<u64> = if pick.ramp_ms > 0 {
-                candidates.iter().map(|i| pick.weight(i)).collect()
+            let (ia, ib) = if pick.ramp_ms == 0 {
+                let ia = rng.gen_range(0..n);
+                let k = rng.gen_range(0..n - 1);
+                (ia, if k >= ia { k + 1 } else { k })
             } else {
-                Vec::new()
+                // with slow start on, the two are drawn by (ramped) weight, the second among the
+                // others: drawn uniformly, an instance just admitted would win as often as any
+                // other whenever the loads are equal
+                let weights: Vec<u64> = candidates.iter().map(|i| pick.weight(i)).collect();
+                let ia = weighted_index(&weights, u64::MAX, &mut rng);
+                let ib = weighted_index(&weights, ia as u64, &mut rng);
+                (ia, ib)
             };
-            let total: u64 = weights.iter().sum();
-            let mut draw = || {
-                if total == 0 {
-                    return candidates[rng.gen_range(0..n)];
-                }
-                let mut at = rng.gen_range(0..total);
-                for (c, w) in candidates.iter().zip(&weights) {
-                    if at < *w {
-                        return c;
-                    }
-                    at -= w;
-                }
-                candidates[n - 1]
-            };
-            let a = draw();
-            let b = draw();
+            let (a, b) = (candidates[ia], candidates[ib]);
             // load per unit of weight, compared without division; an instance never measured
             // (cost 0) in slow start still counts its share: + 1 keeps the weight in the cost
             let (wa, wb) = (pick.weight(a) as f64, pick.weight(b) as f64);
@@ -274,6 +270,30 @@ fn two_choices(
             Some(if la <= lb { a.clone() } else { b.clone() })
         }
     }
+}
+
+/// An index drawn with probability proportional to `weights`, never `skip` (pass `u64::MAX` to
+/// skip none); uniform over the allowed ones when they weigh nothing.
+fn weighted_index(weights: &[u64], skip: u64, rng: &mut impl Rng) -> usize {
+    let allowed = |i: usize| i as u64 != skip;
+    let total: u64 = (weights.iter().enumerate())
+        .filter(|(i, _)| allowed(*i))
+        .map(|(_, w)| *w)
+        .sum();
+    if total > 0 {
+        let mut at = rng.gen_range(0..total);
+        for (i, w) in weights.iter().enumerate().filter(|(i, _)| allowed(*i)) {
+            if at < *w {
+                return i;
+            }
+            at -= w;
+        }
+    }
+    let others: Vec<usize> = (0..weights.len()).filter(|i| allowed(*i)).collect();
+    others
+        .get(rng.gen_range(0..others.len().max(1)))
+        .copied()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -403,12 +423,24 @@ mod tests {
         insts[0].state.observe_latency(Duration::from_millis(1));
         insts[1].state.observe_latency(Duration::from_millis(50));
         let c = counts(&Selector::new(Policy::P2cEwma, &insts), &insts, 4000);
-        // the slow one wins only when both choices are it: about a quarter
-        assert!(c["slow"] > 700 && c["slow"] < 1300, "{c:?}");
+        // the two choices are distinct: the slow one never wins while nothing is in flight
+        assert_eq!(c.get("slow"), None, "{c:?}");
         // in-flight requests make the fast one costlier: with 100 on it, the slow one is cheaper
         insts[0].state.inflight.store(100, Ordering::Relaxed);
         let c = counts(&Selector::new(Policy::P2cEwma, &insts), &insts, 4000);
         assert!(c["slow"] > 2700, "{c:?}");
+    }
+
+    #[test]
+    fn an_idle_estimate_decays_so_a_once_slow_instance_is_tried_again() {
+        use std::time::Duration;
+        let s = &inst("a", 1).state;
+        s.observe_latency(Duration::from_millis(50));
+        let at = crate::clock::clock_ms();
+        assert!(s.latency_us_at(at) > 45_000.0);
+        // e^-4 of 50 ms after 40 s without a sample
+        let later = s.latency_us_at(at + 40_000);
+        assert!(later < 1_000.0 && later > 800.0, "{later}");
     }
 
     #[test]
