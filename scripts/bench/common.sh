@@ -247,7 +247,7 @@ start_bench_proxies() {
     SA=$(free_port)
     start_nginx_proxy "$NP" "$threads" "$cpus"
     start_haproxy "$HP" "$threads" "$cpus"
-    write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" "$threads"
+    write_switchyard_config "$cfg" "127.0.0.1:$SP" "127.0.0.1:$SA" "$threads" "${BENCH_SWITCHYARD_TOML:-}"
     start_switchyard "$BIN" "$cfg" "127.0.0.1:$SA" "$cpus"
 }
 

@@ -24,6 +24,9 @@
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
 #   BENCH_SWITCHYARD_PROXY_TOML  extra lines for switchyard's [proxy] section (e.g. "work_stealing = false")
+#   BENCH_SWITCHYARD_TOML, BENCH_BASE_TOML  more sections for switchyard's / switchyard-base's config
+#                        (e.g. BENCH_BASE_BIN=<the same binary> BENCH_BASE_TOML=$'[traffic]\npolicy = "p2c_ewma"'
+#                        compares two policies in the same rounds)
 #   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw wrk output)
 # Default runtime: about 2 variants x 3 rounds x 5 targets x 12 s = 6 minutes.
 set -euo pipefail
@@ -123,7 +126,7 @@ for variant in $VARIANTS; do
         PA=$(free_port)
         # the base binary's own config (an older one may not know sections the new one has)
         BIN="$BASE_BIN" write_switchyard_config "$WORK/switchyard-base-$variant.toml" \
-            "127.0.0.1:$PP" "127.0.0.1:$PA" "$WORKERS"
+            "127.0.0.1:$PP" "127.0.0.1:$PA" "$WORKERS" "${BENCH_BASE_TOML:-}"
         start_switchyard "$BASE_BIN" "$WORK/switchyard-base-$variant.toml" "127.0.0.1:$PA" "$PROXY_CPUS"
         wait_routes_both "127.0.0.1:$PP"
         SYP_PID=$SY_PID
