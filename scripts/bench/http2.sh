@@ -178,7 +178,7 @@ for round in $(seq 1 "$ROUNDS"); do
         sleep "$WARMUP"
         c0=$(cpu_ticks "$pid")
         if [[ "${BENCH_PERF:-0}" == 1 && "$t" == switchyard ]]; then
-            perf record -q -F 999 -p "$pid" -o "$WORK/perf.data" -- sleep "$((DURATION - 1))" 2>/dev/null || true
+            perf record -q -F 999 ${BENCH_PERF_ARGS:-} -p "$pid" -o "$WORK/perf.data" -- sleep "$((DURATION - 1))" 2>/dev/null || true
         fi
         wait "$load" || true
         c1=$(cpu_ticks "$pid")

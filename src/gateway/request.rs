@@ -28,11 +28,12 @@ use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tracing::debug;
 
-use super::body::{full, Finish, Picked, Relay, RespBody};
+use super::body::{full, Finish, Picked, Relay, RespBody, UpBody};
 use super::{grpc, ClientInfo, Gateway};
 use crate::proxy::{finish_request, Finished, InFlight, Outcome};
 use crate::routing::outlier::{self, Answer};
 use crate::routing::Service;
+use crate::upstream::h2::H2Body;
 use crate::upstream::pool::{ReqBody, Sender, TlsTarget};
 use crate::upstream::{protocol_for, ClientTls, Protocol};
 
@@ -271,9 +272,19 @@ impl Gateway {
                     };
                     (sent, Some((send, key)), None)
                 }
-                Sender::Http2(mut send, slot) => {
+                Sender::Http2(send, slot) => {
                     to_http2(&mut req, protocol, &to, &inst.addr);
-                    let sent = Sent::from(timed(head_limit, send.try_send_request(req)).await);
+                    let exchange = async {
+                        match crate::upstream::h2::send(send, req).await {
+                            Ok(response) => response.await.map_err(|e| (e.to_string(), None)),
+                            Err(n) => Err((n.error.to_string(), n.request)),
+                        }
+                    };
+                    let sent = match timed(head_limit, exchange).await {
+                        Some(Ok(resp)) => Sent::Head(resp.map(|b| UpBody::H2(H2Body::new(b)))),
+                        Some(Err((error, unsent))) => Sent::Failed(error, unsent),
+                        None => Sent::TimedOut,
+                    };
                     (sent, None, Some(slot))
                 }
             };
@@ -413,7 +424,7 @@ impl Replay {
 /// How sending a request to an instance went.
 enum Sent {
     /// The response head arrived.
-    Head(Response<Incoming>),
+    Head(Response<UpBody>),
     /// The error, and the request when hyper never sent it (safe to send elsewhere).
     Failed(String, Option<Box<Request<ReqBody>>>),
     /// No response head within the limit.
@@ -426,7 +437,7 @@ type SendResult =
 impl From<SendResult> for Sent {
     fn from(r: SendResult) -> Sent {
         match r {
-            Some(Ok(resp)) => Sent::Head(resp),
+            Some(Ok(resp)) => Sent::Head(resp.map(UpBody::H1)),
             Some(Err(mut e)) => {
                 let req = e.take_message().map(Box::new);
                 Sent::Failed(e.into_error().to_string(), req)

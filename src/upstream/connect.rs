@@ -41,6 +41,12 @@ pub enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    #[error("HTTP/2 handshake with {addr}: {source}")]
+    Http2Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
 }
 
 /// A connection to an instance, plain or TLS.

@@ -14,6 +14,7 @@
 //! | `h2` | HTTP/2 | yes (ALPN h2; HTTP/1.1 when the instance does not agree to h2) |
 
 pub mod connect;
+pub(crate) mod h2;
 pub mod pool;
 pub mod tls;
 

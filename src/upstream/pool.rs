@@ -15,15 +15,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::connect::{connect, ConnectError};
@@ -72,16 +72,25 @@ struct H1 {
 }
 
 struct H2 {
-    send: http2::SendRequest<ReqBody>,
+    send: h2::client::SendRequest<Bytes>,
     streams: Arc<Streams>,
 }
 
-/// Streams in flight on one HTTP/2 connection, and when the last one ended.
+impl H2 {
+    fn is_closed(&self) -> bool {
+        self.streams.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// Streams in flight on one HTTP/2 connection, when the last one ended, and whether the
+/// connection did.
 #[derive(Default)]
-struct Streams {
-    now: AtomicUsize,
+pub(crate) struct Streams {
+    pub(crate) now: AtomicUsize,
     /// [`crate::clock::clock_ms`] when a stream last ended.
     released_at: AtomicU64,
+    /// The connection ended (set by its task, [`super::h2::handshake`]).
+    pub(crate) closed: AtomicBool,
 }
 
 /// A stream taken on a shared HTTP/2 connection; given back on drop.
@@ -100,7 +109,7 @@ type Opening = tokio::sync::Mutex<Option<(Instant, String)>>;
 /// Where one request goes.
 pub enum Sender {
     Http1(http1::SendRequest<ReqBody>, PoolKey),
-    Http2(http2::SendRequest<ReqBody>, StreamSlot),
+    Http2(h2::client::SendRequest<Bytes>, StreamSlot),
 }
 
 /// Where an HTTP/1.1 connection goes back to.
@@ -199,7 +208,7 @@ impl Pool {
         let now = clock_ms();
         lock(&self.h2).retain(|_, list| {
             list.retain(|c| {
-                !c.send.is_closed()
+                !c.is_closed()
                     && (c.streams.now.load(Ordering::Relaxed) > 0
                         || now.saturating_sub(c.streams.released_at.load(Ordering::Relaxed))
                             < idle_ms)
@@ -235,7 +244,7 @@ impl Pool {
     fn take_h2(&self, key: &Key) -> Option<Sender> {
         let mut map = lock(&self.h2);
         let list = map.get_mut(key)?;
-        list.retain(|c| !c.send.is_closed());
+        list.retain(|c| !c.is_closed());
         // (an instance allowing fewer streams makes hyper queue the rest on the connection)
         let allowed = self.cfg.max_streams_per_connection;
         for c in list.iter() {
@@ -310,26 +319,18 @@ impl Pool {
         };
         let handshake = |source| ConnectError::Handshake { addr, source };
         if h2 {
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .adaptive_window(true)
-                .keep_alive_interval(self.cfg.keepalive_interval)
-                .keep_alive_timeout(self.cfg.keepalive_timeout)
-                .keep_alive_while_idle(false);
-            let (send, conn) = builder
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(instance = %addr, error = %e, "HTTP/2 connection to instance ended");
-                }
-            });
             let streams = Arc::new(Streams {
                 now: AtomicUsize::new(1),
                 released_at: AtomicU64::new(clock_ms()),
+                closed: AtomicBool::new(false),
             });
+            let keepalive = self
+                .cfg
+                .keepalive_interval
+                .map(|i| (i, self.cfg.keepalive_timeout));
+            let send = super::h2::handshake(io, addr, keepalive, streams.clone())
+                .await
+                .map_err(|e| ConnectError::Http2Handshake { addr, source: e })?;
             lock(&self.h2).entry(key).or_default().push(H2 {
                 send: send.clone(),
                 streams: streams.clone(),

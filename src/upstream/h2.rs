@@ -1,0 +1,251 @@
+//! HTTP/2 towards instances, on the `h2` crate directly (framing, HPACK and flow control are
+//! h2's).
+//!
+//! hyper's HTTP/2 client puts two steps between a request and h2 that a proxy does not need: a
+//! channel to the connection's task, and a task spawned per request that waits for the response
+//! and hands it back through a oneshot channel. Here the request's own task opens the stream and
+//! awaits the response on it; a task is spawned only to send a request body that did not end with
+//! the head (gRPC calls, uploads), because the body goes on while the response streams back.
+//!
+//! - Flow control: the instance's DATA is released (WINDOW_UPDATE) as the client's side takes it,
+//!   so a slow client slows the instance down instead of being buffered for.
+//! - Cancellation: when the client goes away (its stream reset, its connection closed) the
+//!   response body is dropped and h2 resets the stream towards the instance (RST_STREAM CANCEL);
+//!   an error reading the client's body resets it too.
+//! - Keep-alive: while streams are open, a PING every `http2.keepalive_interval`; no
+//!   acknowledgement within `keepalive_timeout` closes the connection (hyper's behaviour).
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use super::pool::{ReqBody, Streams};
+
+/// Window sizes and send buffer: hyper's client defaults.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+
+/// Opens HTTP/2 on `io` and spawns the connection's task on this thread's runtime. `streams` is
+/// marked closed when the connection ends.
+pub(crate) async fn handshake<T>(
+    io: T,
+    addr: SocketAddr,
+    keepalive: Option<(Duration, Duration)>,
+    streams: Arc<Streams>,
+) -> Result<SendRequest<Bytes>, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false)
+        .handshake::<T, Bytes>(io)
+        .await?;
+    let ping = conn.ping_pong();
+    tokio::spawn(async move {
+        let alive = keep_alive(ping, keepalive, &streams);
+        tokio::select! {
+            r = &mut conn => if let Err(e) = r {
+                debug!(instance = %addr, error = %e, "HTTP/2 connection to instance ended");
+            },
+            () = alive => debug!(instance = %addr, "HTTP/2 connection to instance dropped: PING not acknowledged"),
+        }
+        streams.closed.store(true, Ordering::Relaxed);
+    });
+    Ok(send)
+}
+
+/// Returns when a PING sent while streams were open was not acknowledged in time (never when
+/// keep-alive is off).
+async fn keep_alive(
+    ping: Option<h2::PingPong>,
+    keepalive: Option<(Duration, Duration)>,
+    streams: &Streams,
+) {
+    let (Some(mut ping), Some((interval, timeout))) = (ping, keepalive) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        if streams.now.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending().await, // the connection is ending anyway
+            Err(_) => return,
+        }
+    }
+}
+
+/// Why a request could not be sent on an HTTP/2 connection.
+pub(crate) struct NotSent {
+    pub error: h2::Error,
+    /// The request, when nothing of it reached the instance (safe to send elsewhere).
+    pub request: Option<Box<Request<ReqBody>>>,
+}
+
+/// Opens a stream for `req` (an HTTP/2 request: scheme and authority set) and starts sending its
+/// body; the future resolves to the response head.
+pub(crate) async fn send(
+    send: SendRequest<Bytes>,
+    req: Request<ReqBody>,
+) -> Result<ResponseFuture, NotSent> {
+    // waits while the instance's SETTINGS_MAX_CONCURRENT_STREAMS are all open; fails when the
+    // connection is gone, before anything of this request was sent
+    let mut send = match send.ready().await {
+        Ok(s) => s,
+        Err(error) => {
+            return Err(NotSent {
+                error,
+                request: Some(Box::new(req)),
+            })
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    // RFC 9113 §8.2.2: no connection-specific fields; TE only as "trailers"
+    if parts
+        .headers
+        .get(http::header::TE)
+        .is_some_and(|te| te != "trailers")
+    {
+        parts.headers.remove(http::header::TE);
+    }
+    let end = body.is_end_stream();
+    // (no await since ready(): on this thread nothing closed the connection in between, so an
+    // error here is about this request's head)
+    let (response, stream) = send
+        .send_request(Request::from_parts(parts, ()), end)
+        .map_err(|error| NotSent {
+            error,
+            request: None,
+        })?;
+    if !end {
+        tokio::spawn(pipe(body, stream));
+    }
+    Ok(response)
+}
+
+/// Sends the client's request body on `tx` as the instance's flow control allows; trailers end
+/// it. An error reading the client's body resets the stream; so does the instance's reset end it.
+async fn pipe(mut body: ReqBody, mut tx: SendStream<Bytes>) {
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            _ = poll_fn(|cx| tx.poll_reset(cx)) => return,
+        };
+        let frame = match frame {
+            None => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "client request body failed: stream to instance reset");
+                tx.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        let end = body.is_end_stream();
+        if data.is_empty() {
+            if end {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            continue;
+        }
+        while !data.is_empty() {
+            tx.reserve_capacity(data.len());
+            match poll_fn(|cx| tx.poll_capacity(cx)).await {
+                Some(Ok(0)) => {}
+                Some(Ok(n)) => {
+                    let chunk = data.split_to(n.min(data.len()));
+                    if tx.send_data(chunk, end && data.is_empty()).is_err() {
+                        return;
+                    }
+                }
+                // the stream was reset or the connection ended
+                None | Some(Err(_)) => return,
+            }
+        }
+        if end {
+            return;
+        }
+    }
+}
+
+/// An instance's HTTP/2 response body; what the client's side takes is released to the
+/// instance's flow-control window.
+pub(crate) struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl H2Body {
+    pub(crate) fn new(recv: RecvStream) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let me = self.get_mut();
+        if !me.data_done {
+            match ready!(me.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = me.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => me.data_done = true,
+            }
+        }
+        match ready!(me.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
