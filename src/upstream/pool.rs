@@ -383,9 +383,11 @@ mod tests {
                             http_body_util::Empty::<Bytes>::new(),
                         ))
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
                 });
             }
         });
