@@ -14,15 +14,15 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::grpc;
 use crate::proxy::{finish_request, Finished, InFlight};
 use crate::routing::{Instance, Service};
-use crate::upstream::h2::H2Body;
+use crate::upstream::body::Received;
 use crate::upstream::pool::StreamSlot;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::upstream::body::BoxError;
 
 /// Body of every response the gateway gives.
 pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -87,51 +87,15 @@ impl Drop for Finish {
 /// The instance's response body on its way to the client. For a gRPC call, an instance that
 /// fails mid-stream (killed, connection reset) ends the call with UNAVAILABLE trailers instead of
 /// a reset stream, which clients would report as INTERNAL or UNKNOWN.
-/// An instance's response body: hyper's (HTTP/1.1) or h2's ([`crate::upstream::h2`]).
-pub(crate) enum UpBody {
-    H1(Incoming),
-    H2(H2Body),
-}
-
-impl Body for UpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match self.get_mut() {
-            UpBody::H1(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(BoxError::from)),
-            UpBody::H2(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(BoxError::from)),
-        };
-        Poll::Ready(polled)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::H1(b) => b.is_end_stream(),
-            UpBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::H1(b) => b.size_hint(),
-            UpBody::H2(b) => b.size_hint(),
-        }
-    }
-}
-
 pub struct Relay {
-    inner: UpBody,
+    inner: Received,
     grpc: bool,
     finish: Option<Finish>,
     ended: bool,
 }
 
 impl Relay {
-    pub(crate) fn new(inner: UpBody, grpc: bool, finish: Finish) -> Relay {
+    pub(crate) fn new(inner: Received, grpc: bool, finish: Finish) -> Relay {
         Relay {
             inner,
             grpc,

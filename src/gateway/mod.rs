@@ -12,7 +12,7 @@
 //!                                 │ retry, passive ejection, metrics, access log, own answers
 //!                                 │ (as gRPC statuses for gRPC requests: grpc.rs)
 //!                                 ▼
-//!                            upstream::pool: HTTP/1.1 or HTTP/2 (multiplexed), TCP or TLS
+//!                            upstream::pool: HTTP/1.1 (hyper) or HTTP/2 (h2, multiplexed), TCP or TLS
 //! ```
 //!
 //! HTTP/2 abuse limits are hyper's and h2's, set from `[http2]`: concurrent streams, header list
@@ -42,6 +42,7 @@ use tracing::debug;
 
 use crate::config::ProxyConfig;
 use crate::routing::{Router, SharedTable};
+use crate::upstream::body::Received;
 use crate::upstream::pool::{Pool, PoolConfig};
 
 /// The HTTP/2 connection preface a client with prior knowledge starts with (RFC 9113 §3.4).
@@ -187,9 +188,10 @@ impl Gateway {
         let _open = scopeguard(move || open.dec());
         let client = Arc::new(client);
         let gw = self.clone();
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let gw = gw.clone();
             let client = client.clone();
+            let req = req.map(Received::H1);
             async move { Ok::<_, Infallible>(gw.handle(req, &client).await) }
         });
         let io = TokioIo::new(io);

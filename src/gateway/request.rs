@@ -28,12 +28,12 @@ use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tracing::debug;
 
-use super::body::{full, Finish, Picked, Relay, RespBody, UpBody};
+use super::body::{full, Finish, Picked, Relay, RespBody};
 use super::{grpc, ClientInfo, Gateway};
 use crate::proxy::{finish_request, Finished, InFlight, Outcome};
 use crate::routing::outlier::{self, Answer};
 use crate::routing::Service;
-use crate::upstream::h2::H2Body;
+use crate::upstream::body::{H2Body, Received};
 use crate::upstream::pool::{ReqBody, Sender, TlsTarget};
 use crate::upstream::{protocol_for, ClientTls, Protocol};
 
@@ -63,7 +63,7 @@ impl Gateway {
     /// Answers one request (never fails: errors become our own answers).
     pub(super) async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<Received>,
         client: &ClientInfo,
     ) -> Response<RespBody> {
         let in_flight = InFlight::new();
@@ -281,7 +281,7 @@ impl Gateway {
                         }
                     };
                     let sent = match timed(head_limit, exchange).await {
-                        Some(Ok(resp)) => Sent::Head(resp.map(|b| UpBody::H2(H2Body::new(b)))),
+                        Some(Ok(resp)) => Sent::Head(resp.map(|b| Received::H2(H2Body::new(b)))),
                         Some(Err((error, unsent))) => Sent::Failed(error, unsent),
                         None => Sent::TimedOut,
                     };
@@ -424,7 +424,7 @@ impl Replay {
 /// How sending a request to an instance went.
 enum Sent {
     /// The response head arrived.
-    Head(Response<UpBody>),
+    Head(Response<Received>),
     /// The error, and the request when hyper never sent it (safe to send elsewhere).
     Failed(String, Option<Box<Request<ReqBody>>>),
     /// No response head within the limit.
@@ -437,7 +437,7 @@ type SendResult =
 impl From<SendResult> for Sent {
     fn from(r: SendResult) -> Sent {
         match r {
-            Some(Ok(resp)) => Sent::Head(resp.map(UpBody::H1)),
+            Some(Ok(resp)) => Sent::Head(resp.map(Received::H1)),
             Some(Err(mut e)) => {
                 let req = e.take_message().map(Box::new);
                 Sent::Failed(e.into_error().to_string(), req)
@@ -456,7 +456,7 @@ struct Upgrade {
 
 /// `Connection: upgrade` with an `Upgrade` header on HTTP/1.1 (HTTP/2 has no such thing), other
 /// than `h2c`.
-fn upgrade_of(req: &mut Request<Incoming>) -> Option<Upgrade> {
+fn upgrade_of(req: &mut Request<Received>) -> Option<Upgrade> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
@@ -532,7 +532,7 @@ fn own_response(facts: &Facts, status: u16, body: String) -> Response<RespBody> 
 }
 
 /// `:authority` (HTTP/2, or an absolute-form target) or `Host`.
-fn authority(req: &Request<Incoming>) -> Option<&str> {
+fn authority(req: &Request<Received>) -> Option<&str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
@@ -578,7 +578,7 @@ struct Target {
 
 /// The client's request, made ready for any instance: hop-by-hop headers out, X-Forwarded-* in.
 fn upstream_request(
-    req: Request<Incoming>,
+    req: Request<Received>,
     host: Option<&str>,
     target: &PathAndQuery,
     client: &ClientInfo,

@@ -17,18 +17,16 @@
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
-use h2::{RecvStream, SendStream};
+use h2::SendStream;
 use http::Request;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
@@ -59,7 +57,7 @@ where
         .await?;
     let ping = conn.ping_pong();
     tokio::spawn(async move {
-        let alive = keep_alive(ping, keepalive, &streams);
+        let alive = keep_alive(ping, keepalive, || streams.now.load(Ordering::Relaxed) > 0);
         tokio::select! {
             r = &mut conn => if let Err(e) = r {
                 debug!(instance = %addr, error = %e, "HTTP/2 connection to instance ended");
@@ -71,19 +69,19 @@ where
     Ok(send)
 }
 
-/// Returns when a PING sent while streams were open was not acknowledged in time (never when
-/// keep-alive is off).
+/// Returns when a PING sent while `open()` said the connection is in use was not acknowledged
+/// within the timeout (never when keep-alive is off).
 async fn keep_alive(
     ping: Option<h2::PingPong>,
     keepalive: Option<(Duration, Duration)>,
-    streams: &Streams,
+    open: impl Fn() -> bool,
 ) {
     let (Some(mut ping), Some((interval, timeout))) = (ping, keepalive) else {
         return std::future::pending().await;
     };
     loop {
         tokio::time::sleep(interval).await;
-        if streams.now.load(Ordering::Relaxed) == 0 {
+        if !open() {
             continue;
         }
         match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
@@ -118,15 +116,9 @@ pub(crate) async fn send(
             })
         }
     };
-    let (mut parts, body) = req.into_parts();
-    // RFC 9113 §8.2.2: no connection-specific fields; TE only as "trailers"
-    if parts
-        .headers
-        .get(http::header::TE)
-        .is_some_and(|te| te != "trailers")
-    {
-        parts.headers.remove(http::header::TE);
-    }
+    // (connection-specific fields are gone, TE is at most "trailers": RFC 9113 §8.2.2, done by
+    // the gateway for every instance)
+    let (parts, body) = req.into_parts();
     let end = body.is_end_stream();
     // (no await since ready(): on this thread nothing closed the connection in between, so an
     // error here is about this request's head)
@@ -142,9 +134,14 @@ pub(crate) async fn send(
     Ok(response)
 }
 
-/// Sends the client's request body on `tx` as the instance's flow control allows; trailers end
-/// it. An error reading the client's body resets the stream; so does the instance's reset end it.
-async fn pipe(mut body: ReqBody, mut tx: SendStream<Bytes>) {
+/// Sends a client's request body on the instance's stream as its flow control allows; trailers end
+/// it. An error reading the body resets the
+/// stream (CANCEL); the peer's reset ends the pipe.
+async fn pipe<B>(mut body: B, mut tx: SendStream<Bytes>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
@@ -156,7 +153,7 @@ async fn pipe(mut body: ReqBody, mut tx: SendStream<Bytes>) {
                 return;
             }
             Some(Err(e)) => {
-                debug!(error = %e, "client request body failed: stream to instance reset");
+                debug!(error = %e, "body failed: HTTP/2 stream reset");
                 tx.send_reset(h2::Reason::CANCEL);
                 return;
             }
@@ -196,56 +193,5 @@ async fn pipe(mut body: ReqBody, mut tx: SendStream<Bytes>) {
         if end {
             return;
         }
-    }
-}
-
-/// An instance's HTTP/2 response body; what the client's side takes is released to the
-/// instance's flow-control window.
-pub(crate) struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
-}
-
-impl H2Body {
-    pub(crate) fn new(recv: RecvStream) -> H2Body {
-        H2Body {
-            recv,
-            data_done: false,
-        }
-    }
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let me = self.get_mut();
-        if !me.data_done {
-            match ready!(me.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = me.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => me.data_done = true,
-            }
-        }
-        match ready!(me.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }

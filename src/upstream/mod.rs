@@ -13,6 +13,7 @@
 //! | `https` | HTTP/1.1 | yes (ALPN http/1.1) |
 //! | `h2` | HTTP/2 | yes (ALPN h2; HTTP/1.1 when the instance does not agree to h2) |
 
+pub mod body;
 pub mod connect;
 pub(crate) mod h2;
 pub mod pool;

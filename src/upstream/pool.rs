@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::body::Received;
 use super::connect::{connect, ConnectError};
 use super::{ClientTls, Protocol};
 use crate::clock::clock_ms;
@@ -34,9 +34,9 @@ use crate::sync::lock;
 /// Every this many requests, the pool drops closed and idle connections ([`Pool::sweep`]).
 const SWEEP_EVERY: u32 = 1024;
 
-/// Request bodies sent upstream: the client's body as hyper received it, or none (a bodiless
-/// idempotent request sent again to another instance).
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+/// Request bodies sent upstream: the client's body as it was received (HTTP/1.1 or HTTP/2), or
+/// none (a bodiless idempotent request sent again to another instance).
+pub type ReqBody = Either<Received, Empty<Bytes>>;
 
 /// Settings of the pool and of its HTTP/2 connections.
 #[derive(Debug, Clone)]
