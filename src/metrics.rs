@@ -562,6 +562,9 @@ mod tests {
         m.duration.observe(0.003);
         m.duration.observe(0.0005);
         m.duration.observe(60.0);
+        m.ejections[2].inc();
+        m.budget_exhausted.inc();
+        m.budget_exhausted.inc();
         let instances = [
             ("m-svc", "healthy", 2),
             ("m-svc", "unhealthy", 0),
@@ -594,6 +597,10 @@ mod tests {
             "switchyard_upstream_instances{service=\"m-svc\",state=\"draining\"} 1\n",
             "switchyard_health_checks_total{result=\"success\",service=\"m-svc\"} 2\n",
             "switchyard_health_transitions_total{service=\"m-svc\",state=\"unhealthy\"} 1\n",
+            "switchyard_outlier_ejections_total{reason=\"success_rate\",service=\"svc\"} 1\n",
+            "switchyard_retry_budget_exhausted_total{service=\"svc\"} 2\n",
+            "# TYPE switchyard_outlier_ejections_total counter\n",
+            "# TYPE switchyard_retry_budget_exhausted_total counter\n",
             "# TYPE switchyard_upstream_instances gauge\n",
             "# TYPE switchyard_health_checks_total counter\n",
         ] {
@@ -601,6 +608,7 @@ mod tests {
         }
         // no series for counts that never happened
         assert!(!text.contains("code=\"5xx\",service=\"svc\""));
+        assert!(!text.contains("reason=\"consecutive_5xx\",service=\"svc\""));
         assert!(!text.contains("result=\"failure\",service=\"m-svc\""));
         assert!(!text.contains("service=\"m-svc\",state=\"healthy\"} 0"));
         assert!(text.contains("switchyard_registry_connected"));

@@ -14,8 +14,14 @@ use std::sync::Arc;
 
 use super::Instance;
 
-/// Points per unit of weight (weights above 100 count as 100).
+/// Points per unit of weight (weights above 100 count as 100), while the ring stays within
+/// [`MAX_POINTS`].
 const POINTS: u64 = 160;
+
+/// Points on one ring at most (4 MiB, sorted in a few ms on every change of the service): a
+/// service with more than 1,638 units of weight gets fewer points per unit (at least one), so a
+/// very large service costs bounded memory and rebuild time at the price of less even shares.
+const MAX_POINTS: u64 = 1 << 18;
 
 /// The values of one header field in a request (rarely more than two).
 pub type Values<'a> = smallvec::SmallVec<[&'a [u8]; 2]>;
@@ -94,13 +100,16 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(instances: &[Arc<Instance>]) -> Ring {
-        let mut points = Vec::new();
+        let weight = |i: &Instance| i.weight.min(100) as u64;
+        let units: u64 = instances.iter().map(|i| weight(i)).sum();
+        let per_unit = (MAX_POINTS / units.max(1)).clamp(1, POINTS);
+        let mut points = Vec::with_capacity((units * per_unit) as usize);
         for (idx, inst) in instances.iter().enumerate() {
             if inst.draining() {
                 continue;
             }
             let base = hash(inst.key.as_bytes());
-            let n = POINTS * inst.weight.min(100) as u64;
+            let n = per_unit * weight(inst);
             points.extend((0..n).map(|i| (mix(base ^ mix(i + 1)), idx as u32)));
         }
         points.sort_unstable();
@@ -191,6 +200,20 @@ mod tests {
             }
         }
         assert!(ring.find(1, |_| false).is_none());
+    }
+
+    #[test]
+    fn a_large_service_gets_a_bounded_ring() {
+        let many: Vec<_> = (0..5000)
+            .map(|i| Instance::for_test(&format!("/s/{i}"), 1, Health::Healthy))
+            .collect();
+        let ring = Ring::new(&many);
+        assert!(
+            ring.points.len() as u64 <= MAX_POINTS,
+            "{}",
+            ring.points.len()
+        );
+        assert!(ring.points.len() >= 5000, "one point each at least");
     }
 
     #[test]
