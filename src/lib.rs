@@ -76,7 +76,8 @@
 //!   `gateway/grpc.rs` (gRPC deadlines and own answers).
 //! - `upstream/`: talking to an instance: `upstream/mod.rs` (its protocol), `upstream/connect.rs`
 //!   (TCP, then TLS), `upstream/tls.rs` (TLS towards instances), `upstream/pool.rs` (the
-//!   gateway's pooled connections).
+//!   gateway's pooled connections), `upstream/h2.rs` (HTTP/2 to instances on the `h2` crate
+//!   directly), `upstream/body.rs` (bodies received either way: hyper's or h2's).
 //! - `proxy.rs`: what every request path shares: the routing decision, in-flight counts,
 //!   `finish_request` (metrics and access log).
 //! - `tls.rs`: TLS termination: certificates by SNI, reload on SIGHUP, the TLS listener.
