@@ -889,3 +889,78 @@ async fn a_continuation_flood_ends_the_connection_with_goaway() {
     let (status, _) = proxy.get_service("echo", "/x").await;
     assert_eq!(status, 200, "the proxy still serves");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/pid/status")
+}
+
+/// PING and SETTINGS floods from a client that never reads the acknowledgements: h2 keeps at
+/// most one acknowledgement pending and reads no further frame until it is written, so the flood
+/// is held back by TCP instead of buffered; the proxy's memory stays flat and it keeps serving.
+#[tokio::test]
+async fn ping_and_settings_floods_are_held_back_not_buffered() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::builder(&etcd).start().await;
+    let backend = Backend::start("b").await;
+    etcd.put("/services/echo/1", backend.addr_string()).await;
+    proxy.wait_usable("echo", 1).await;
+    let pid = proxy.pid().expect("proxy pid");
+    let before = rss_kib(pid);
+
+    // 64 MiB of frames: 9-byte header + 8-byte PING payload, or an empty SETTINGS frame
+    let ping: [u8; 17] = [0, 0, 8, 0x6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let settings: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let mut floods = Vec::new();
+    for frame in [&ping[..], &settings[..]] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        start.extend_from_slice(&settings); // the client's SETTINGS
+        s.write_all(&start).await.unwrap();
+        let chunk: Vec<u8> = frame
+            .iter()
+            .copied()
+            .cycle()
+            .take(frame.len() * 4096)
+            .collect();
+        floods.push(tokio::spawn(async move {
+            let mut written = 0usize;
+            // the proxy stops reading once its acknowledgements fill the socket: writes block
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                while written < 64 << 20 {
+                    if s.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    written += chunk.len();
+                }
+            })
+            .await;
+            (written, s)
+        }));
+    }
+    let mut held = Vec::new();
+    for f in floods {
+        let (written, s) = f.await.unwrap();
+        assert!(
+            written < 64 << 20,
+            "a client that reads nothing was let to write all 64 MiB of PING/SETTINGS frames"
+        );
+        held.push(s);
+    }
+    // while the floods are held open, the proxy serves others and has not buffered them
+    let (status, _) = proxy.get_service("echo", "/x").await;
+    assert_eq!(status, 200, "the proxy still serves during the floods");
+    let after = rss_kib(pid);
+    assert!(
+        after < before + 32 * 1024,
+        "resident memory grew from {before} KiB to {after} KiB during the floods"
+    );
+    drop(held);
+}
