@@ -9,6 +9,8 @@
 #   healthy   all three answer at once (the reference p99)
 #   slow      b3 answers BENCH_SLOW_MS [50] ms later (its /health at once: it passes its checks)
 #   errors    b3 answers 503 to BENCH_ERROR_PCT [30] % of requests
+#   stall     b3 stalls for the first 200 ms of every second (a GC pause): requests that come
+#             then wait for its end (not in the default BENCH_SCENARIOS)
 # Proxies (all keep-alive to the instances, access logs off):
 #   switchyard  p2c_ewma; in "errors" also retry_on = ["5xx"] (outlier detection is on by default)
 #   nginx       least_conn; in "errors" proxy_next_upstream error timeout http_503 (its retry)
@@ -39,8 +41,9 @@ HARNESS=$(harness_bin)
 
 # The instance: GET only, keep-alive; DELAY_MS before every answer, FAIL_PCT % of them 503.
 cat >"$WORK/backend.py" <<'PY'
-import asyncio, random, sys
+import asyncio, random, sys, time
 port, name, delay_ms, fail_pct = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+stall = len(sys.argv) > 5 and sys.argv[5] == "stall"
 ok = f"hello from {name}\n".encode()
 bad = f"{name} unavailable\n".encode()
 def answer(status, body):
@@ -54,6 +57,8 @@ async def serve(reader, writer):
             else:
                 if delay_ms:
                     await asyncio.sleep(delay_ms / 1000)
+                if stall and time.monotonic() % 1.0 < 0.2:
+                    await asyncio.sleep(0.2 - time.monotonic() % 1.0)
                 if fail_pct and random.random() * 100 < fail_pct:
                     writer.write(answer(b"503 Service Unavailable", bad))
                 else:
@@ -70,14 +75,15 @@ async def main():
 asyncio.run(main())
 PY
 
-# start_backends SLOW_MS FAIL_PCT: b1, b2 normal; b3 with the given delay and failure share.
+# start_backends SLOW_MS FAIL_PCT [stall]: b1, b2 normal; b3 with the given delay, failure share
+# (and stalls).
 start_backends() {
-    local i delay fail
+    local i delay fail mode
     for i in 1 2 3; do
-        delay=0 fail=0
-        [[ $i == 3 ]] && delay="$1" fail="$2"
+        delay=0 fail=0 mode=""
+        [[ $i == 3 ]] && delay="$1" fail="$2" mode="${3:-}"
         PORT[$i]=$(free_port)
-        python3 "$WORK/backend.py" "${PORT[$i]}" "b$i" "$delay" "$fail" >"$WORK/b$i.log" 2>&1 &
+        python3 "$WORK/backend.py" "${PORT[$i]}" "b$i" "$delay" "$fail" $mode >"$WORK/b$i.log" 2>&1 &
         BPID[$i]=$!
         PIDS+=("${BPID[$i]}")
         wait_http "http://127.0.0.1:${PORT[$i]}/health" "backend b$i"
@@ -186,6 +192,7 @@ for scenario in $SCENARIOS; do
     healthy) start_backends 0 0 ;;
     slow) start_backends "$SLOW_MS" 0 ;;
     errors) start_backends 0 "$ERROR_PCT" ;;
+    stall) start_backends 0 0 stall ;;
     *) die "unknown scenario $scenario" ;;
     esac
     start_peers "$scenario"
@@ -223,7 +230,8 @@ python3 - "$ROWS" "$RATE" "$DURATION" "$SLOW_MS" "$ERROR_PCT" "$LOAD_BEFORE" "$L
 import sys
 path, rate, dur, slow, pct, before, after = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path) if l.strip()]
-print(f"open loop {rate} requests/s for {dur} s per row; b3 slow by {slow} ms / answering 503 to {pct} %;"
+print(f"open loop {rate} requests/s for {dur} s per row; b3 slow by {slow} ms / answering 503 to {pct} % /"
+      f" stalling 200 ms a second;"
       f" load average before {before}, after {after}\n")
 print("| scenario | proxy | p50 ms | p99 ms | p99.9 ms | max ms | client errors | b3's share |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
