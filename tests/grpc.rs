@@ -201,8 +201,9 @@ async fn a_cancelled_call_is_cancelled_on_the_instance() {
     let cancel = call(&target, "echo", "cancel", "").await;
     assert_eq!(names(&cancel), vec!["only"; 2], "{cancel}");
     let direct = peer.addr.to_string();
+    // (each check starts a Python gRPC client: a loaded host needs patience)
     support::eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "the instance to see the cancellation",
         || {
             let direct = direct.clone();
