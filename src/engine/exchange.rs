@@ -429,13 +429,15 @@ where
         let read = read_more(client, cbuf, CLIENT_BUF, CLIENT_BUF);
         let limit = rate.wait_limit(received, cfg.downstream_read_timeout);
         match timed(limit, read).await {
-            Ok(0) => {
+            Ok(Some(0)) => {
                 return Err(PumpError::Client(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "client closed inside the request body",
                 )))
             }
-            Ok(_) => received += (cbuf.len() - before) as u64,
+            Ok(Some(_)) => received += (cbuf.len() - before) as u64,
+            // the reader left a whole buffer unused (see BodyError::Held)
+            Ok(None) => return Err(PumpError::Body(BodyError::Held(cbuf.len()))),
             Err(e)
                 if e.kind() == io::ErrorKind::TimedOut && limit < cfg.downstream_read_timeout =>
             {

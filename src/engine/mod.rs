@@ -198,7 +198,7 @@ impl Engine {
                 let limit = self.cfg.downstream_read_timeout;
                 let next = timer::idle(limit, conn.client.fill_idle(MAX_HEAD), &mut conn.shutdown);
                 match next.await {
-                    Some(Ok(n)) if n > 0 => {}
+                    Some(Ok(Some(n))) if n > 0 => {}
                     _ => break,
                 }
             }
@@ -246,7 +246,7 @@ impl Engine {
                 Preface::Partial => {
                     let read = conn.client.fill(MAX_HEAD);
                     match timed(self.cfg.downstream_read_timeout, read).await {
-                        Ok(n) if n > 0 => {}
+                        Ok(Some(n)) if n > 0 => {}
                         _ => return false,
                     }
                 }
@@ -290,7 +290,7 @@ impl<S: ClientIo> Buffered<S> {
     /// Waits for the next request on an idle connection, then reads it. The buffer is taken only
     /// once bytes are there (where the stream can tell): an idle connection holds none (8 KiB each
     /// otherwise).
-    async fn fill_idle(&mut self, max: usize) -> io::Result<usize> {
+    async fn fill_idle(&mut self, max: usize) -> io::Result<Option<usize>> {
         if self.buf.capacity() == 0 {
             if let Some(readable) = self.io.readable() {
                 readable.await?;
@@ -312,8 +312,9 @@ impl<S: tokio::io::AsyncRead + Unpin> Buffered<S> {
         self.buf.len()
     }
 
-    /// Reads more bytes, growing the buffer up to `max`. `Ok(0)`: end of stream.
-    async fn fill(&mut self, max: usize) -> io::Result<usize> {
+    /// Reads more bytes, growing the buffer up to `max`. `Ok(Some(0))`: end of stream; `Ok(None)`:
+    /// the buffer holds `max` bytes already.
+    async fn fill(&mut self, max: usize) -> io::Result<Option<usize>> {
         read_more(&mut self.io, &mut self.buf, CLIENT_BUF, max).await
     }
 
@@ -324,21 +325,22 @@ impl<S: tokio::io::AsyncRead + Unpin> Buffered<S> {
 }
 
 /// Reads into the spare capacity of `buf` (at least `min` bytes of capacity, doubling when full,
-/// at most `max`). `Ok(0)`: end of stream.
+/// at most `max`). `Ok(Some(0))`: end of stream; `Ok(None)`: `buf` already holds `max` bytes
+/// (nothing read).
 async fn read_more<R: tokio::io::AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut Vec<u8>,
     min: usize,
     max: usize,
-) -> io::Result<usize> {
+) -> io::Result<Option<usize>> {
     if buf.len() == buf.capacity() {
         if buf.len() >= max {
-            return Err(io::Error::other("buffer full"));
+            return Ok(None);
         }
         let want = (buf.capacity() * 2).clamp(min, max);
         buf.reserve_exact(want - buf.len());
     }
-    io.read_buf(buf).await
+    io.read_buf(buf).await.map(Some)
 }
 
 struct Conn<S> {

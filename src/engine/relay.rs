@@ -209,16 +209,15 @@ impl Relay<'_> {
             start_at = 0;
             let more = read_more(up, rbuf, UPSTREAM_BUF, MAX_HEAD);
             match timed(self.cfg.read_timeout, more).await {
-                Ok(0) => {
+                Ok(Some(0)) => {
                     let e = HeadError::Invalid("connection closed inside the response head");
                     return Err(UpstreamError::BadResponse(e));
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                // MAX_HEAD bytes and no end of the head
+                Ok(None) => return Err(UpstreamError::BadResponse(HeadError::TooLarge)),
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return Err(UpstreamError::Timeout)
-                }
-                Err(_) if rbuf.len() >= MAX_HEAD => {
-                    return Err(UpstreamError::BadResponse(HeadError::TooLarge))
                 }
                 Err(e) => return Err(UpstreamError::NoResponse(e)),
             }

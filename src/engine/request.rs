@@ -65,19 +65,19 @@ impl Engine {
                 timed(limit, conn.client.fill(MAX_HEAD)).await
             };
             match read {
-                Ok(0) => return Step::Close,
-                Ok(_) => {}
+                Ok(Some(0)) => return Step::Close,
+                Ok(Some(_)) => {}
+                // MAX_HEAD bytes and no end of the head
+                Ok(None) => {
+                    self.reject_head(conn, HeadError::TooLarge).await;
+                    return Step::Close;
+                }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     self.own_answer(conn, 408, "request head not received in time".into())
                         .await;
                     return Step::Close;
                 }
-                Err(_) => {
-                    if conn.client.len() >= MAX_HEAD {
-                        self.reject_head(conn, HeadError::TooLarge).await;
-                    }
-                    return Step::Close;
-                }
+                Err(_) => return Step::Close,
             }
         };
         let start = Instant::now();

@@ -21,6 +21,11 @@ pub enum BodyError {
     Chunk(#[from] ChunkError),
     #[error("connection closed inside the body")]
     Truncated,
+    /// The reader left a whole read buffer (`{0}` bytes) unused. None does: each uses what it is
+    /// given (the chunked decoder keeps partial lines and trailers itself) or fails, so this marks
+    /// a broken invariant rather than a client's fault; typed instead of assumed.
+    #[error("body framing left {0} buffered bytes unused")]
+    Held(usize),
 }
 
 #[derive(Debug)]
