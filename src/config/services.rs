@@ -7,63 +7,26 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::health::{HealthSection, ServiceHealthSection};
-use super::traffic::{TrafficKeys, TrafficSection};
+use super::traffic::{section_with_traffic_keys, with_traffic_keys, TrafficKeys, TrafficSection};
 use super::{invalid, ConfigError};
 use crate::health::{HealthConfig, Protocol, TlsSettings};
 use crate::registry::codec::valid_service_name;
 use crate::routing::{Policy, ServiceSettings};
 use crate::upstream::{ClientTls, TlsFiles, UpstreamSettings};
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServiceSection {
-    /// The `[traffic]` keys, for this service (see [`TrafficKeys`] for each one's meaning).
-    pub policy: Option<Policy>,
-    pub outlier_consecutive_5xx: Option<u32>,
-    pub outlier_consecutive_gateway_errors: Option<u32>,
-    pub outlier_base_ejection_ms: Option<u64>,
-    pub outlier_max_ejection_ms: Option<u64>,
-    pub outlier_max_ejection_percent: Option<u32>,
-    pub outlier_success_rate_min_requests: Option<u64>,
-    pub outlier_success_rate_gap_percent: Option<u32>,
-    pub outlier_uneject_on_check: Option<bool>,
-    pub retry_budget_percent: Option<u32>,
-    pub retry_budget_min_per_sec: Option<u32>,
-    pub retry_on: Option<Vec<String>>,
-    pub slow_start_ms: Option<u64>,
-    pub panic_threshold_percent: Option<u32>,
-    pub hash_on: Option<String>,
-    pub zone_min_usable_percent: Option<u32>,
-    pub health: ServiceHealthSection,
-    /// Protocol of instances registered without `protocol` metadata.
-    pub protocol: Option<crate::upstream::Protocol>,
-    /// TLS towards this service's `https`/`h2` instances, over `[upstream_tls]`.
-    pub tls: Option<TlsFiles>,
-}
-
-impl ServiceSection {
-    /// Its `[traffic]` keys.
-    fn traffic_keys(&self) -> TrafficKeys {
-        TrafficKeys {
-            policy: self.policy,
-            outlier_consecutive_5xx: self.outlier_consecutive_5xx,
-            outlier_consecutive_gateway_errors: self.outlier_consecutive_gateway_errors,
-            outlier_base_ejection_ms: self.outlier_base_ejection_ms,
-            outlier_max_ejection_ms: self.outlier_max_ejection_ms,
-            outlier_max_ejection_percent: self.outlier_max_ejection_percent,
-            outlier_success_rate_min_requests: self.outlier_success_rate_min_requests,
-            outlier_success_rate_gap_percent: self.outlier_success_rate_gap_percent,
-            outlier_uneject_on_check: self.outlier_uneject_on_check,
-            retry_budget_percent: self.retry_budget_percent,
-            retry_budget_min_per_sec: self.retry_budget_min_per_sec,
-            retry_on: self.retry_on.clone(),
-            slow_start_ms: self.slow_start_ms,
-            panic_threshold_percent: self.panic_threshold_percent,
-            hash_on: self.hash_on.clone(),
-            zone_min_usable_percent: self.zone_min_usable_percent,
-        }
+with_traffic_keys!(section_with_traffic_keys! {
+    /// `[services.<name>]`: this service's own fields, then the `[traffic]` keys for it (see
+    /// [`TrafficKeys`] for each one's meaning).
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct ServiceSection {
+        pub health: ServiceHealthSection,
+        /// Protocol of instances registered without `protocol` metadata.
+        pub protocol: Option<crate::upstream::Protocol>,
+        /// TLS towards this service's `https`/`h2` instances, over `[upstream_tls]`.
+        pub tls: Option<TlsFiles>,
     }
-}
+});
 
 /// What `[health]`, `[upstream_tls]` and `[services.*]` validate into together.
 pub(super) struct Services {
@@ -81,7 +44,7 @@ pub(super) fn validate(
     upstream_tls: &TlsFiles,
     sections: &BTreeMap<String, ServiceSection>,
 ) -> Result<Services, ConfigError> {
-    let global_traffic = traffic.keys();
+    let global_traffic = traffic.traffic_keys();
     let (policy, default_traffic) = global_traffic.validate("traffic", zone)?;
     h.validate_limits()?;
     let mut global_check = h.check_spec("health", &ServiceHealthSection::default(), None)?;

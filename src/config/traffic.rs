@@ -13,175 +13,117 @@ use crate::routing::hash::HashOn;
 use crate::routing::outlier::OutlierSettings;
 use crate::routing::{Policy, TrafficSettings};
 
-/// The keys `[traffic]` and `[services.<name>]` share; unset ones inherit (a service from
-/// `[traffic]`, `[traffic]` from the defaults below).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrafficKeys {
-    /// `round_robin` (default), `random`, `least_request`, `p2c_ewma`, `hash`.
-    pub policy: Option<Policy>,
-    /// 5xx answers in a row that eject an instance (default 5; 0: off).
-    pub outlier_consecutive_5xx: Option<u32>,
-    /// 502/503/504 answers (or failures after sending) in a row that eject (default 5; 0: off).
-    pub outlier_consecutive_gateway_errors: Option<u32>,
-    /// The first ejection's length; the n-th lasts n times as long (default 30000).
-    pub outlier_base_ejection_ms: Option<u64>,
-    /// The longest ejection (default 300000).
-    pub outlier_max_ejection_ms: Option<u64>,
-    /// Share of the non-draining instances out at once, at least one of two or more (default 50).
-    pub outlier_max_ejection_percent: Option<u32>,
-    /// Requests an instance needs in an interval for its success rate to count (default 20).
-    pub outlier_success_rate_min_requests: Option<u64>,
-    /// Points below the others' median success rate that eject (default 20; 0: off).
-    pub outlier_success_rate_gap_percent: Option<u32>,
-    /// A passing active check ends an ejection early (default true).
-    pub outlier_uneject_on_check: Option<bool>,
-    /// Retries as a share of the service's requests (default 20).
-    pub retry_budget_percent: Option<u32>,
-    /// Retries per second allowed whatever the requests (default 10).
-    pub retry_budget_min_per_sec: Option<u32>,
-    /// What is retried besides connect failures: any of "5xx", "gateway-error", "reset"
-    /// (default ["reset"]).
-    pub retry_on: Option<Vec<String>>,
-    /// A new instance's share ramps up over this long (default 0: off).
-    pub slow_start_ms: Option<u64>,
-    /// Below this share of usable instances (and one at least), all admitted ones take requests
-    /// (default 50; 0: off).
-    pub panic_threshold_percent: Option<u32>,
-    /// The `hash` policy's key: "header:<name>", "cookie:<name>" or "client_ip" (no default).
-    pub hash_on: Option<String>,
-    /// Same-zone instances are preferred while this share of them is usable (default 70).
-    pub zone_min_usable_percent: Option<u32>,
-}
-
-/// `[traffic]` as written: the shared keys plus the ones that only exist once.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TrafficSection {
-    /// How often success rates are computed and ended ejections noticed (default 10000).
-    pub outlier_interval_ms: u64,
-    pub policy: Option<Policy>,
-    pub outlier_consecutive_5xx: Option<u32>,
-    pub outlier_consecutive_gateway_errors: Option<u32>,
-    pub outlier_base_ejection_ms: Option<u64>,
-    pub outlier_max_ejection_ms: Option<u64>,
-    pub outlier_max_ejection_percent: Option<u32>,
-    pub outlier_success_rate_min_requests: Option<u64>,
-    pub outlier_success_rate_gap_percent: Option<u32>,
-    pub outlier_uneject_on_check: Option<bool>,
-    pub retry_budget_percent: Option<u32>,
-    pub retry_budget_min_per_sec: Option<u32>,
-    pub retry_on: Option<Vec<String>>,
-    pub slow_start_ms: Option<u64>,
-    pub panic_threshold_percent: Option<u32>,
-    pub hash_on: Option<String>,
-    pub zone_min_usable_percent: Option<u32>,
-}
-
-impl Default for TrafficSection {
-    fn default() -> Self {
-        TrafficSection {
-            outlier_interval_ms: 10_000,
-            policy: None,
-            outlier_consecutive_5xx: None,
-            outlier_consecutive_gateway_errors: None,
-            outlier_base_ejection_ms: None,
-            outlier_max_ejection_ms: None,
-            outlier_max_ejection_percent: None,
-            outlier_success_rate_min_requests: None,
-            outlier_success_rate_gap_percent: None,
-            outlier_uneject_on_check: None,
-            retry_budget_percent: None,
-            retry_budget_min_per_sec: None,
-            retry_on: None,
-            slow_start_ms: None,
-            panic_threshold_percent: None,
-            hash_on: None,
-            zone_min_usable_percent: None,
+/// Calls `$then! { $($args)* ; <the shared keys> }`: the one list of the keys `[traffic]` and
+/// `[services.<name>]` share, each with its doc (defaults listed) and its type (every key is
+/// optional: an unset one inherits).
+macro_rules! with_traffic_keys {
+    ($then:ident ! { $($args:tt)* }) => {
+        $then! { $($args)* ;
+            /// `round_robin` (default), `random`, `least_request`, `p2c_ewma`, `hash`.
+            policy: Policy,
+            /// 5xx answers in a row that eject an instance (default 5; 0: off).
+            outlier_consecutive_5xx: u32,
+            /// 502/503/504 answers (or failures after sending) in a row that eject (default 5; 0: off).
+            outlier_consecutive_gateway_errors: u32,
+            /// The first ejection's length; the n-th lasts n times as long (default 30000).
+            outlier_base_ejection_ms: u64,
+            /// The longest ejection (default 300000).
+            outlier_max_ejection_ms: u64,
+            /// Share of the non-draining instances out at once, at least one of two or more (default 50).
+            outlier_max_ejection_percent: u32,
+            /// Requests an instance needs in an interval for its success rate to count (default 20).
+            outlier_success_rate_min_requests: u64,
+            /// Points below the others' median success rate that eject (default 20; 0: off).
+            outlier_success_rate_gap_percent: u32,
+            /// A passing active check ends an ejection early (default true).
+            outlier_uneject_on_check: bool,
+            /// Retries as a share of the service's requests (default 20).
+            retry_budget_percent: u32,
+            /// Retries per second allowed whatever the requests (default 10).
+            retry_budget_min_per_sec: u32,
+            /// What is retried besides connect failures: any of "5xx", "gateway-error", "reset"
+            /// (default ["reset"]).
+            retry_on: Vec<String>,
+            /// A new instance's share ramps up over this long (default 0: off).
+            slow_start_ms: u64,
+            /// Below this share of usable instances (and one at least), all admitted ones take
+            /// requests (default 50; 0: off).
+            panic_threshold_percent: u32,
+            /// The `hash` policy's key: `header:<name>`, `cookie:<name>` or `client_ip` (no default).
+            hash_on: String,
+            /// Same-zone instances are preferred while this share of them is usable (default 70).
+            zone_min_usable_percent: u32,
         }
-    }
+    };
 }
+
+/// Declares a config section struct with its own fields followed by the shared traffic keys, and
+/// its `traffic_keys()`. Used through [`with_traffic_keys`].
+macro_rules! section_with_traffic_keys {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident { $( $(#[$fmeta:meta])* $fvis:vis $field:ident : $fty:ty, )* }
+        ;
+        $( $(#[$doc:meta])* $key:ident : $ty:ty, )*
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $( $(#[$fmeta])* $fvis $field: $fty, )*
+            $( $(#[$doc])* pub $key: Option<$ty>, )*
+        }
+
+        impl $name {
+            /// Its `[traffic]` keys.
+            pub(super) fn traffic_keys(&self) -> TrafficKeys {
+                TrafficKeys { $( $key: self.$key.clone(), )* }
+            }
+        }
+    };
+}
+pub(super) use {section_with_traffic_keys, with_traffic_keys};
+
+/// The keys `[traffic]` and `[services.<name>]` share, from [`with_traffic_keys`]; `over` is
+/// how a service's keys inherit from `[traffic]`'s.
+macro_rules! traffic_keys_struct {
+    ( ; $( $(#[$doc:meta])* $key:ident : $ty:ty, )* ) => {
+        /// The keys `[traffic]` and `[services.<name>]` share; unset ones inherit (a service from
+        /// `[traffic]`, `[traffic]` from the defaults in each key's doc).
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct TrafficKeys {
+            $( $(#[$doc])* pub $key: Option<$ty>, )*
+        }
+
+        impl TrafficKeys {
+            /// `self` over `base`: each key set here wins.
+            pub(super) fn over(&self, base: &TrafficKeys) -> TrafficKeys {
+                TrafficKeys { $( $key: self.$key.clone().or_else(|| base.$key.clone()), )* }
+            }
+        }
+    };
+}
+with_traffic_keys!(traffic_keys_struct! {});
+
+with_traffic_keys!(section_with_traffic_keys! {
+    /// `[traffic]` as written: the shared keys plus the ones that only exist once.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct TrafficSection {
+        /// How often success rates are computed and ended ejections noticed (default 10000).
+        pub outlier_interval_ms: Option<u64>,
+    }
+});
 
 impl TrafficSection {
-    /// The shared keys.
-    pub(super) fn keys(&self) -> TrafficKeys {
-        TrafficKeys {
-            policy: self.policy,
-            outlier_consecutive_5xx: self.outlier_consecutive_5xx,
-            outlier_consecutive_gateway_errors: self.outlier_consecutive_gateway_errors,
-            outlier_base_ejection_ms: self.outlier_base_ejection_ms,
-            outlier_max_ejection_ms: self.outlier_max_ejection_ms,
-            outlier_max_ejection_percent: self.outlier_max_ejection_percent,
-            outlier_success_rate_min_requests: self.outlier_success_rate_min_requests,
-            outlier_success_rate_gap_percent: self.outlier_success_rate_gap_percent,
-            outlier_uneject_on_check: self.outlier_uneject_on_check,
-            retry_budget_percent: self.retry_budget_percent,
-            retry_budget_min_per_sec: self.retry_budget_min_per_sec,
-            retry_on: self.retry_on.clone(),
-            slow_start_ms: self.slow_start_ms,
-            panic_threshold_percent: self.panic_threshold_percent,
-            hash_on: self.hash_on.clone(),
-            zone_min_usable_percent: self.zone_min_usable_percent,
-        }
-    }
-
-    /// `outlier_interval_ms`, validated.
+    /// `outlier_interval_ms` (default 10000), validated.
     pub(super) fn interval(&self) -> Result<Duration, ConfigError> {
-        in_range(
-            "traffic.outlier_interval_ms",
-            self.outlier_interval_ms,
-            10,
-            3_600_000,
-        )?;
-        millis("traffic.outlier_interval_ms", self.outlier_interval_ms)
+        let ms = self.outlier_interval_ms.unwrap_or(10_000);
+        in_range("traffic.outlier_interval_ms", ms, 10, 3_600_000)?;
+        millis("traffic.outlier_interval_ms", ms)
     }
 }
 
 impl TrafficKeys {
-    /// `self` over `base`: each key set here wins.
-    pub(super) fn over(&self, base: &TrafficKeys) -> TrafficKeys {
-        TrafficKeys {
-            policy: self.policy.or(base.policy),
-            outlier_consecutive_5xx: self
-                .outlier_consecutive_5xx
-                .or(base.outlier_consecutive_5xx),
-            outlier_consecutive_gateway_errors: self
-                .outlier_consecutive_gateway_errors
-                .or(base.outlier_consecutive_gateway_errors),
-            outlier_base_ejection_ms: self
-                .outlier_base_ejection_ms
-                .or(base.outlier_base_ejection_ms),
-            outlier_max_ejection_ms: self
-                .outlier_max_ejection_ms
-                .or(base.outlier_max_ejection_ms),
-            outlier_max_ejection_percent: self
-                .outlier_max_ejection_percent
-                .or(base.outlier_max_ejection_percent),
-            outlier_success_rate_min_requests: self
-                .outlier_success_rate_min_requests
-                .or(base.outlier_success_rate_min_requests),
-            outlier_success_rate_gap_percent: self
-                .outlier_success_rate_gap_percent
-                .or(base.outlier_success_rate_gap_percent),
-            outlier_uneject_on_check: self
-                .outlier_uneject_on_check
-                .or(base.outlier_uneject_on_check),
-            retry_budget_percent: self.retry_budget_percent.or(base.retry_budget_percent),
-            retry_budget_min_per_sec: self
-                .retry_budget_min_per_sec
-                .or(base.retry_budget_min_per_sec),
-            retry_on: self.retry_on.clone().or_else(|| base.retry_on.clone()),
-            slow_start_ms: self.slow_start_ms.or(base.slow_start_ms),
-            panic_threshold_percent: self
-                .panic_threshold_percent
-                .or(base.panic_threshold_percent),
-            hash_on: self.hash_on.clone().or_else(|| base.hash_on.clone()),
-            zone_min_usable_percent: self
-                .zone_min_usable_percent
-                .or(base.zone_min_usable_percent),
-        }
-    }
-
     /// Validates the keys (`section` names them in errors) into the policy and its settings.
     pub(super) fn validate(
         &self,
