@@ -556,6 +556,9 @@ async fn deregister_critical_service_after_removes_an_instance_that_stays_critic
     } = world().await;
     let backend = Backend::start("flaky-a").await;
     backend.set_health(500);
+    // before the registration: the instance goes critical after it, so it cannot be deregistered
+    // sooner than 2 s from here (taken later, the Python client's own calls shorten the window)
+    let start = Instant::now();
     c.register(json!({
         "name": "flaky", "service_id": "f1", "address": "127.0.0.1", "port": backend.addr.port(),
         "check": {"kind": "http", "url": format!("http://127.0.0.1:{}/health", backend.addr.port()),
@@ -563,7 +566,6 @@ async fn deregister_critical_service_after_removes_an_instance_that_stays_critic
     }))
     .await;
     assert_eq!(c.health("flaky", false).await.1.len(), 1);
-    let start = Instant::now();
     eventually(PATIENCE, "flaky to be deregistered", || async {
         match c.health("flaky", false).await.1.len() {
             0 => Ok(()),

@@ -120,8 +120,9 @@ pub(crate) async fn send(
     // the gateway for every instance)
     let (parts, body) = req.into_parts();
     let end = body.is_end_stream();
-    // (no await since ready(): on this thread nothing closed the connection in between, so an
-    // error here is about this request's head)
+    // (no await since ready(): the connection's task runs on this thread's runtime, so it did not
+    // close in between, and an error here is about this request's head; with
+    // `proxy.work_stealing` a GOAWAY could land in between, and the request fails with 502)
     let (response, stream) = send
         .send_request(Request::from_parts(parts, ()), end)
         .map_err(|error| NotSent {
