@@ -142,6 +142,13 @@ EOF
 
 root_user() { [[ $(id -u) -eq 0 ]] && echo "user root;" || true; }
 
+# nginx_main DIR WORKERS: the main-context lines every nginx here starts with (its pid and error
+# log under DIR, in the foreground, as root when run as root).
+nginx_main() {
+    root_user
+    printf 'daemon off;\nworker_processes %s;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\n' "$2" "$1" "$1"
+}
+
 # start_nginx_backend PORT NAME [CPUS]: a single-process nginx (master_process off) answering every
 # request with a fixed 200 body. Sets BACKEND_PID.
 start_nginx_backend() {
@@ -151,12 +158,8 @@ start_nginx_backend() {
     [[ "$nofile" =~ ^[0-9]+$ ]] && ((nofile <= 65536)) || nofile=65536
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
-$(root_user)
-daemon off;
+$(nginx_main "$dir" 1)
 master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
 worker_rlimit_nofile $nofile;
 events { worker_connections $((nofile - 512)); }
 http {
@@ -294,11 +297,7 @@ start_nginx_proxy() {
     local port="$1" workers="$2" cpus="$3" dir="$WORK/nginx-proxy"
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
-$(root_user)
-daemon off;
-worker_processes $workers;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
+$(nginx_main "$dir" $workers)
 events { worker_connections 4096; }
 http {
 $(nginx_http_common "$dir")

@@ -45,12 +45,8 @@ start_h2c_backend() {
     local port="$1" name="$2" dir="$WORK/backend-$2"
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
-$(root_user)
-daemon off;
+$(nginx_main "$dir" 1)
 master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
 events { worker_connections 4096; }
 http {
 $(nginx_http_common "$dir")
@@ -105,11 +101,7 @@ wait_h2 "http://127.0.0.1:$HP$PATH_" "haproxy"
 NP=$(free_port)
 mkdir -p "$WORK/nginx-proxy"
 cat >"$WORK/nginx-proxy/nginx.conf" <<EOF
-$(root_user)
-daemon off;
-worker_processes $THREADS;
-pid $WORK/nginx-proxy/nginx.pid;
-error_log $WORK/nginx-proxy/error.log warn;
+$(nginx_main "$WORK/nginx-proxy" $THREADS)
 events { worker_connections 4096; }
 http {
 $(nginx_http_common "$WORK/nginx-proxy")

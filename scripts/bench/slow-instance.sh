@@ -100,11 +100,7 @@ start_peers() {
     NP=$(free_port) HP=$(free_port)
     mkdir -p "$dir"
     cat >"$dir/nginx.conf" <<EOF
-$(root_user)
-daemon off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
+$(nginx_main "$dir" 1)
 events { worker_connections 4096; }
 http {
 $(nginx_http_common "$dir")

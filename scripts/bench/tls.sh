@@ -38,11 +38,7 @@ start_bench_backends ""
 NP=$(free_port)
 mkdir -p "$WORK/nginx-proxy"
 cat >"$WORK/nginx-proxy/nginx.conf" <<EOF
-$(root_user)
-daemon off;
-worker_processes $THREADS;
-pid $WORK/nginx-proxy/nginx.pid;
-error_log $WORK/nginx-proxy/error.log warn;
+$(nginx_main "$WORK/nginx-proxy" $THREADS)
 events { worker_connections 4096; }
 http {
 $(nginx_http_common "$WORK/nginx-proxy")
