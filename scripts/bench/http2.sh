@@ -14,6 +14,8 @@
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
 #   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw h2load output)
+#   BENCH_FLOOR=1        also measure examples/h2_floor.rs: the least a relay on the h2 crate does
+#                        per request (no routing, metrics or policies), a lower bound for switchyard
 #   BENCH_PERF=1         also profile switchyard (perf record) while it is measured; prints the
 #                        flat profile's top symbols
 set -euo pipefail
@@ -140,12 +142,23 @@ wait_h2 "http://127.0.0.1:$SP$PATH_" "switchyard"
 RESULTS="$WORK/results.tsv" # round target rps cpu_us_per_request errors
 : >"$RESULTS"
 targets=(direct haproxy nginx switchyard)
+if [[ "${BENCH_FLOOR:-0}" == 1 ]]; then
+    (cd "$BENCH_ROOT" && cargo build --release --quiet --example h2_floor)
+    FP=$(free_port)
+    "$BENCH_ROOT/target/release/examples/h2_floor" "127.0.0.1:$FP" "$THREADS" \
+        "127.0.0.1:$B1" "127.0.0.1:$B2" >"$WORK/floor.log" 2>&1 &
+    FLOOR_PID=$!
+    PIDS+=($!)
+    wait_h2 "http://127.0.0.1:$FP$PATH_" "h2_floor"
+    targets+=(floor)
+fi
 port_of() {
     case "$1" in
     direct) echo "$B1" ;;
     haproxy) echo "$HP" ;;
     nginx) echo "$NP" ;;
     switchyard) echo "$SP" ;;
+    floor) echo "$FP" ;;
     esac
 }
 pid_of() {
@@ -154,6 +167,7 @@ pid_of() {
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) echo "$NGINX_PID" ;;
     switchyard) echo "$SY_PID" ;;
+    floor) echo "$FLOOR_PID" ;;
     esac
 }
 log "$(machine_line)"
@@ -195,8 +209,10 @@ by = {}
 for _, t, rps, cpu, err in rows:
     by.setdefault(t, []).append((float(rps), None if cpu == "-" else float(cpu), err))
 med = {}
-for t in ["direct", "haproxy", "nginx", "switchyard"]:
+for t in ["direct", "haproxy", "nginx", "switchyard", "floor"]:
     v = by.get(t, [])
+    if t == "floor" and not v:
+        continue
     rps = statistics.median([r for r, _, _ in v]) if v else 0
     cpus = [c for _, c, _ in v if c is not None]
     cpu = statistics.median(cpus) if cpus else None
@@ -204,8 +220,8 @@ for t in ["direct", "haproxy", "nginx", "switchyard"]:
     errs = ",".join(e for _, _, e in v)
     print(f"| {t} | {rps:,.0f} | {'-' if cpu is None else f'{cpu:.1f}'} | {errs} |")
 s = med["switchyard"]
-for other in ["haproxy", "nginx"]:
-    o = med[other]
+for other in ["haproxy", "nginx", "floor"]:
+    o = med.get(other, (0, None))
     if o[0]:
         line = f"switchyard/{other}: {s[0] / o[0]:.2f}x rps"
         if s[1] and o[1]:

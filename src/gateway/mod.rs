@@ -101,13 +101,16 @@ impl Default for Http2Config {
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub ip: String,
+    /// The address as an X-Forwarded-For value, made once per connection.
+    pub ip_value: Option<http::HeaderValue>,
     /// Came over TLS (X-Forwarded-Proto: https).
     pub tls: bool,
 }
 
 impl ClientInfo {
     pub fn new(ip: String, tls: bool) -> ClientInfo {
-        ClientInfo { ip, tls }
+        let ip_value = http::HeaderValue::from_str(&ip).ok();
+        ClientInfo { ip, ip_value, tls }
     }
 }
 

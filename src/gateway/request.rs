@@ -38,17 +38,21 @@ use crate::upstream::pool::{ReqBody, Sender, TlsTarget};
 use crate::upstream::{protocol_for, ClientTls, Protocol};
 
 /// Headers that describe one hop (RFC 9110 §7.6.1) and never pass through; `te: trailers` is
-/// kept (gRPC requires it over HTTP/2).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "trailer",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// kept (gRPC requires it over HTTP/2). Names made at compile time: no parsing per request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Facts about the request kept for the answer and the log.
 struct Facts {
@@ -133,8 +137,9 @@ impl Gateway {
                     authority,
                     path: target,
                 };
-                self.proxy(req, to, service, facts, in_flight, upgrade, key)
-                    .await
+                // boxed: the exchange's state (a few KB) stays in one place on the heap, instead
+                // of being copied with the stream's task each time hyper moves it
+                Box::pin(self.proxy(req, to, service, facts, in_flight, upgrade, key)).await
             }
         }
     }
@@ -225,9 +230,10 @@ impl Gateway {
                     && crate::routing::budget::try_retry(&service)
             };
             let protocol = protocol_for(&inst, &service.upstream, facts.grpc);
-            let host_name = inst.registered_host();
+            let host_name;
             let system;
             let tls = if protocol.tls() {
+                host_name = inst.registered_host();
                 let config: &ClientTls = match &service.upstream.tls {
                     Some(t) => t,
                     None => {
@@ -274,15 +280,10 @@ impl Gateway {
                 }
                 Sender::Http2(send, slot) => {
                     to_http2(&mut req, protocol, &to, &inst.addr);
-                    let exchange = async {
-                        match crate::upstream::h2::send(send, req).await {
-                            Ok(response) => response.await.map_err(|e| (e.to_string(), None)),
-                            Err(n) => Err((n.error.to_string(), n.request)),
-                        }
-                    };
+                    let exchange = crate::upstream::h2::send(send, req);
                     let sent = match timed(head_limit, exchange).await {
                         Some(Ok(resp)) => Sent::Head(resp.map(|b| Received::H2(H2Body::new(b)))),
-                        Some(Err((error, unsent))) => Sent::Failed(error, unsent),
+                        Some(Err(n)) => Sent::Failed(n.error.to_string(), n.request),
                         None => Sent::TimedOut,
                     };
                     (sent, None, Some(slot))
@@ -493,11 +494,16 @@ async fn relay_upgraded(client: hyper::upgrade::OnUpgrade, instance: hyper::upgr
     }
 }
 
-/// `fut` within `limit` (None: no limit); `None` when the time ran out.
-async fn timed<F: std::future::Future>(limit: Option<Duration>, fut: F) -> Option<F::Output> {
+/// `fut` within `limit` (None: no limit); `None` when the time ran out. (Not an `async fn`: that
+/// would hold `fut` twice, as its argument and as what it awaits.)
+fn timed<F: std::future::Future>(
+    limit: Option<Duration>,
+    fut: F,
+) -> impl std::future::Future<Output = Option<F::Output>> {
+    use futures::future::{Either, FutureExt};
     match limit {
-        Some(l) => tokio::time::timeout(l, fut).await.ok(),
-        None => Some(fut.await),
+        Some(l) => Either::Left(tokio::time::timeout(l, fut).map(Result::ok)),
+        None => Either::Right(fut.map(Some)),
     }
 }
 
@@ -541,6 +547,14 @@ fn authority(req: &Request<Received>) -> Option<&str> {
 
 /// Drops hop-by-hop headers and those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // most requests have none (HTTP/2 forbids the connection-specific ones, RFC 9113 §8.2.2):
+    // one pass over the names, no lookups
+    if !headers
+        .keys()
+        .any(|n| n == header::TE || HOP_BY_HOP.contains(n))
+    {
+        return;
+    }
     let named: SmallVec<[HeaderName; 4]> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -551,7 +565,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
     let te_trailers = headers
@@ -587,18 +601,24 @@ fn upstream_request(
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
     headers.remove(header::EXPECT);
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{}, {}", prev.trim(), client.ip),
-        _ => client.ip.clone(),
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{}, {}", prev.trim(), client.ip)).ok()
+        }
+        _ => client.ip_value.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
     let proto = if client.tls { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    headers.remove("x-forwarded-host");
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert("x-forwarded-host", v);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        Some(v) => {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
     }
     parts.uri = Uri::from(target.clone());
     Request::from_parts(parts, http_body_util::Either::Left(body))

@@ -15,10 +15,12 @@
 //! - Keep-alive: while streams are open, a PING every `http2.keepalive_interval`; no
 //!   acknowledgement within `keepalive_timeout` closes the connection (hyper's behaviour).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -99,40 +101,76 @@ pub(crate) struct NotSent {
     pub request: Option<Box<Request<ReqBody>>>,
 }
 
-/// Opens a stream for `req` (an HTTP/2 request: scheme and authority set) and starts sending its
-/// body; the future resolves to the response head.
-pub(crate) async fn send(
+/// Opens a stream for `req` (an HTTP/2 request: scheme and authority set) once the connection
+/// takes one, starts sending its body, and resolves to the response head.
+pub(crate) fn send(send: SendRequest<Bytes>, req: Request<ReqBody>) -> Exchange {
+    Exchange {
+        send,
+        req: Some(req),
+        response: None,
+    }
+}
+
+/// One request on an HTTP/2 connection, from waiting for a stream to the response head. A plain
+/// state machine rather than an `async fn`: the request is held once, in place, instead of as an
+/// argument and again as a local of each nested future (it is on every request's path).
+pub(crate) struct Exchange {
     send: SendRequest<Bytes>,
-    req: Request<ReqBody>,
-) -> Result<ResponseFuture, NotSent> {
-    // waits while the instance's SETTINGS_MAX_CONCURRENT_STREAMS are all open; fails when the
-    // connection is gone, before anything of this request was sent
-    let mut send = match send.ready().await {
-        Ok(s) => s,
-        Err(error) => {
-            return Err(NotSent {
-                error,
-                request: Some(Box::new(req)),
-            })
+    /// Until the stream is opened.
+    req: Option<Request<ReqBody>>,
+    /// Once it is.
+    response: Option<ResponseFuture>,
+}
+
+impl Future for Exchange {
+    type Output = Result<http::Response<h2::RecvStream>, NotSent>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.get_mut();
+        if me.req.is_some() {
+            // waits while the instance's SETTINGS_MAX_CONCURRENT_STREAMS are all open; fails when
+            // the connection is gone, before anything of this request was sent
+            let ready = ready!(me.send.poll_ready(cx));
+            let Some(req) = me.req.take() else {
+                unreachable!("checked above")
+            };
+            if let Err(error) = ready {
+                return Poll::Ready(Err(NotSent {
+                    error,
+                    request: Some(Box::new(req)),
+                }));
+            }
+            // (connection-specific fields are gone, TE is at most "trailers": RFC 9113 §8.2.2,
+            // done by the gateway for every instance)
+            let (parts, body) = req.into_parts();
+            let end = body.is_end_stream();
+            // (nothing ran since poll_ready: the connection's task runs on this thread's
+            // runtime, so it did not close in between, and an error here is about this
+            // request's head; with `proxy.work_stealing` a GOAWAY could land in between, and the
+            // request fails with 502)
+            match me.send.send_request(Request::from_parts(parts, ()), end) {
+                Ok((response, stream)) => {
+                    if !end {
+                        tokio::spawn(pipe(body, stream));
+                    }
+                    me.response = Some(response);
+                }
+                Err(error) => {
+                    return Poll::Ready(Err(NotSent {
+                        error,
+                        request: None,
+                    }))
+                }
+            }
         }
-    };
-    // (connection-specific fields are gone, TE is at most "trailers": RFC 9113 §8.2.2, done by
-    // the gateway for every instance)
-    let (parts, body) = req.into_parts();
-    let end = body.is_end_stream();
-    // (no await since ready(): the connection's task runs on this thread's runtime, so it did not
-    // close in between, and an error here is about this request's head; with
-    // `proxy.work_stealing` a GOAWAY could land in between, and the request fails with 502)
-    let (response, stream) = send
-        .send_request(Request::from_parts(parts, ()), end)
-        .map_err(|error| NotSent {
+        let Some(response) = me.response.as_mut() else {
+            unreachable!("a stream is opened before its response is awaited")
+        };
+        Pin::new(response).poll(cx).map_err(|error| NotSent {
             error,
             request: None,
-        })?;
-    if !end {
-        tokio::spawn(pipe(body, stream));
+        })
     }
-    Ok(response)
 }
 
 /// Sends a client's request body on the instance's stream as its flow control allows; trailers end

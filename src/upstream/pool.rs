@@ -169,26 +169,7 @@ impl Pool {
                 return Ok(s);
             }
             if protocol == Protocol::H2c || protocol == Protocol::Grpc {
-                let gate = lock(&self.opening).entry(key.clone()).or_default().clone();
-                let mut last_failure = gate.lock().await;
-                // opened by the stream we waited for
-                if let Some(s) = self.take_h2(&key) {
-                    return Ok(s);
-                }
-                if let Some((at, error)) = &*last_failure {
-                    if at.elapsed() < self.cfg.connect_timeout {
-                        return Err(ConnectError::Recent {
-                            addr,
-                            error: error.clone(),
-                        });
-                    }
-                }
-                let opened = self.open(key, protocol, tls).await;
-                *last_failure = opened
-                    .as_ref()
-                    .err()
-                    .map(|e| (Instant::now(), e.to_string()));
-                return opened;
+                return Box::pin(self.open_shared(key, protocol, tls)).await;
             }
         }
         // an h2 instance may have answered ALPN with http/1.1: its connections are HTTP/1.1 ones
@@ -197,7 +178,41 @@ impl Pool {
                 return Ok(s);
             }
         }
-        self.open(key, protocol, tls).await
+        // (boxed, as open_shared: opening a connection is the rare path, and its futures —
+        // TCP, TLS and HTTP handshakes — are large; inline, every request's future would carry
+        // them and be copied with them)
+        Box::pin(self.open(key, protocol, tls)).await
+    }
+
+    /// A new HTTP/2 connection to a cleartext instance, opened by one stream while the others
+    /// that need one wait for it and share it.
+    async fn open_shared(
+        &self,
+        key: Key,
+        protocol: Protocol,
+        tls: Option<TlsTarget<'_>>,
+    ) -> Result<Sender, ConnectError> {
+        let addr = key.addr;
+        let gate = lock(&self.opening).entry(key.clone()).or_default().clone();
+        let mut last_failure = gate.lock().await;
+        // opened by the stream we waited for
+        if let Some(s) = self.take_h2(&key) {
+            return Ok(s);
+        }
+        if let Some((at, error)) = &*last_failure {
+            if at.elapsed() < self.cfg.connect_timeout {
+                return Err(ConnectError::Recent {
+                    addr,
+                    error: error.clone(),
+                });
+            }
+        }
+        let opened = self.open(key, protocol, tls).await;
+        *last_failure = opened
+            .as_ref()
+            .err()
+            .map(|e| (Instant::now(), e.to_string()));
+        opened
     }
 
     /// Drops closed connections, and idle ones (no stream for `idle_timeout`; an HTTP/1.1 one
