@@ -24,7 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-type Upstreams = Rc<Vec<SendRequest<Bytes>>>;
+/// Per thread: each backend's address and its connection (opened again when it ended).
+type Upstreams = Rc<Vec<(SocketAddr, std::cell::RefCell<SendRequest<Bytes>>)>>;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -66,18 +67,8 @@ async fn serve(
     let listener = TcpListener::from_std(listener).expect("listener");
     let mut ups = Vec::new();
     for b in backends {
-        let io = TcpStream::connect(b).await.expect("connect");
-        io.set_nodelay(true).expect("nodelay");
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(5 * 1024 * 1024)
-            .handshake::<_, Bytes>(io)
-            .await
-            .expect("handshake");
-        tokio::task::spawn_local(async move {
-            let _ = conn.await;
-        });
-        ups.push(send);
+        let send = open(b).await.expect("connect to a backend");
+        ups.push((b, std::cell::RefCell::new(send)));
     }
     let ups: Upstreams = Rc::new(ups);
     loop {
@@ -93,6 +84,35 @@ async fn serve(
     }
 }
 
+/// An HTTP/2 connection to a backend, its task spawned on this thread.
+async fn open(backend: SocketAddr) -> Result<SendRequest<Bytes>, Box<dyn std::error::Error>> {
+    let io = TcpStream::connect(backend).await?;
+    io.set_nodelay(true)?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// A stream on backend `i`'s connection, which is opened again once if it ended.
+async fn ready(ups: &Upstreams, i: usize) -> Option<SendRequest<Bytes>> {
+    let (addr, send) = &ups[i % ups.len()];
+    let current = send.borrow().clone();
+    let error = match current.ready().await {
+        Ok(s) => return Some(s),
+        Err(e) => e,
+    };
+    eprintln!("connection to {addr} ended ({error}): opening another");
+    let fresh = open(*addr).await.ok()?;
+    *send.borrow_mut() = fresh.clone();
+    fresh.ready().await.ok()
+}
+
 async fn connection(io: TcpStream, ups: Upstreams, spawn: bool) {
     let Ok(mut conn) = h2::server::handshake(io).await else {
         return;
@@ -104,11 +124,10 @@ async fn connection(io: TcpStream, ups: Upstreams, spawn: bool) {
             accepted = conn.accept() => {
                 let Some(Ok((req, respond))) = accepted else { break };
                 next = next.wrapping_add(1);
-                let up = ups[next % ups.len()].clone();
                 if spawn {
-                    tokio::task::spawn_local(stream(req, respond, up));
+                    tokio::task::spawn_local(stream(req, respond, ups.clone(), next));
                 } else {
-                    streams.push(stream(req, respond, up));
+                    streams.push(stream(req, respond, ups.clone(), next));
                 }
             }
             Some(()) = streams.next(), if !streams.is_empty() => {}
@@ -120,14 +139,15 @@ async fn connection(io: TcpStream, ups: Upstreams, spawn: bool) {
 async fn stream(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-    up: SendRequest<Bytes>,
+    ups: Upstreams,
+    i: usize,
 ) {
     let (mut parts, mut body) = req.into_parts();
     let mut uri = http::uri::Parts::from(parts.uri);
     uri.scheme = Some(http::uri::Scheme::HTTP);
     parts.uri = http::Uri::from_parts(uri).expect("uri");
     let end = body.is_end_stream();
-    let Ok(mut up) = up.ready().await else {
+    let Some(mut up) = ready(&ups, i).await else {
         respond.send_reset(h2::Reason::REFUSED_STREAM);
         return;
     };
@@ -185,13 +205,15 @@ async fn hyper_connection(io: TcpStream, ups: Upstreams) {
     let next = std::cell::Cell::new(0usize);
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         next.set(next.get().wrapping_add(1));
-        let up = ups[next.get() % ups.len()].clone();
+        let (ups, i) = (ups.clone(), next.get());
         async move {
             let (mut parts, _body) = req.into_parts();
             let mut uri = http::uri::Parts::from(parts.uri);
             uri.scheme = Some(http::uri::Scheme::HTTP);
             parts.uri = http::Uri::from_parts(uri).expect("uri");
-            let mut up = up.ready().await?;
+            let Some(mut up) = ready(&ups, i).await else {
+                return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+            };
             let (response, _tx) = up.send_request(Request::from_parts(parts, ()), true)?;
             let response = response.await?;
             let (parts, body) = response.into_parts();

@@ -14,6 +14,10 @@
 #   SWITCHYARD_BIN       use this binary instead of building target/release/switchyard
 #   BENCH_OUT            also write the markdown report to this file
 #   BENCH_KEEP=1         keep the temporary directory (configs, logs, raw h2load output)
+#   BENCH_BASE_BIN       also measure this switchyard binary (target switchyard-base), in the same
+#                        rounds: the before/after of a change
+#   BENCH_SWITCHYARD_TOML, BENCH_BASE_TOML  more sections for switchyard's / switchyard-base's config
+#   BENCH_TARGETS        measure only these targets (e.g. "switchyard switchyard-base")
 #   BENCH_FLOOR=1        also measure examples/h2_floor.rs: the least a relay on the h2 crate does
 #                        per request (no routing, metrics or policies), a lower bound for switchyard
 #   BENCH_PERF=1         also profile switchyard (perf record) while it is measured; prints the
@@ -128,7 +132,7 @@ wait_h2 "http://127.0.0.1:$NP$PATH_" "nginx (grpc_pass)"
 
 SP=$(free_port)
 SA=$(free_port)
-write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$THREADS" "
+SWITCHYARD_ROUTE="
 [health]
 protocol = \"tcp\"
 
@@ -136,12 +140,26 @@ protocol = \"tcp\"
 path_prefix = \"/bench.Service/\"
 service = \"bench\"
 "
+write_switchyard_config "$WORK/switchyard.toml" "127.0.0.1:$SP" "127.0.0.1:$SA" "$THREADS" \
+    "$SWITCHYARD_ROUTE${BENCH_SWITCHYARD_TOML:-}"
 start_switchyard "$BIN" "$WORK/switchyard.toml" "127.0.0.1:$SA"
 wait_h2 "http://127.0.0.1:$SP$PATH_" "switchyard"
+SWITCHYARD_PID=$SY_PID
 
 RESULTS="$WORK/results.tsv" # round target rps cpu_us_per_request errors
 : >"$RESULTS"
 targets=(direct haproxy nginx switchyard)
+if [[ -n "${BENCH_BASE_BIN:-}" ]]; then
+    [[ -x "$BENCH_BASE_BIN" ]] || die "BENCH_BASE_BIN $BENCH_BASE_BIN is not an executable"
+    BP=$(free_port)
+    BA=$(free_port)
+    write_switchyard_config "$WORK/switchyard-base.toml" "127.0.0.1:$BP" "127.0.0.1:$BA" "$THREADS" \
+        "$SWITCHYARD_ROUTE${BENCH_BASE_TOML:-}"
+    start_switchyard "$BENCH_BASE_BIN" "$WORK/switchyard-base.toml" "127.0.0.1:$BA"
+    wait_h2 "http://127.0.0.1:$BP$PATH_" "switchyard-base"
+    BASE_PID=$SY_PID
+    targets+=(switchyard-base)
+fi
 if [[ "${BENCH_FLOOR:-0}" == 1 ]]; then
     (cd "$BENCH_ROOT" && cargo build --release --quiet --example h2_floor)
     FP=$(free_port)
@@ -152,6 +170,9 @@ if [[ "${BENCH_FLOOR:-0}" == 1 ]]; then
     wait_h2 "http://127.0.0.1:$FP$PATH_" "h2_floor"
     targets+=(floor)
 fi
+if [[ -n "${BENCH_TARGETS:-}" ]]; then
+    read -ra targets <<<"$BENCH_TARGETS"
+fi
 port_of() {
     case "$1" in
     direct) echo "$B1" ;;
@@ -159,6 +180,7 @@ port_of() {
     nginx) echo "$NP" ;;
     switchyard) echo "$SP" ;;
     floor) echo "$FP" ;;
+    switchyard-base) echo "$BP" ;;
     esac
 }
 pid_of() {
@@ -166,8 +188,9 @@ pid_of() {
     direct) echo "" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) echo "$NGINX_PID" ;;
-    switchyard) echo "$SY_PID" ;;
+    switchyard) echo "$SWITCHYARD_PID" ;;
     floor) echo "$FLOOR_PID" ;;
+    switchyard-base) echo "$BASE_PID" ;;
     esac
 }
 log "$(machine_line)"
@@ -209,9 +232,9 @@ by = {}
 for _, t, rps, cpu, err in rows:
     by.setdefault(t, []).append((float(rps), None if cpu == "-" else float(cpu), err))
 med = {}
-for t in ["direct", "haproxy", "nginx", "switchyard", "floor"]:
+for t in ["direct", "haproxy", "nginx", "switchyard", "switchyard-base", "floor"]:
     v = by.get(t, [])
-    if t == "floor" and not v:
+    if not v:
         continue
     rps = statistics.median([r for r, _, _ in v]) if v else 0
     cpus = [c for _, c, _ in v if c is not None]
@@ -219,10 +242,10 @@ for t in ["direct", "haproxy", "nginx", "switchyard", "floor"]:
     med[t] = (rps, cpu)
     errs = ",".join(e for _, _, e in v)
     print(f"| {t} | {rps:,.0f} | {'-' if cpu is None else f'{cpu:.1f}'} | {errs} |")
-s = med["switchyard"]
-for other in ["haproxy", "nginx", "floor"]:
+s = med.get("switchyard", (0, None))
+for other in ["haproxy", "nginx", "switchyard-base", "floor"]:
     o = med.get(other, (0, None))
-    if o[0]:
+    if o[0] and s[0]:
         line = f"switchyard/{other}: {s[0] / o[0]:.2f}x rps"
         if s[1] and o[1]:
             line += f", {s[1] / o[1]:.2f}x CPU per request"

@@ -31,6 +31,11 @@ use super::{ClientTls, Protocol};
 use crate::clock::clock_ms;
 use crate::sync::lock;
 
+thread_local! {
+    /// This thread's id, read without the `Arc` that `thread::current()` clones.
+    static THREAD: std::thread::ThreadId = std::thread::current().id();
+}
+
 /// Every this many requests, the pool drops closed and idle connections ([`Pool::sweep`]).
 const SWEEP_EVERY: u32 = 1024;
 
@@ -156,7 +161,7 @@ impl Pool {
             self.sweep();
         }
         let key = Key {
-            thread: std::thread::current().id(),
+            thread: THREAD.with(|id| *id),
             addr,
             tls: tls.as_ref().map(|t| Arc::from(t.server_name)),
             offer_h2: protocol == Protocol::H2,
