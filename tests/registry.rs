@@ -4,10 +4,12 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use support::relay::Relay;
-use support::{eventually, metric_value, Backend, EtcdServer, Proxy};
+use support::{eventually, metric_value, Backend, EtcdCluster, EtcdServer, Proxy};
 
 const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -805,10 +807,22 @@ async fn a_paused_etcd_connection_shows_stale_since_and_recovers_on_resume() {
         relay.open_connections() >= 1,
         "a pause keeps the sockets open"
     );
+    assert_shown_stale(&proxy).await;
+    let (code, body) = proxy.get_service("p", "/").await;
+    assert_eq!(code, 200, "routing goes on from the last snapshot: {body}");
+    relay.resume();
+    wait_connected(&proxy, true).await;
+    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
+    assert_not_shown_stale(&proxy).await;
+}
+
+/// `/api/registry` says since when the view is stale, and `/readyz` still answers 200 and says
+/// the same; returns that time.
+async fn assert_shown_stale(proxy: &Proxy) -> String {
     let status = proxy.admin_json("/api/registry").await;
     let since = status["stale_since"]
         .as_str()
-        .unwrap_or_else(|| panic!("stale_since must be set while paused: {status}"))
+        .unwrap_or_else(|| panic!("stale_since must be set: {status}"))
         .to_string();
     assert!(
         status["stale"]
@@ -822,11 +836,11 @@ async fn a_paused_etcd_connection_shows_stale_since_and_recovers_on_resume() {
         r.contains(&format!("stale since {since}")),
         "/readyz must say since when the view is stale: {r}"
     );
-    let (code, body) = proxy.get_service("p", "/").await;
-    assert_eq!(code, 200, "routing goes on from the last snapshot: {body}");
-    relay.resume();
-    wait_connected(&proxy, true).await;
-    wait_view_equals_etcd(&proxy, &etcd, PATIENCE).await;
+    since
+}
+
+/// Neither `/api/registry` nor `/readyz` says the view is stale.
+async fn assert_not_shown_stale(proxy: &Proxy) {
     let status = proxy.admin_json("/api/registry").await;
     assert_eq!(status["stale_since"], serde_json::Value::Null, "{status}");
     let r = support::http_get_blocking(proxy.admin_port, "/readyz").unwrap();
@@ -941,4 +955,237 @@ async fn a_name_that_stops_resolving_keeps_its_last_good_address_through_relists
     .await;
     let (status, body) = proxy.get_service("n", "/").await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// Requests sent one after another through the proxy to one service until stopped; every answer
+/// that is not a 200 (or no answer) is kept.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(proxy: &Proxy, service: &str) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (url, service) = (proxy.url("/"), service.to_string());
+        let task = tokio::spawn({
+            let (stop, answered, failures) = (stop.clone(), answered.clone(), failures.clone());
+            async move {
+                let http = support::client();
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    let failure = match http.get(&url).header("host", &service).send().await {
+                        Ok(r) if r.status() == 200 => None,
+                        Ok(r) => Some(format!(
+                            "{} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        )),
+                        Err(e) => Some(format!("no answer: {e}")),
+                    };
+                    if let Some(f) = failure {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("after {:?}: {f}", sent.elapsed()));
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Traffic {
+            stop,
+            answered,
+            failures,
+            task,
+        }
+    }
+
+    /// Waits until `n` more requests have been answered: the traffic goes on.
+    async fn wait_more(&self, n: u64) {
+        let want = self.answered.load(Ordering::Relaxed) + n;
+        eventually(PATIENCE, &format!("{n} more requests answered"), || async {
+            let got = self.answered.load(Ordering::Relaxed);
+            (got >= want)
+                .then_some(())
+                .ok_or(format!("{got} of {want}"))
+        })
+        .await;
+    }
+
+    /// Stops, and asserts that every request was answered with a 200; returns how many.
+    async fn assert_all_succeeded(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("the traffic task");
+        let failures = self.failures.lock().unwrap();
+        let answered = self.answered.load(Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} of {answered} requests through the proxy failed, the first: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        answered
+    }
+}
+
+/// A 3-member etcd cluster, a proxy given every member as an endpoint (the periodic re-list far
+/// away: only the watch and reconnects can keep the view right), and service `s` registered at
+/// instances `a` and `b`, both usable; `c` is started, not registered.
+async fn cluster_with_two_instances() -> (EtcdCluster, Proxy, [Backend; 3]) {
+    let cluster = EtcdCluster::start();
+    let proxy = Proxy::builder_endpoints(cluster.endpoints())
+        .resync_ms(600_000)
+        .start()
+        .await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    cluster.live().put("/services/s/a", a.addr_string()).await;
+    cluster.live().put("/services/s/b", b.addr_string()).await;
+    proxy.wait_usable("s", 2).await;
+    (cluster, proxy, [a, b, c])
+}
+
+/// Makes the member the proxy watches through the leader (`lead`) or a follower, starts traffic
+/// to `s`, and kills that member; returns the traffic and the killed member.
+async fn kill_the_watched_member(
+    cluster: &mut EtcdCluster,
+    proxy: &Proxy,
+    lead: bool,
+) -> (Traffic, usize) {
+    let watched = cluster.watched().await;
+    if lead {
+        cluster.move_leader(watched).await;
+    } else if cluster.leader().await == watched {
+        cluster.move_leader((watched + 1) % 3).await;
+    }
+    let traffic = Traffic::start(proxy, "s");
+    traffic.wait_more(20).await;
+    cluster.kill(watched);
+    (traffic, watched)
+}
+
+/// Waits until `backend` has answered a request routed through the proxy.
+async fn wait_routed_to(backend: &Backend, patience: Duration) {
+    eventually(
+        patience,
+        &format!("{} to answer requests", backend.name),
+        || async {
+            (backend.hits() > 0)
+                .then_some(())
+                .ok_or("no hits".to_string())
+        },
+    )
+    .await;
+}
+
+/// The proxy lost its watch once and serves a new one from a running member.
+async fn assert_watch_moved(proxy: &Proxy, cluster: &EtcdCluster) {
+    // at least once: an election on a loaded machine may cut a watch again
+    let reconnects = metric(proxy, "switchyard_registry_reconnects_total").await;
+    assert!(reconnects >= 1.0, "the killed member's watch must break");
+    // only running members are asked: one of them serves the proxy's watch
+    cluster.watched().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leader_killed_requests_keep_succeeding_and_later_changes_are_routed() {
+    let (mut cluster, proxy, [a, b, c]) = cluster_with_two_instances().await;
+    // the leader is the member the proxy watches through: killing it breaks the watch too
+    let (traffic, killed) = kill_the_watched_member(&mut cluster, &proxy, true).await;
+    let elected = Instant::now();
+    let leader = cluster.leader().await;
+    assert_ne!(leader, killed, "a killed member cannot lead");
+    eprintln!("new leader after {:?}", elected.elapsed());
+    // changes after the election: add c, remove a
+    let changed = Instant::now();
+    cluster.live().put("/services/s/c", c.addr_string()).await;
+    cluster.live().delete("/services/s/a").await;
+    // elections, reconnect backoff and c's first health check all vary on a loaded machine
+    wait_routed_to(&c, Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(10), "a to be removed", || async {
+        let got = snapshot_keys(&proxy, Some("s")).await;
+        (!got.contains("/services/s/a"))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    eprintln!("change routed after {:?}", changed.elapsed());
+    // a request already on its way to a may still end there; none sent after
+    traffic.wait_more(2).await;
+    let a_hits = a.hits();
+    traffic.wait_more(50).await;
+    assert_eq!(a.hits(), a_hits, "a removed instance must not be routed to");
+    assert!(b.hits() > 0 && c.hits() > 0, "b and c share the traffic");
+    wait_view_equals_etcd(&proxy, cluster.live(), Duration::from_secs(10)).await;
+    wait_connected(&proxy, true).await;
+    assert_watch_moved(&proxy, &cluster).await;
+    let n = traffic.assert_all_succeeded().await;
+    eprintln!("{n} requests, all 200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_watched_member_killed_the_watch_resumes_on_another_without_a_gap() {
+    let (mut cluster, proxy, [_a, b, c]) = cluster_with_two_instances().await;
+    // a follower: the cluster keeps its leader, only the proxy's watch is cut
+    let (traffic, _) = kill_the_watched_member(&mut cluster, &proxy, false).await;
+    // written at once, while the proxy is still finding another member
+    let changed = Instant::now();
+    cluster.live().put("/services/s/c", c.addr_string()).await;
+    cluster.live().delete("/services/s/a").await;
+    wait_keys(&proxy, "s", &["/services/s/b", "/services/s/c"]).await;
+    eprintln!("change seen after {:?}", changed.elapsed());
+    wait_connected(&proxy, true).await;
+    assert_watch_moved(&proxy, &cluster).await;
+    // the resumed watch delivers
+    cluster.live().put("/services/s/d", b.addr_string()).await;
+    wait_keys(
+        &proxy,
+        "s",
+        &["/services/s/b", "/services/s/c", "/services/s/d"],
+    )
+    .await;
+    wait_view_equals_etcd(&proxy, cluster.live(), Duration::from_secs(10)).await;
+    wait_routed_to(&c, Duration::from_secs(10)).await;
+    traffic.assert_all_succeeded().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_quorum_lost_routes_the_last_view_shown_stale_until_it_is_back() {
+    let (mut cluster, proxy, [a, b, c]) = cluster_with_two_instances().await;
+    // the member the proxy watches through survives: its connection stays open, and only etcd
+    // cancelling the watches of a member without a leader (the proxy requires one) says that
+    // nothing will arrive on it
+    let watched = cluster.watched().await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != watched).collect();
+    let traffic = Traffic::start(&proxy, "s");
+    traffic.wait_more(20).await;
+    let killed = Instant::now();
+    for &i in &others {
+        cluster.kill(i);
+    }
+    wait_connected(&proxy, false).await;
+    eprintln!("stale after {:?}", killed.elapsed());
+    assert_shown_stale(&proxy).await;
+    // the last known instances keep serving
+    let before = (a.hits(), b.hits());
+    traffic.wait_more(50).await;
+    assert!(
+        a.hits() > before.0 && b.hits() > before.1,
+        "both instances keep serving without a quorum"
+    );
+    cluster.restart(&others);
+    let restarted = Instant::now();
+    cluster.live().put("/services/s/c", c.addr_string()).await;
+    wait_routed_to(&c, Duration::from_secs(10)).await;
+    eprintln!("change routed {:?} after the restart", restarted.elapsed());
+    wait_connected(&proxy, true).await;
+    assert_not_shown_stale(&proxy).await;
+    wait_view_equals_etcd(&proxy, cluster.live(), Duration::from_secs(10)).await;
+    traffic.assert_all_succeeded().await;
 }

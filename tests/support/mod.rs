@@ -1,6 +1,7 @@
 //! Test support: real processes on ephemeral ports.
 //!
 //! - [`EtcdServer::start`]: a real `etcd` (Debian `etcd-server`) with a temporary data dir.
+//! - [`EtcdCluster::start`]: three of them forming one cluster, to kill the leader or the quorum.
 //! - [`Backend::start`]: a real HTTP/1.1 server (hyper) that reports who answered.
 //! - [`raw::RawBackend::start`]: a raw instance that records the exact bytes and requests it
 //!   received and answers hostile scripts (tests/hostile.rs).
@@ -138,6 +139,10 @@ pub struct EtcdServer {
     name: String,
     /// Extra command-line flags (kept across restarts).
     args: Vec<String>,
+    /// `--initial-cluster`: this member alone, or every member of an [`EtcdCluster`].
+    initial_cluster: String,
+    /// `--initial-cluster-state`: `new`, or `existing` for a cluster member started again.
+    cluster_state: &'static str,
 }
 
 impl EtcdServer {
@@ -147,17 +152,29 @@ impl EtcdServer {
 
     /// A real etcd with extra flags, e.g. `--max-request-bytes`.
     pub fn start_with_args(args: &[&str]) -> EtcdServer {
-        let dir = tempfile::tempdir().expect("temp dir for etcd");
-        let mut s = EtcdServer {
+        let mut s = EtcdServer::unstarted(format!("sy-test-{}", free_port()), args);
+        s.initial_cluster = s.peer_entry();
+        s.spawn();
+        s
+    }
+
+    /// A member on fresh ports and a fresh data dir, not started; `initial_cluster` to be set.
+    fn unstarted(name: String, args: &[&str]) -> EtcdServer {
+        EtcdServer {
             child: None,
             client_port: free_port(),
             peer_port: free_port(),
-            dir,
-            name: format!("sy-test-{}", free_port()),
+            dir: tempfile::tempdir().expect("temp dir for etcd"),
+            name,
             args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        s.spawn();
-        s
+            initial_cluster: String::new(),
+            cluster_state: "new",
+        }
+    }
+
+    /// This member's `name=peer-url` entry of `--initial-cluster`.
+    fn peer_entry(&self) -> String {
+        format!("{}=http://127.0.0.1:{}", self.name, self.peer_port)
     }
 
     pub fn endpoint(&self) -> String {
@@ -169,6 +186,12 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) {
+        self.launch();
+        self.wait_healthy();
+    }
+
+    /// Starts the process without waiting: a cluster member is healthy only once a quorum runs.
+    fn launch(&mut self) {
         let etcd = which("etcd").unwrap_or_else(|| {
             panic!(
                 "etcd is not installed: integration tests need a real etcd \
@@ -190,7 +213,9 @@ impl EtcdServer {
             .arg("--initial-advertise-peer-urls")
             .arg(format!("http://127.0.0.1:{}", self.peer_port))
             .arg("--initial-cluster")
-            .arg(format!("{}=http://127.0.0.1:{}", self.name, self.peer_port))
+            .arg(&self.initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg(self.cluster_state)
             .arg("--log-level")
             .arg("warn")
             .args(&self.args)
@@ -199,7 +224,6 @@ impl EtcdServer {
             .spawn()
             .expect("starting etcd");
         self.child = Some(child);
-        self.wait_healthy();
     }
 
     fn wait_healthy(&self) {
@@ -212,8 +236,11 @@ impl EtcdServer {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
-        panic!("etcd did not become healthy within 20s; log:\n{log}");
+        panic!(
+            "etcd {} did not become healthy within 20s; log:\n{}",
+            self.name,
+            self.log()
+        );
     }
 
     /// The etcd process id (to SIGSTOP it).
@@ -306,6 +333,181 @@ impl EtcdServer {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Three real etcd members forming one cluster, each on ports and a data dir of its own, with
+/// fast elections (heartbeat 50 ms, election timeout 300 ms): a killed leader is replaced within
+/// about a second, and a member that lost its quorum notices as soon.
+pub struct EtcdCluster {
+    members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    pub fn start() -> EtcdCluster {
+        let token = format!("sy-cluster-{}", free_port());
+        let args = [
+            "--initial-cluster-token",
+            token.as_str(),
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "300",
+        ];
+        let mut members: Vec<EtcdServer> = (0..3)
+            .map(|i| EtcdServer::unstarted(format!("{token}-{i}"), &args))
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(EtcdServer::peer_entry)
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial_cluster.clone();
+            m.launch();
+        }
+        // owned before waiting: a member that never becomes healthy stops them all
+        let cluster = EtcdCluster { members };
+        for m in &cluster.members {
+            m.wait_healthy();
+        }
+        cluster
+    }
+
+    /// The client URLs of every member, running or not.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
+    }
+
+    pub fn running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
+    }
+
+    /// A running member, to write and read through (a follower forwards to the leader).
+    pub fn live(&self) -> &EtcdServer {
+        self.members
+            .iter()
+            .find(|m| m.child.is_some())
+            .expect("no etcd member is running")
+    }
+
+    /// SIGKILL member `i`, keeping its data dir.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// Starts these members again with their data (they rejoin as `existing`), then waits until
+    /// each is healthy (has a leader): together, when the others alone have no quorum.
+    pub fn restart(&mut self, which: &[usize]) {
+        for &i in which {
+            let m = &mut self.members[i];
+            m.kill();
+            m.cluster_state = "existing";
+            m.launch();
+        }
+        for &i in which {
+            self.members[i].wait_healthy();
+        }
+    }
+
+    /// Member `i`'s id and the id of the leader it follows (0: none), from its status.
+    async fn status(&self, i: usize) -> Result<(u64, u64), String> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        let mut c = etcd_client::Client::connect([self.members[i].endpoint()], Some(opts))
+            .await
+            .map_err(|e| format!("member {i}: {e}"))?;
+        let s = c.status().await.map_err(|e| format!("member {i}: {e}"))?;
+        let id = s.header().map(|h| h.member_id()).unwrap_or(0);
+        Ok((id, s.leader()))
+    }
+
+    /// The index of the leader, when every running member follows the same running one.
+    async fn current_leader(&self) -> Result<usize, String> {
+        let mut ids = Vec::new();
+        for i in (0..self.members.len()).filter(|&i| self.running(i)) {
+            ids.push((i, self.status(i).await?));
+        }
+        let leader = ids.first().map_or(0, |(_, (_, l))| *l);
+        let agreed = ids.iter().all(|(_, (_, l))| *l == leader);
+        match ids.iter().find(|(_, (id, _))| *id == leader) {
+            Some((i, _)) if agreed => Ok(*i),
+            _ => Err(format!("(index, (member id, leader id)): {ids:?}")),
+        }
+    }
+
+    /// The index of the leader once every running member follows the same running one.
+    pub async fn leader(&self) -> usize {
+        eventually(
+            Duration::from_secs(10),
+            "every running etcd member to follow one running leader",
+            || self.current_leader(),
+        )
+        .await
+    }
+
+    /// Makes member `to` the leader (asked of the current one) and waits until all follow it.
+    pub async fn move_leader(&self, to: usize) {
+        let from = self.leader().await;
+        if from == to {
+            return;
+        }
+        let (target, _) = self.status(to).await.expect("status of the new leader");
+        let mut c = self.members[from].client().await;
+        c.move_leader(target).await.expect("etcd move-leader");
+        eventually(
+            Duration::from_secs(10),
+            &format!("member {to} to lead"),
+            || async {
+                let now = self.current_leader().await?;
+                (now == to)
+                    .then_some(())
+                    .ok_or(format!("member {now} leads"))
+            },
+        )
+        .await;
+    }
+
+    /// Watchers member `i` serves now, from its metrics (the tests' own clients do not watch).
+    pub async fn watchers(&self, i: usize) -> Result<f64, String> {
+        let url = format!("{}/metrics", self.members[i].endpoint());
+        let resp = client().get(url).send().await.map_err(|e| e.to_string())?;
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        metric_value(&text, "etcd_debugging_mvcc_watcher_total")
+            .ok_or_else(|| format!("member {i} exports no watcher count"))
+    }
+
+    /// The one running member that serves a watch (the proxy's), once there is exactly one.
+    pub async fn watched(&self) -> usize {
+        eventually(
+            Duration::from_secs(10),
+            "exactly one running etcd member to serve a watch",
+            || async {
+                let mut counts = Vec::new();
+                for i in (0..self.members.len()).filter(|&i| self.running(i)) {
+                    counts.push((i, self.watchers(i).await?));
+                }
+                match counts.iter().filter(|(_, n)| *n > 0.0).collect::<Vec<_>>()[..] {
+                    [(i, n)] if *n == 1.0 => Ok(*i),
+                    _ => Err(format!("(member, watchers): {counts:?}")),
+                }
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+        if std::thread::panicking() {
+            for m in &self.members {
+                eprintln!("---- etcd {} log ----\n{}", m.name, m.log());
+            }
+        }
     }
 }
 
