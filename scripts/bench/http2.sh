@@ -17,6 +17,8 @@
 #   BENCH_BASE_BIN       also measure this switchyard binary (target switchyard-base), in the same
 #                        rounds: the before/after of a change
 #   BENCH_SWITCHYARD_TOML, BENCH_BASE_TOML  more sections for switchyard's / switchyard-base's config
+#   BENCH_H2LOAD_ARGS    more h2load arguments (e.g. "-d FILE": POST FILE as each request's body,
+#                        as a unary gRPC call sends its message)
 #   BENCH_TARGETS        measure only these targets (e.g. "switchyard switchyard-base")
 #   BENCH_FLOOR=1        also measure examples/h2_floor.rs: the least a relay on the h2 crate does
 #                        per request (no routing, metrics or policies), a lower bound for switchyard
@@ -202,7 +204,7 @@ for round in $(seq 1 "$ROUNDS"); do
         pid=$(pid_of "$t")
         out="$WORK/h2load-$round-$t.txt"
         h2load -c 10 -m 20 -t 1 -D "$DURATION" --warm-up-time "$WARMUP" \
-            -H 'content-type: application/grpc' "$url" >"$out" 2>&1 &
+            -H 'content-type: application/grpc' ${BENCH_H2LOAD_ARGS:-} "$url" >"$out" 2>&1 &
         load=$!
         sleep "$WARMUP"
         c0=$(cpu_ticks "$pid")
