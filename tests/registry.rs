@@ -3,24 +3,14 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::relay::Relay;
-use support::{eventually, metric_value, Backend, EtcdCluster, EtcdServer, Proxy};
+use support::{eventually, metric_value, signal, Backend, EtcdCluster, EtcdServer, Proxy};
 
 const PATIENCE: Duration = Duration::from_secs(15);
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "kill {sig} {pid} failed");
-}
 
 /// Instance keys of `service` (of every service: `None`) in the proxy's current snapshot.
 async fn snapshot_keys(proxy: &Proxy, service: Option<&str>) -> BTreeSet<String> {
@@ -1051,10 +1041,10 @@ async fn cluster_with_two_instances() -> (EtcdCluster, Proxy, [Backend; 3]) {
     (cluster, proxy, [a, b, c])
 }
 
-/// Makes the member the proxy watches through the leader (`lead`) or a follower, starts traffic
-/// to `s`, and kills that member; returns the traffic and the killed member.
-async fn kill_the_watched_member(
-    cluster: &mut EtcdCluster,
+/// Makes the member the proxy watches through the leader (`lead`) or a follower and starts
+/// traffic to `s`; returns the traffic and that member.
+async fn watched_member_under_traffic(
+    cluster: &EtcdCluster,
     proxy: &Proxy,
     lead: bool,
 ) -> (Traffic, usize) {
@@ -1066,6 +1056,17 @@ async fn kill_the_watched_member(
     }
     let traffic = Traffic::start(proxy, "s");
     traffic.wait_more(20).await;
+    (traffic, watched)
+}
+
+/// [`watched_member_under_traffic`], then kills that member; returns the traffic and the killed
+/// member.
+async fn kill_the_watched_member(
+    cluster: &mut EtcdCluster,
+    proxy: &Proxy,
+    lead: bool,
+) -> (Traffic, usize) {
+    let (traffic, watched) = watched_member_under_traffic(cluster, proxy, lead).await;
     cluster.kill(watched);
     (traffic, watched)
 }
@@ -1082,6 +1083,19 @@ async fn wait_routed_to(backend: &Backend, patience: Duration) {
         },
     )
     .await;
+}
+
+/// One more change to `s` after `c` was added and `a` removed (`d`, at `b`'s address) is seen,
+/// and the routed view equals etcd's: the watch that replaced a broken one delivers.
+async fn assert_a_later_change_is_seen(proxy: &Proxy, cluster: &EtcdCluster, b: &Backend) {
+    cluster.live().put("/services/s/d", b.addr_string()).await;
+    wait_keys(
+        proxy,
+        "s",
+        &["/services/s/b", "/services/s/c", "/services/s/d"],
+    )
+    .await;
+    wait_view_equals_etcd(proxy, cluster.live(), Duration::from_secs(10)).await;
 }
 
 /// The proxy lost its watch once and serves a new one from a running member.
@@ -1143,14 +1157,7 @@ async fn etcd_watched_member_killed_the_watch_resumes_on_another_without_a_gap()
     wait_connected(&proxy, true).await;
     assert_watch_moved(&proxy, &cluster).await;
     // the resumed watch delivers
-    cluster.live().put("/services/s/d", b.addr_string()).await;
-    wait_keys(
-        &proxy,
-        "s",
-        &["/services/s/b", "/services/s/c", "/services/s/d"],
-    )
-    .await;
-    wait_view_equals_etcd(&proxy, cluster.live(), Duration::from_secs(10)).await;
+    assert_a_later_change_is_seen(&proxy, &cluster, &b).await;
     wait_routed_to(&c, Duration::from_secs(10)).await;
     traffic.assert_all_succeeded().await;
 }
@@ -1187,5 +1194,64 @@ async fn etcd_quorum_lost_routes_the_last_view_shown_stale_until_it_is_back() {
     wait_connected(&proxy, true).await;
     assert_not_shown_stale(&proxy).await;
     wait_view_equals_etcd(&proxy, cluster.live(), Duration::from_secs(10)).await;
+    traffic.assert_all_succeeded().await;
+}
+
+/// How long the proxy may take to notice a member that hangs with its connections open and to
+/// watch through another: the HTTP/2 keep-alive (a PING 5 s after the last frame, 3 s to answer)
+/// closes the connection, then a reconnect, a list and a watch; with room for a loaded machine.
+const HUNG_PATIENCE: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_hung_watched_member_the_watch_moves_to_a_live_one() {
+    let (mut cluster, proxy, [_a, b, c]) = cluster_with_two_instances().await;
+    // a follower: the cluster keeps its leader and quorum, only the proxy's member hangs
+    let (traffic, hung) = watched_member_under_traffic(&cluster, &proxy, false).await;
+    let reconnects = metric(&proxy, "switchyard_registry_reconnects_total").await;
+    cluster.freeze(hung);
+    let frozen = Instant::now();
+    // written at once through a live member: the hung one can neither deliver nor refuse it
+    cluster.live().put("/services/s/c", c.addr_string()).await;
+    cluster.live().delete("/services/s/a").await;
+    let left = || HUNG_PATIENCE.saturating_sub(frozen.elapsed());
+    eventually(left(), "the hung member's watch to break", || async {
+        let now = metric(&proxy, "switchyard_registry_reconnects_total").await;
+        (now > reconnects)
+            .then_some(())
+            .ok_or(format!("reconnects {now}, was {reconnects}"))
+    })
+    .await;
+    eprintln!("hung member noticed after {:?}", frozen.elapsed());
+    let want = BTreeSet::from(["/services/s/b".to_string(), "/services/s/c".to_string()]);
+    eventually(
+        left(),
+        "a watch delivering again, c in and a out",
+        || async {
+            let connected = metric(&proxy, "switchyard_registry_connected").await;
+            let got = snapshot_keys(&proxy, Some("s")).await;
+            (connected == 1.0 && got == want)
+                .then_some(())
+                .ok_or(format!("connected {connected}, {got:?}"))
+        },
+    )
+    .await;
+    eprintln!("watch delivering again after {:?}", frozen.elapsed());
+    // nothing is sent to the hung member any more: a request there would hang until its timeout
+    let pid = proxy.pid().expect("the proxy runs");
+    let to_hung = support::connections_to(pid, cluster.member(hung).client_port);
+    assert_eq!(
+        to_hung, 0,
+        "the proxy must hold no connection to the hung member (a request on it waits for its \
+         timeout)"
+    );
+    // a frozen member is not asked: a running one serves the watch
+    assert_watch_moved(&proxy, &cluster).await;
+    wait_routed_to(&c, Duration::from_secs(10)).await;
+    wait_view_equals_etcd(&proxy, cluster.live(), Duration::from_secs(10)).await;
+    // back: the member catches up, keeps no watch of the proxy's, and the watch goes on
+    cluster.thaw(hung);
+    assert_a_later_change_is_seen(&proxy, &cluster, &b).await;
+    cluster.watched().await;
+    wait_connected(&proxy, true).await;
     traffic.assert_all_succeeded().await;
 }

@@ -12,6 +12,14 @@
 //! their own ([`dns`]) whose answers arrive as `Update::Resolved`; addresses that are switchyard
 //! itself are refused ([`own`]).
 //!
+//! The registry talks to one endpoint at a time and moves to the next after every failure, with a
+//! fresh client. A client balancing over all of them would keep sending requests to a member that
+//! hangs with its connections open (a stopped process or VM): the kernel still accepts on its port
+//! and HTTP/2 does not wait for the server's SETTINGS, so after the keep-alive fails one connection
+//! the next one counts as ready and gets a random share of the lists and watches, each lost until
+//! a timeout. One at a time, a hung member costs one keep-alive timeout (a PING 5 s after its last
+//! frame, 3 s to answer) or one request timeout, then the next endpoint is asked.
+//!
 //! Every new watch follows a list: a watch that broke is never resumed from its old revision. A
 //! resumed watch trusts that the member still holds the same history (a wiped etcd that was
 //! re-registered past our revision does not), and its catch-up message can grow without bound
@@ -74,17 +82,6 @@ pub enum RegistryError {
     ListTimeout,
     #[error("list of the prefix failed: {0}")]
     List(#[source] etcd_client::Error),
-}
-
-impl RegistryError {
-    /// A failed connect is retried with a new client; after any other error the client
-    /// reconnects by itself.
-    fn needs_new_client(&self) -> bool {
-        matches!(
-            self,
-            RegistryError::ConnectTimeout(_) | RegistryError::Connect(_)
-        )
-    }
 }
 
 /// The end of the key range `[prefix, end)` that holds every key starting with `prefix`.
@@ -289,6 +286,9 @@ pub struct Registry {
     /// Since when the watch has delivered without breaking (re-lists in between); `None` until
     /// one is confirmed after a break.
     delivering_since: Option<Instant>,
+    /// Index of the endpoint the next client connects to: random at first (many proxies spread
+    /// their watches), the next one after every failure.
+    endpoint: usize,
 }
 
 /// How far a watch has got.
@@ -320,6 +320,7 @@ impl Registry {
             requests,
         );
         let (generation, _) = watch::channel(0);
+        let endpoint = rand::thread_rng().gen_range(0..cfg.endpoints.len().max(1));
         Registry {
             cfg,
             table,
@@ -330,6 +331,7 @@ impl Registry {
             lookup: Arc::new(SystemLookup),
             cluster_id: None,
             delivering_since: None,
+            endpoint,
         }
     }
 
@@ -406,6 +408,13 @@ impl Registry {
         self.status.clone()
     }
 
+    /// The endpoint the next client connects to (none when the config has none).
+    fn endpoint(&self) -> &[String] {
+        let i = self.endpoint;
+        self.cfg.endpoints.get(i..=i).unwrap_or_default()
+    }
+
+    /// A client of [`Registry::endpoint`] alone (see the module docs).
     async fn connect(&self) -> Result<Client, RegistryError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.cfg.dial_timeout)
@@ -417,7 +426,7 @@ impl Registry {
         }
         tokio::time::timeout(
             self.cfg.dial_timeout,
-            Client::connect(&self.cfg.endpoints, Some(opts)),
+            Client::connect(self.endpoint(), Some(opts)),
         )
         .await
         .map_err(|_| RegistryError::ConnectTimeout(self.cfg.dial_timeout))?
@@ -559,7 +568,8 @@ impl Registry {
     /// The watch is confirmed: it delivers what etcd has.
     fn delivering(&mut self, revision: i64) {
         if !self.status.connected() {
-            info!(revision, "etcd watch established");
+            let endpoint = self.endpoint().first().map_or("", String::as_str);
+            info!(endpoint, revision, "etcd watch established");
             RECENT.record(
                 "registry",
                 format!("etcd watch established at revision {revision}"),
@@ -734,7 +744,7 @@ impl Registry {
                     .await)
             }
             .await;
-            let (error, new_client) = match result {
+            let error = match result {
                 Ok(WatchEnd::Shutdown) => return,
                 Ok(WatchEnd::Resync) => {
                     debug!(revision, "periodic resync: re-listing etcd prefix");
@@ -747,8 +757,8 @@ impl Registry {
                     failures = 0;
                     continue;
                 }
-                Ok(WatchEnd::Broken(e)) => (e, false),
-                Err(e) => (e.to_string(), e.needs_new_client()),
+                Ok(WatchEnd::Broken(e)) => e,
+                Err(e) => e.to_string(),
             };
             if self
                 .delivering_since
@@ -762,24 +772,25 @@ impl Registry {
             self.status.set_connected(false);
             self.status.set_stale();
             self.status.set_error(Some(error.clone()));
+            let endpoint = self.endpoint().first().map_or("", String::as_str);
             if was_connected || failures == 1 {
-                warn!(error = %error, revision, "etcd unavailable; routing with the last snapshot");
+                warn!(error = %error, endpoint, revision,
+                    "etcd unavailable; routing with the last snapshot");
                 RECENT.record(
                     "registry",
                     format!("etcd unavailable, routing with the last snapshot: {error}"),
                 );
             } else {
-                debug!(error = %error, failures, "etcd still unavailable");
+                debug!(error = %error, endpoint, failures, "etcd still unavailable");
             }
             if was_connected {
                 METRICS.registry_reconnects.inc();
                 self.status.reconnects.fetch_add(1, Ordering::Relaxed);
             }
-            // A broken connect is retried with a fresh client; a broken stream keeps the client
-            // (it reconnects by itself); either way the next watch follows a new list.
-            if new_client {
-                client = None;
-            }
+            // the next endpoint, with a fresh client (see the module docs); its watch follows a
+            // new list
+            client = None;
+            self.endpoint = (self.endpoint + 1) % self.cfg.endpoints.len().max(1);
             let delay = tokio::time::sleep(backoff.next_delay());
             tokio::pin!(delay);
             loop {

@@ -1,7 +1,8 @@
 //! Test support: real processes on ephemeral ports.
 //!
 //! - [`EtcdServer::start`]: a real `etcd` (Debian `etcd-server`) with a temporary data dir.
-//! - [`EtcdCluster::start`]: three of them forming one cluster, to kill the leader or the quorum.
+//! - [`EtcdCluster::start`]: three of them forming one cluster, to kill the leader or the quorum,
+//!   or to freeze a member (SIGSTOP).
 //! - [`Backend::start`]: a real HTTP/1.1 server (hyper) that reports who answered.
 //! - [`raw::RawBackend::start`]: a raw instance that records the exact bytes and requests it
 //!   received and answers hostile scripts (tests/hostile.rs).
@@ -54,17 +55,12 @@ pub fn free_port() -> u16 {
 /// the other process; or, both with `SO_REUSEPORT`, they share it and split the traffic), or no
 /// listener of `pid` on it at all. `None`: only `pid` listens there.
 fn port_not_owned(pid: u32, port: u16) -> Option<String> {
-    let own: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    let own = socket_inodes(pid);
+    let listening: Vec<u64> = tcp_sockets()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
-            l.parse().ok()
-        })
+        .filter(|s| s.local_port == port && s.state == TcpState::LISTEN)
+        .map(|s| s.inode)
         .collect();
-    let listening = listening_inodes(port);
     let foreign = listening.iter().filter(|i| !own.contains(i)).count();
     if foreign > 0 {
         return Some(format!(
@@ -77,22 +73,69 @@ fn port_not_owned(pid: u32, port: u16) -> Option<String> {
     None
 }
 
-/// Inodes of the sockets listening on `port` (IPv4 and IPv6), from `/proc/net/tcp*`.
-fn listening_inodes(port: u16) -> Vec<u64> {
-    const LISTEN: &str = "0A";
+/// How many established TCP connections `pid` holds to a peer at `port` (any local address).
+pub fn connections_to(pid: u32, port: u16) -> usize {
+    let own = socket_inodes(pid);
+    tcp_sockets()
+        .into_iter()
+        .filter(|s| s.remote_port == port && s.state == TcpState::ESTABLISHED)
+        .filter(|s| own.contains(&s.inode))
+        .count()
+}
+
+/// Inodes of the sockets `pid` has open, from `/proc/<pid>/fd`.
+fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            l.parse().ok()
+        })
+        .collect()
+}
+
+/// A row of `/proc/net/tcp*`.
+struct TcpSocket {
+    local_port: u16,
+    remote_port: u16,
+    state: TcpState,
+    inode: u64,
+}
+
+/// The `st` column of `/proc/net/tcp*` (the kernel's `TCP_*` states, in hex).
+#[derive(PartialEq, Eq)]
+struct TcpState(u8);
+
+impl TcpState {
+    const ESTABLISHED: TcpState = TcpState(0x01);
+    const LISTEN: TcpState = TcpState(0x0A);
+}
+
+/// Every TCP socket of this network namespace (IPv4 and IPv6), from `/proc/net/tcp*`.
+fn tcp_sockets() -> Vec<TcpSocket> {
     let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local = f.get(1).and_then(|a| a.rsplit(':').next());
-            let local = local.and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local == Some(port) && f.get(3) == Some(&LISTEN) {
-                out.extend(f.get(9).and_then(|i| i.parse::<u64>().ok()));
-            }
-        }
+        out.extend(text.lines().skip(1).filter_map(TcpSocket::parse));
     }
     out
+}
+
+impl TcpSocket {
+    /// `sl local_address rem_address st ... inode`, addresses as hex `ADDR:PORT`.
+    fn parse(line: &str) -> Option<TcpSocket> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+        Some(TcpSocket {
+            local_port: port(f.get(1)?)?,
+            remote_port: port(f.get(2)?)?,
+            state: TcpState(u8::from_str_radix(f.get(3)?, 16).ok()?),
+            inode: f.get(9)?.parse().ok()?,
+        })
+    }
 }
 
 /// Polls `check` until it returns `Ok`, or panics after `patience` with the last error.
@@ -111,6 +154,16 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out after {patience:?} waiting for {what}: last result: {last}");
+}
+
+/// Sends `sig` (e.g. `-STOP`) to `pid`; panics when `kill` fails (the process is gone).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
 }
 
 fn kill_child(child: &mut Child, signal: &str) {
@@ -143,6 +196,8 @@ pub struct EtcdServer {
     initial_cluster: String,
     /// `--initial-cluster-state`: `new`, or `existing` for a cluster member started again.
     cluster_state: &'static str,
+    /// SIGSTOPped by [`EtcdServer::freeze`]: alive, its sockets open, answering nothing.
+    frozen: bool,
 }
 
 impl EtcdServer {
@@ -169,6 +224,7 @@ impl EtcdServer {
             args: args.iter().map(|a| a.to_string()).collect(),
             initial_cluster: String::new(),
             cluster_state: "new",
+            frozen: false,
         }
     }
 
@@ -248,12 +304,31 @@ impl EtcdServer {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// SIGKILL, keeping the data dir.
+    /// SIGKILL, keeping the data dir (a frozen process is killed too: SIGKILL needs no CONT).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill_child(&mut c, "-KILL");
             let _ = c.wait();
         }
+        self.frozen = false;
+    }
+
+    /// SIGSTOP: the process hangs (a stalled VM) while the kernel keeps its sockets open and
+    /// still accepts connections on them. [`EtcdServer::thaw`] or a kill ends it.
+    pub fn freeze(&mut self) {
+        let pid = self.pid().expect("freezing an etcd that is not running");
+        signal(pid, "-STOP");
+        self.frozen = true;
+    }
+
+    /// SIGCONT after [`EtcdServer::freeze`], then waits until it is healthy: a cluster member
+    /// opens its peer streams again first, and a write through it meanwhile is lost (it times
+    /// out).
+    pub fn thaw(&mut self) {
+        let pid = self.pid().expect("thawing an etcd that is not running");
+        signal(pid, "-CONT");
+        self.frozen = false;
+        self.wait_healthy();
     }
 
     /// Starts again on the same ports with the same data.
@@ -379,21 +454,37 @@ impl EtcdCluster {
         self.members.iter().map(EtcdServer::endpoint).collect()
     }
 
+    /// Member `i` runs and answers: started, neither killed nor frozen.
     pub fn running(&self, i: usize) -> bool {
-        self.members[i].child.is_some()
+        self.members[i].child.is_some() && !self.members[i].frozen
     }
 
     /// A running member, to write and read through (a follower forwards to the leader).
     pub fn live(&self) -> &EtcdServer {
-        self.members
-            .iter()
-            .find(|m| m.child.is_some())
+        (0..self.members.len())
+            .find(|&i| self.running(i))
+            .map(|i| &self.members[i])
             .expect("no etcd member is running")
     }
 
     /// SIGKILL member `i`, keeping its data dir.
     pub fn kill(&mut self, i: usize) {
         self.members[i].kill();
+    }
+
+    /// SIGSTOP member `i` (hung, connections open); the drop kills it all the same.
+    pub fn freeze(&mut self, i: usize) {
+        self.members[i].freeze();
+    }
+
+    /// Member `i`, running or not.
+    pub fn member(&self, i: usize) -> &EtcdServer {
+        &self.members[i]
+    }
+
+    /// SIGCONT member `i` after [`EtcdCluster::freeze`], then waits until it is healthy.
+    pub fn thaw(&mut self, i: usize) {
+        self.members[i].thaw();
     }
 
     /// Starts these members again with their data (they rejoin as `existing`), then waits until
