@@ -43,7 +43,9 @@
 //! - [`registry`]: `registry/mod.rs` (the task: etcd list + watch, re-lists, backoff, status),
 //!   `registry/catalog.rs` (every registration by key, and the snapshot builder),
 //!   `registry/codec.rs` (keys and the three value formats), `registry/dns.rs` (registered names
-//!   resolved off the registry task), `registry/own.rs` (switchyard's own addresses, refused).
+//!   resolved off the registry task), `registry/own.rs` (switchyard's own addresses, refused),
+//!   `registry/endpoints.rs` (one etcd endpoint at a time, the next after a failure: the
+//!   registry's, the registrar's and the Consul store's clients).
 //! - [`routing`]: `routing/mod.rs` (the [`routing::RoutingTable`] snapshot, `Instance`,
 //!   `InstanceState`, `Service`), `routing/address.rs` (`HostPort`, an address as registered),
 //!   `routing/services.rs` (the service map, shared between snapshots in copy-on-write shards),

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{eventually, free_port, Backend, EtcdServer, Proxy};
+use support::traffic::Traffic;
+use support::{eventually, free_port, Backend, EtcdCluster, EtcdServer, Proxy};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -841,4 +842,90 @@ async fn bad_input_exits_nonzero_with_one_error_line() {
         &nowhere,
     )
     .await;
+}
+
+/// How long the member the registrar keeps its lease alive through stays frozen: longer than the
+/// default TTL (10 s), so the key stays only if the registrar reaches etcd through another member.
+const FROZEN_FOR: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_hung_member_under_the_keep_alive_the_instance_stays_registered_and_routed() {
+    let mut cluster = EtcdCluster::start();
+    let proxy = Proxy::builder_endpoints(cluster.endpoints()).start().await;
+    let backend = Backend::start("web-1").await;
+    let mut args = vec!["register".to_string()];
+    for e in cluster.endpoints() {
+        args.extend(["--etcd".to_string(), e]);
+    }
+    let addr = backend.addr_string();
+    args.extend(["--service", "web", "--addr", &addr, "--id", "one"].map(String::from));
+    // the default TTL: 10 s
+    let mut reg = Cmd::start(&args);
+    let key = "/services/web/one";
+    wait_present(cluster.live(), key, PATIENCE).await;
+    proxy.wait_usable("web", 1).await;
+    // a keep-alive every 3.3 s (a third of the TTL); a follower, so the cluster keeps its leader
+    // and only the registrar's member hangs
+    let mut hung = cluster.keeping_alive(Duration::from_secs(4)).await;
+    if cluster.leader().await == hung {
+        cluster.move_leader((hung + 1) % 3).await;
+        hung = cluster.keeping_alive(Duration::from_secs(4)).await;
+    }
+    let traffic = Traffic::start(&proxy, "web");
+    traffic.wait_more(20).await;
+    let (_, lease) = wait_present(cluster.live(), key, PATIENCE).await;
+    cluster.freeze(hung);
+    let frozen = Instant::now();
+    // polled through a live member: the key never disappears, under its lease or a new one
+    let mut leases = vec![lease];
+    while frozen.elapsed() < FROZEN_FOR {
+        match get_key(cluster.live(), key).await {
+            Ok(Some((_, l))) if leases.last() == Some(&l) => {}
+            Ok(Some((_, l))) => {
+                eprintln!("the key moved to lease {l} after {:?}", frozen.elapsed());
+                leases.push(l);
+            }
+            other => panic!(
+                "{key} must stay registered while member {hung} hangs, but after {:?}: {other:?} \
+                 (leases so far: {leases:?})",
+                frozen.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = leases.last().copied().unwrap_or(0);
+    let (_, ttl) = lease_ttls(cluster.live(), lease).await;
+    assert!(ttl > 0, "the key's lease {lease} must be alive, ttl {ttl}");
+    // left once for good: a client that goes back to the hung member loses a keep-alive or a
+    // grant there each time, and lives on the TTL's margin
+    assert!(
+        leases.len() <= 2,
+        "the registrar must leave the hung member once: one new lease at most, got {leases:?}"
+    );
+    let to_hung = support::connections_to(reg.pid(), cluster.member(hung).client_port);
+    assert_eq!(
+        to_hung, 0,
+        "the registrar must hold no connection to the hung member (a request on it waits for \
+         its timeout)"
+    );
+    // back: the key stays through more than a keep-alive period, under a live lease
+    cluster.thaw(hung);
+    stays_present(cluster.live(), key, Duration::from_secs(4)).await;
+    let (_, lease) = wait_present(cluster.live(), key, PATIENCE).await;
+    let (_, ttl) = lease_ttls(cluster.live(), lease).await;
+    assert!(
+        ttl > 0,
+        "after the thaw the key's lease {lease} must be alive, ttl {ttl}"
+    );
+    traffic.wait_more(20).await;
+    let n = traffic.assert_all_succeeded().await;
+    eprintln!("{n} requests, all 200; leases {leases:?}");
+    // and it deregisters as ever
+    reg.signal("-TERM");
+    wait_absent(cluster.live(), key, PATIENCE).await;
+    let status = reg.wait_exit(PATIENCE).await;
+    assert!(
+        status.success(),
+        "register must exit 0 on SIGTERM, got {status}"
+    );
 }

@@ -1,16 +1,16 @@
 //! The etcd side of the Consul API: registrations written, TTL leases kept alive, keys deleted.
-//! Every call has the configured request deadline; the client is made on first use and kept
-//! (etcd-client reconnects by itself).
+//! Every call has the configured request deadline. The store talks to one endpoint at a time and
+//! to the next, with a fresh client, after a call failed ([`crate::registry::endpoints`] says
+//! why): a hung member fails the calls already sent to it, not a share of every later one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::Mutex;
 
 use crate::config::EtcdConfig;
+use crate::registry::endpoints::{Dial, Endpoints};
 
 /// An etcd failure, shown to the client as a 500 (what Consul answers when its servers fail).
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +31,26 @@ pub struct Current {
 
 pub struct Store {
     cfg: EtcdConfig,
-    client: Mutex<Option<Client>>,
+    etcd: Mutex<Endpoints>,
+}
+
+/// A client of the endpoint in use, and which one it was.
+struct Conn {
+    client: Client,
+    generation: u64,
 }
 
 impl Store {
     pub fn new(cfg: EtcdConfig) -> Store {
+        let dial = Dial {
+            connect_timeout: cfg.dial_timeout,
+            keep_alive_interval: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(3),
+            credentials: cfg.credentials.clone(),
+        };
         Store {
+            etcd: Mutex::new(Endpoints::new(cfg.endpoints.clone(), dial)),
             cfg,
-            client: Mutex::new(None),
         }
     }
 
@@ -50,35 +62,37 @@ impl Store {
         }
     }
 
-    async fn client(&self) -> Result<Client, StoreError> {
-        let mut g = self.client.lock().await;
-        if let Some(c) = g.as_ref() {
-            return Ok(c.clone());
+    async fn client(&self) -> Result<Conn, StoreError> {
+        let mut etcd = self.etcd.lock().await;
+        let generation = etcd.generation();
+        match etcd.client().await {
+            Ok(client) => Ok(Conn { client, generation }),
+            Err(e) => {
+                etcd.failed();
+                Err(self.error("connect", e))
+            }
         }
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(self.cfg.dial_timeout)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
-        if let Some((u, p)) = &self.cfg.credentials {
-            opts = opts.with_user(u.clone(), p.clone());
-        }
-        let connect = Client::connect(&self.cfg.endpoints, Some(opts));
-        let client = tokio::time::timeout(self.cfg.dial_timeout, connect)
-            .await
-            .map_err(|_| self.error("connect", "timed out"))?
-            .map_err(|e| self.error("connect", e))?;
-        *g = Some(client.clone());
-        Ok(client)
     }
 
+    /// Runs `fut`, a call on `conn`, with the request deadline; when it fails, the next call goes
+    /// to the next endpoint (unless a concurrent failure of the same client moved on already).
     async fn timed<T, E: ToString>(
         &self,
+        conn: &Conn,
         what: &'static str,
         fut: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.cfg.request_timeout, fut)
-            .await
-            .map_err(|_| self.error(what, "timed out"))?
-            .map_err(|e| self.error(what, e))
+        let result = match tokio::time::timeout(self.cfg.request_timeout, fut).await {
+            Err(_) => Err(self.error(what, "timed out")),
+            Ok(r) => r.map_err(|e| self.error(what, e)),
+        };
+        if result.is_err() {
+            let mut etcd = self.etcd.lock().await;
+            if etcd.generation() == conn.generation {
+                etcd.failed();
+            }
+        }
+        result
     }
 
     /// Writes `key` (under a new lease of `ttl` seconds, or none) and deletes `remove` in one
@@ -90,10 +104,13 @@ impl Store {
         ttl: Option<i64>,
         remove: &[Arc<str>],
     ) -> Result<i64, StoreError> {
-        let mut c = self.client().await?;
+        let conn = self.client().await?;
+        let mut c = conn.client.clone();
         let mut opts = None;
         if let Some(ttl) = ttl {
-            let lease = self.timed("lease grant", c.lease_grant(ttl, None)).await?;
+            let lease = self
+                .timed(&conn, "lease grant", c.lease_grant(ttl, None))
+                .await?;
             opts = Some(PutOptions::new().with_lease(lease.id()));
         }
         let mut ops: Vec<TxnOp> = remove
@@ -102,19 +119,22 @@ impl Store {
             .map(|k| TxnOp::delete(k.as_bytes(), None))
             .collect();
         ops.push(TxnOp::put(key, value, opts));
-        let resp = self.timed("put", c.txn(Txn::new().and_then(ops))).await?;
+        let resp = self
+            .timed(&conn, "put", c.txn(Txn::new().and_then(ops)))
+            .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     /// Deletes `keys` in one transaction; returns the revision it made.
     pub async fn delete(&self, keys: &[Arc<str>]) -> Result<i64, StoreError> {
-        let mut c = self.client().await?;
+        let conn = self.client().await?;
+        let mut c = conn.client.clone();
         let ops: Vec<TxnOp> = keys
             .iter()
             .map(|k| TxnOp::delete(k.as_bytes(), None))
             .collect();
         let resp = self
-            .timed("delete", c.txn(Txn::new().and_then(ops)))
+            .timed(&conn, "delete", c.txn(Txn::new().and_then(ops)))
             .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
@@ -139,8 +159,9 @@ impl Store {
 
     /// `key` as etcd has it, if it exists.
     pub async fn get(&self, key: &str) -> Result<Option<Current>, StoreError> {
-        let mut c = self.client().await?;
-        let mut resp = self.timed("get", c.get(key, None)).await?;
+        let conn = self.client().await?;
+        let mut c = conn.client.clone();
+        let mut resp = self.timed(&conn, "get", c.get(key, None)).await?;
         Ok(resp.take_kvs().into_iter().next().map(|kv| Current {
             lease: kv.lease(),
             mod_revision: kv.mod_revision(),
@@ -150,14 +171,22 @@ impl Store {
 
     /// Renews `lease` once; false when the lease is gone (expired).
     pub async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
-        let mut c = self.client().await?;
+        let conn = self.client().await?;
+        let mut c = conn.client.clone();
         // lease_keep_alive sends the first keep-alive itself and fails when it is not granted
-        match self.timed("keep-alive", c.lease_keep_alive(lease)).await {
+        match self
+            .timed(&conn, "keep-alive", c.lease_keep_alive(lease))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) => {
                 // an expired lease is one of its errors: ask etcd whether the lease is still there
                 let left = self
-                    .timed("lease time-to-live", c.lease_time_to_live(lease, None))
+                    .timed(
+                        &conn,
+                        "lease time-to-live",
+                        c.lease_time_to_live(lease, None),
+                    )
                     .await?;
                 if left.ttl() <= 0 {
                     Ok(false)
@@ -177,12 +206,13 @@ impl Store {
         lease: i64,
         mod_revision: i64,
     ) -> Result<Option<i64>, StoreError> {
-        let mut c = self.client().await?;
+        let conn = self.client().await?;
+        let mut c = conn.client.clone();
         let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::put(key, value, opts)]);
-        let resp = self.timed("put", c.txn(txn)).await?;
+        let resp = self.timed(&conn, "put", c.txn(txn)).await?;
         Ok(resp
             .succeeded()
             .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
@@ -194,11 +224,12 @@ impl Store {
         key: &str,
         mod_revision: i64,
     ) -> Result<bool, StoreError> {
-        let mut c = self.client().await?;
+        let conn = self.client().await?;
+        let mut c = conn.client.clone();
         let txn = Txn::new()
             .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
             .and_then([TxnOp::delete(key, None)]);
-        let resp = self.timed("delete", c.txn(txn)).await?;
+        let resp = self.timed(&conn, "delete", c.txn(txn)).await?;
         Ok(resp.succeeded()
             && resp
                 .op_responses()

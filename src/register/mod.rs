@@ -37,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::cli::{EtcdArgs, RegisterArgs};
 use crate::registry::codec::{self, valid_service_name, MAX_WEIGHT};
+use crate::registry::endpoints::{Dial, Endpoints};
 
 pub use services::{render_table, run_services, ListedInstance};
 
@@ -161,6 +162,27 @@ pub(crate) async fn connect(args: &EtcdArgs) -> Result<Client, RegisterError> {
         })
 }
 
+/// The registrar's endpoints, one at a time, with a shorter keep-alive than the proxy's (a PING
+/// after 3 s, 2 s to answer): a hung member must be left well within the lease TTL. The first
+/// client is made here, so a malformed endpoint in use fails at start (`BadEtcd`).
+async fn registrar_endpoints(args: &EtcdArgs) -> Result<Endpoints, RegisterError> {
+    let dial = Dial {
+        connect_timeout: Duration::from_secs(2),
+        keep_alive_interval: Duration::from_secs(3),
+        keep_alive_timeout: Duration::from_secs(2),
+        credentials: None,
+    };
+    let mut etcd = Endpoints::new(args.etcd.clone(), dial);
+    match etcd.client().await {
+        Ok(_) => Ok(etcd),
+        Err(e) if e.is_bad_endpoint() => Err(RegisterError::BadEtcd {
+            endpoints: args.etcd.join(","),
+            message: e.to_string(),
+        }),
+        Err(e) => Err(etcd_error(args, e.to_string())),
+    }
+}
+
 /// Runs `fut` with a deadline; the error names the operation.
 pub(crate) async fn timed<T, E: std::fmt::Display>(
     what: &str,
@@ -219,7 +241,7 @@ async fn register(args: RegisterArgs) -> Result<u8, RegisterError> {
         check,
         interval,
     } = validate(&args)?;
-    let client = connect(&args.etcd).await?;
+    let etcd = registrar_endpoints(&args.etcd).await?;
     let mut term = signal(SignalKind::terminate()).map_err(RegisterError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RegisterError::Signals)?;
 
@@ -243,7 +265,7 @@ async fn register(args: RegisterArgs) -> Result<u8, RegisterError> {
         None => drop(gate_tx),
     }
 
-    let registrar = tokio::spawn(registrar::run(reg, client, gate_rx, stop_rx));
+    let registrar = tokio::spawn(registrar::run(reg, etcd, gate_rx, stop_rx));
 
     let code = match child.as_mut() {
         None => {

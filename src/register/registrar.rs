@@ -3,20 +3,24 @@
 //! - gate open, nothing written: grant a lease, put the key under it, keep the lease alive;
 //! - keep-alive answers TTL 0 (lease gone: etcd wiped and restarted, partition longer than the
 //!   TTL): grant and put again at once;
-//! - keep-alive error or timeout (etcd down, stream dead): grant and put again with capped,
-//!   jittered backoff; the key moves to the new lease and the old lease is revoked;
+//! - keep-alive error or timeout (etcd down, stream dead, a member hung): grant and put again
+//!   with capped, jittered backoff, through the next endpoint; the key moves to the new lease and
+//!   the old lease is revoked;
 //! - gate closed (check failing): delete the key, revoke the lease;
 //! - stop (signal, wrapped command exited): delete the key, revoke the lease, return.
 //!
-//! Every etcd call has a deadline, so a dead connection never hangs the loop.
+//! Every etcd call has a deadline, so a dead connection never hangs the loop. The registrar talks
+//! to one endpoint at a time and to the next, with a fresh client, after every failure
+//! ([`crate::registry::endpoints`] says why).
 
 use std::time::Duration;
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::PutOptions;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{timed, wait_for_value, Registration};
+use crate::registry::endpoints::Endpoints;
 use crate::registry::Backoff;
 
 /// First retry delay after an etcd failure.
@@ -48,11 +52,12 @@ enum KeepAliveEnd {
 /// Grants a lease and writes the key under it; returns the lease id and the granted TTL.
 /// `put_sent` turns true once the put is on its way (it may apply even if we see an error).
 async fn grant_and_put(
-    client: &mut Client,
+    etcd: &mut Endpoints,
     reg: &Registration,
     put_sent: &mut bool,
 ) -> Result<(i64, i64), String> {
     let limit = request_timeout(reg.ttl);
+    let mut client = etcd.client().await.map_err(|e| e.to_string())?;
     let lease = timed("lease grant", limit, client.lease_grant(reg.ttl, None)).await?;
     let (id, granted) = (lease.id(), lease.ttl());
     *put_sent = true;
@@ -70,8 +75,12 @@ async fn grant_and_put(
 }
 
 /// Keeps lease `id` alive until it is lost or etcd fails; runs until cancelled otherwise.
-async fn keep_alive(client: &mut Client, id: i64, ttl: i64) -> KeepAliveEnd {
+async fn keep_alive(etcd: &mut Endpoints, id: i64, ttl: i64) -> KeepAliveEnd {
     let limit = request_timeout(ttl);
+    let mut client = match etcd.client().await {
+        Ok(c) => c,
+        Err(e) => return KeepAliveEnd::Failed(e.to_string()),
+    };
     let (mut keeper, mut stream) =
         match timed("keep-alive", limit, client.lease_keep_alive(id)).await {
             Ok(s) => s,
@@ -92,30 +101,39 @@ async fn keep_alive(client: &mut Client, id: i64, ttl: i64) -> KeepAliveEnd {
     }
 }
 
-/// Deletes the key first (the proxy stops routing at once), then frees the lease.
-async fn deregister(client: &mut Client, reg: &Registration, lease: Option<i64>) -> bool {
+/// Deletes the key first (the proxy stops routing at once), then frees the lease (through the
+/// next endpoint when the delete failed: revoking the lease deletes the key too).
+async fn deregister(etcd: &mut Endpoints, reg: &Registration, lease: Option<i64>) -> bool {
     let limit = request_timeout(reg.ttl);
-    let deleted = match timed("delete", limit, client.delete(reg.key.as_bytes(), None)).await {
-        Ok(_) => true,
-        Err(e) => {
-            warn!(key = %reg.key, error = %e, "could not delete the key; it expires with its lease");
-            false
-        }
+    let deleted = match etcd.client().await {
+        Ok(mut c) => timed("delete", limit, c.delete(reg.key.as_bytes(), None)).await,
+        Err(e) => Err(e.to_string()),
     };
+    if let Err(e) = &deleted {
+        warn!(key = %reg.key, endpoint = etcd.current(), error = %e,
+            "could not delete the key; it expires with its lease");
+        etcd.failed();
+    }
     if let Some(id) = lease {
-        if let Err(e) = timed("lease revoke", limit, client.lease_revoke(id)).await {
-            warn!(lease = id, error = %e, "could not revoke the lease; it expires by itself");
+        let revoked = match etcd.client().await {
+            Ok(mut c) => timed("lease revoke", limit, c.lease_revoke(id)).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = revoked {
+            warn!(lease = id, endpoint = etcd.current(), error = %e,
+                "could not revoke the lease; it expires by itself");
+            etcd.failed();
         }
     }
-    deleted
+    deleted.is_ok()
 }
 
 /// Runs until `stop` turns true, then deregisters. etcd being unreachable is retried forever;
 /// a dead connection is noticed by the request deadlines and the client's HTTP/2 keep-alive,
-/// and the client reconnects by itself.
+/// and every failure moves to the next endpoint.
 pub async fn run(
     reg: Registration,
-    mut client: Client,
+    mut etcd: Endpoints,
     mut gate: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -132,7 +150,7 @@ pub async fn run(
         }
         if !*gate.borrow_and_update() {
             if written {
-                if deregister(&mut client, &reg, lease.take()).await {
+                if deregister(&mut etcd, &reg, lease.take()).await {
                     info!(key = %reg.key, "deregistered while the check fails");
                 }
                 written = false;
@@ -146,7 +164,7 @@ pub async fn run(
         let mut put_sent = false;
         let granted = tokio::select! {
             _ = wait_for_value(&mut stop, true) => None,
-            r = grant_and_put(&mut client, &reg, &mut put_sent) => Some(r),
+            r = grant_and_put(&mut etcd, &reg, &mut put_sent) => Some(r),
         };
         written |= put_sent;
         let Some(granted) = granted else { break };
@@ -155,7 +173,8 @@ pub async fn run(
                 if failing {
                     info!(key = %reg.key, "etcd reachable again");
                 }
-                info!(key = %reg.key, value = %reg.value, lease = id, ttl = granted_ttl, "registered");
+                info!(key = %reg.key, value = %reg.value, lease = id, ttl = granted_ttl,
+                    endpoint = etcd.current(), "registered");
                 if granted_ttl != reg.ttl {
                     warn!(
                         asked = reg.ttl,
@@ -166,12 +185,14 @@ pub async fn run(
                 if let Some(old) = lease.replace(id) {
                     // the key now lives under the new lease; the old one (if etcd kept it) is
                     // only a leftover
-                    let _ = timed(
-                        "lease revoke",
-                        request_timeout(reg.ttl),
-                        client.lease_revoke(old),
-                    )
-                    .await;
+                    if let Ok(mut c) = etcd.client().await {
+                        let revoke = c.lease_revoke(old);
+                        if let Err(e) =
+                            timed("lease revoke", request_timeout(reg.ttl), revoke).await
+                        {
+                            debug!(lease = old, error = %e, "old lease not revoked; it expires");
+                        }
+                    }
                 }
                 backoff.reset();
                 failing = false;
@@ -179,9 +200,11 @@ pub async fn run(
             }
             Err(e) => {
                 if !failing {
-                    warn!(key = %reg.key, error = %e, "etcd unavailable; retrying with backoff");
+                    warn!(key = %reg.key, endpoint = etcd.current(), error = %e,
+                        "etcd unavailable; retrying with backoff through the next endpoint");
                     failing = true;
                 }
+                etcd.failed();
                 tokio::select! {
                     _ = wait_for_value(&mut stop, true) => break,
                     _ = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -192,7 +215,7 @@ pub async fn run(
         let end = tokio::select! {
             _ = wait_for_value(&mut stop, true) => break,
             _ = wait_for_value(&mut gate, false) => continue,
-            end = keep_alive(&mut client, id, reg.ttl) => end,
+            end = keep_alive(&mut etcd, id, reg.ttl) => end,
         };
         match end {
             KeepAliveEnd::Lost => {
@@ -200,8 +223,10 @@ pub async fn run(
                 lease = None;
             }
             KeepAliveEnd::Failed(e) => {
-                warn!(key = %reg.key, lease = id, error = %e, "keep-alive failed; registering again");
+                warn!(key = %reg.key, lease = id, endpoint = etcd.current(), error = %e,
+                    "keep-alive failed; registering again through the next endpoint");
                 failing = true;
+                etcd.failed();
                 tokio::select! {
                     _ = wait_for_value(&mut stop, true) => break,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -209,7 +234,7 @@ pub async fn run(
             }
         }
     }
-    if written && deregister(&mut client, &reg, lease).await {
+    if written && deregister(&mut etcd, &reg, lease).await {
         info!(key = %reg.key, "deregistered");
     }
 }

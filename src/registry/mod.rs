@@ -13,12 +13,8 @@
 //! itself are refused ([`own`]).
 //!
 //! The registry talks to one endpoint at a time and moves to the next after every failure, with a
-//! fresh client. A client balancing over all of them would keep sending requests to a member that
-//! hangs with its connections open (a stopped process or VM): the kernel still accepts on its port
-//! and HTTP/2 does not wait for the server's SETTINGS, so after the keep-alive fails one connection
-//! the next one counts as ready and gets a random share of the lists and watches, each lost until
-//! a timeout. One at a time, a hung member costs one keep-alive timeout (a PING 5 s after its last
-//! frame, 3 s to answer) or one request timeout, then the next endpoint is asked.
+//! fresh client ([`endpoints`] says why). A hung member costs one keep-alive timeout (a PING 5 s
+//! after its last frame, 3 s to answer) or one request timeout, then the next endpoint is asked.
 //!
 //! Every new watch follows a list: a watch that broke is never resumed from its old revision. A
 //! resumed watch trusts that the member still holds the same history (a wiped etcd that was
@@ -36,13 +32,14 @@
 pub mod catalog;
 pub(crate) mod codec;
 pub mod dns;
+pub(crate) mod endpoints;
 pub(crate) mod own;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -56,6 +53,7 @@ use crate::events::RECENT;
 use crate::metrics::METRICS;
 use crate::routing::{Health, ServiceSettings, SharedTable};
 use crate::sync::lock;
+use endpoints::{ConnectError, Dial, Endpoints};
 
 /// Keys per page when listing the prefix; a page larger than [`MAX_MESSAGE_BYTES`] (big values)
 /// is asked again with a quarter of the keys, down to one.
@@ -74,10 +72,8 @@ pub const STABLE_WATCH: Duration = Duration::from_secs(10);
 /// Why talking to etcd failed. The registry keeps routing with its last snapshot either way.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("connect to etcd timed out after {0:?}")]
-    ConnectTimeout(Duration),
-    #[error("connect to etcd failed: {0}")]
-    Connect(#[source] etcd_client::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("list of the prefix timed out")]
     ListTimeout,
     #[error("list of the prefix failed: {0}")]
@@ -286,9 +282,8 @@ pub struct Registry {
     /// Since when the watch has delivered without breaking (re-lists in between); `None` until
     /// one is confirmed after a break.
     delivering_since: Option<Instant>,
-    /// Index of the endpoint the next client connects to: random at first (many proxies spread
-    /// their watches), the next one after every failure.
-    endpoint: usize,
+    /// The endpoint in use and its client; the next one after every failure.
+    etcd: Endpoints,
 }
 
 /// How far a watch has got.
@@ -320,7 +315,15 @@ impl Registry {
             requests,
         );
         let (generation, _) = watch::channel(0);
-        let endpoint = rand::thread_rng().gen_range(0..cfg.endpoints.len().max(1));
+        let etcd = Endpoints::new(
+            cfg.endpoints.clone(),
+            Dial {
+                connect_timeout: cfg.dial_timeout,
+                keep_alive_interval: Duration::from_secs(5),
+                keep_alive_timeout: Duration::from_secs(3),
+                credentials: cfg.credentials.clone(),
+            },
+        );
         Registry {
             cfg,
             table,
@@ -331,7 +334,7 @@ impl Registry {
             lookup: Arc::new(SystemLookup),
             cluster_id: None,
             delivering_since: None,
-            endpoint,
+            etcd,
         }
     }
 
@@ -406,31 +409,6 @@ impl Registry {
 
     pub fn status(&self) -> Arc<RegistryStatus> {
         self.status.clone()
-    }
-
-    /// The endpoint the next client connects to (none when the config has none).
-    fn endpoint(&self) -> &[String] {
-        let i = self.endpoint;
-        self.cfg.endpoints.get(i..=i).unwrap_or_default()
-    }
-
-    /// A client of [`Registry::endpoint`] alone (see the module docs).
-    async fn connect(&self) -> Result<Client, RegistryError> {
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(self.cfg.dial_timeout)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        if let Some((u, p)) = &self.cfg.credentials {
-            opts = opts.with_user(u.clone(), p.clone());
-        }
-        tokio::time::timeout(
-            self.cfg.dial_timeout,
-            Client::connect(self.endpoint(), Some(opts)),
-        )
-        .await
-        .map_err(|_| RegistryError::ConnectTimeout(self.cfg.dial_timeout))?
-        .map_err(RegistryError::Connect)
     }
 
     /// Publishes `update` as one snapshot swap.
@@ -568,7 +546,7 @@ impl Registry {
     /// The watch is confirmed: it delivers what etcd has.
     fn delivering(&mut self, revision: i64) {
         if !self.status.connected() {
-            let endpoint = self.endpoint().first().map_or("", String::as_str);
+            let endpoint = self.etcd.current();
             info!(endpoint, revision, "etcd watch established");
             RECENT.record(
                 "registry",
@@ -714,7 +692,6 @@ impl Registry {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
-        let mut client: Option<Client> = None;
         let mut revision: i64 = 0;
         let mut failures: u64 = 0;
         info!(endpoints = ?self.cfg.endpoints, prefix = %self.cfg.prefix, "registry starting");
@@ -725,10 +702,7 @@ impl Registry {
                 return;
             }
             let result: Result<WatchEnd, RegistryError> = async {
-                let c = match client.as_mut() {
-                    Some(c) => c,
-                    None => client.insert(self.connect().await?),
-                };
+                let c = &mut self.etcd.client().await?;
                 // every watch starts from a fresh list (see the module docs)
                 revision = self.list(c).await?;
                 if !self.status.ready.swap(true, Ordering::AcqRel) {
@@ -772,7 +746,7 @@ impl Registry {
             self.status.set_connected(false);
             self.status.set_stale();
             self.status.set_error(Some(error.clone()));
-            let endpoint = self.endpoint().first().map_or("", String::as_str);
+            let endpoint = self.etcd.current();
             if was_connected || failures == 1 {
                 warn!(error = %error, endpoint, revision,
                     "etcd unavailable; routing with the last snapshot");
@@ -789,8 +763,7 @@ impl Registry {
             }
             // the next endpoint, with a fresh client (see the module docs); its watch follows a
             // new list
-            client = None;
-            self.endpoint = (self.endpoint + 1) % self.cfg.endpoints.len().max(1);
+            self.etcd.failed();
             let delay = tokio::time::sleep(backoff.next_delay());
             tokio::pin!(delay);
             loop {

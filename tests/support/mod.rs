@@ -8,6 +8,7 @@
 //!   received and answers hostile scripts (tests/hostile.rs).
 //! - [`relay::Relay::start`]: a TCP relay that pauses, drops and refuses connections (to etcd).
 //! - [`Proxy::start`]: the `switchyard` binary with a generated config.
+//! - [`traffic::Traffic`]: requests sent one after another through the proxy, failures kept.
 //! - [`eventually`]: a bounded poll instead of sleeps.
 //!
 //! Everything is stopped on drop, by pid.
@@ -19,6 +20,7 @@ pub mod certs;
 pub mod grpc;
 pub mod raw;
 pub mod relay;
+pub mod traffic;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -567,6 +569,48 @@ impl EtcdCluster {
         let text = resp.text().await.map_err(|e| e.to_string())?;
         metric_value(&text, "etcd_debugging_mvcc_watcher_total")
             .ok_or_else(|| format!("member {i} exports no watcher count"))
+    }
+
+    /// Lease keep-alive messages member `i` has received from its clients, from its metrics (a
+    /// follower forwards them to the leader over the peer port, which this does not count).
+    pub async fn keep_alives(&self, i: usize) -> Result<f64, String> {
+        let url = format!("{}/metrics", self.members[i].endpoint());
+        let resp = client().get(url).send().await.map_err(|e| e.to_string())?;
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
+            .filter(|l| l.contains("grpc_method=\"LeaseKeepAlive\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// The one running member that receives lease keep-alives (a registrar's), once exactly one
+    /// does: sampled `period` apart, which must cover one keep-alive.
+    pub async fn keeping_alive(&self, period: Duration) -> usize {
+        eventually(
+            Duration::from_secs(20),
+            "exactly one running etcd member to receive lease keep-alives",
+            || async {
+                let running: Vec<usize> = (0..self.members.len())
+                    .filter(|&i| self.running(i))
+                    .collect();
+                let mut before = Vec::new();
+                for &i in &running {
+                    before.push(self.keep_alives(i).await?);
+                }
+                tokio::time::sleep(period).await;
+                let mut grew = Vec::new();
+                for (&i, b) in running.iter().zip(before) {
+                    grew.push((i, self.keep_alives(i).await? - b));
+                }
+                match grew.iter().filter(|(_, n)| *n > 0.0).collect::<Vec<_>>()[..] {
+                    [(i, _)] => Ok(*i),
+                    _ => Err(format!("(member, keep-alives received): {grew:?}")),
+                }
+            },
+        )
+        .await
     }
 
     /// The one running member that serves a watch (the proxy's), once there is exactly one.
