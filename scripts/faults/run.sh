@@ -8,13 +8,17 @@
 # big-catch-up own-address hung-instance slow-clients storm storm-unbounded dns-failure.
 # The whole run takes about 2.5 minutes; each scenario is bounded at 120 s. Exit status 1 when a
 # scenario fails. Not part of scripts/test.sh: an operator's check of a build.
+# Opt-in (run only when named): soak, FAULTS_SOAK_S seconds (600) of paced load on two services,
+# a registration and a deregistration a second, an instance SIGKILLed every 15 s and etcd every
+# 60 s; sampled every 10 s (RSS, descriptors, threads, sockets, gauges, errors, p99), the table
+# printed before its verdict.
 #
 # Needs: etcd (etcd-server), nginx, wrk, python3, prlimit and unshare (util-linux), root for the
 # DNS scenario (a mount namespace with its own /etc/hosts); what is missing is installed with apt.
 # Everything listens on 127.0.0.1 on ephemeral ports; processes are stopped by pid.
 #
 # Environment: SWITCHYARD_BIN (a binary to test instead of building target/release/switchyard),
-# FAULTS_KEEP=1 (keep the work directory with every log).
+# FAULTS_KEEP=1 (keep the work directory with every log), FAULTS_SOAK_S (the soak's seconds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/install-deps.sh nginx wrk util-linux >&2
