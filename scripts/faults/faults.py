@@ -1018,6 +1018,9 @@ class Churn:
         await self.env.etcd.put(key, f"127.0.0.1:{port}", lease)
         self.live[service].append((proc, port, key, lease))
         self.ports.add(port)
+        # the system may hand a killed instance's port to its replacement: sockets to it are then
+        # to a live instance
+        self.dead.discard(port)
 
     async def run(self, stop):
         i, due = 0, time.monotonic()
