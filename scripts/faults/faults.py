@@ -985,6 +985,10 @@ SOAK_INTERVAL = 10
 SOAK_PACE = "function delay()\n  return 10\nend\n"
 
 
+# A killed instance's sockets are given this long to be closed before a sample counts them.
+STALE_S = 5
+
+
 class Churn:
     """The soak's churn, one step a second on one task (so nothing is written while etcd restarts).
     Service s has 3 nginx instances and t has 2, each under its own key and lease (TTL 10 s, kept
@@ -1004,7 +1008,8 @@ class Churn:
         self.env = env
         self.live = {"s": [], "t": []}  # service: [(process, port, key, lease)], oldest first
         self.aliases = []  # (key, lease), oldest first
-        self.ports, self.dead = set(), set()
+        self.ports = set()
+        self.dead = {}  # port of a killed instance: when it was killed (time.monotonic())
         self.n = 0
         self.steps = 0
         self.done = {"registered": 0, "deregistered": 0, "killed": 0, "etcd restarts": 0, "leases lost": 0}
@@ -1020,7 +1025,7 @@ class Churn:
         self.ports.add(port)
         # the system may hand a killed instance's port to its replacement: sockets to it are then
         # to a live instance
-        self.dead.discard(port)
+        self.dead.pop(port, None)
 
     async def run(self, stop):
         i, due = 0, time.monotonic()
@@ -1045,7 +1050,7 @@ class Churn:
             proc, port, _, _ = self.live[service].pop(0)
             proc.kill()
             proc.wait()
-            self.dead.add(port)
+            self.dead[port] = time.monotonic()
             self.done["killed"] += 1
             await self.add(service)
         if i % 3 == 0:
@@ -1113,6 +1118,7 @@ async def soak_sample(env, churn, t):
     added when its wrk ends)."""
     sy = env.sy
     p = proc_sample(sy.proc.pid)
+    now = time.monotonic()
     socks = tcp_sockets(p.pop("inodes"))
     m = await sy.metrics()
     try:
@@ -1124,7 +1130,9 @@ async def soak_sample(env, churn, t):
         **p,
         "clients": sum(1 for lp, _, st in socks if lp == sy.port and st == "01"),
         "upstream": sum(1 for _, rp, _ in socks if rp in churn.ports and rp not in churn.dead),
-        "to_dead": sum(1 for _, rp, _ in socks if rp in churn.dead),
+        # an instance killed just before the sample may still have sockets on their way to
+        # closing: only those killed STALE_S ago count
+        "to_dead": sum(1 for _, rp, _ in socks if rp in churn.dead and now - churn.dead[rp] >= STALE_S),
         "dead_states": sorted({(lp, rp, TCP_STATES.get(st, st)) for lp, rp, st in socks if rp in churn.dead}),
         # CLOSE_WAIT: the peer closed and switchyard has not (yet): clients, then everything else
         "cw_clients": sum(1 for lp, _, st in socks if lp == sy.port and st == "08"),
@@ -1261,7 +1269,7 @@ async def soak(env):
         f"{dead_max}, idle {idle['to_dead']} ({', '.join(sorted({st for _, _, st in idle['dead_states']})) or '-'}); "
         f"view = etcd {converged:.2f} s after the churn stopped (bound: 0 failed, RSS grows < "
         f"{rss_bound / mib:.1f} MiB after warm-up, fds <= +24 and threads +-2 of warm-up, p99 <= 2x, "
-        f"gauge 0 when idle, no socket to a killed instance under load, view = etcd < 15 s)"
+        f"gauge 0 when idle, no socket to an instance killed {STALE_S} s before under load, view = etcd < 15 s)"
     )
 
 
